@@ -1,0 +1,487 @@
+"""TOML configuration file -> frozen, validated settings.
+
+Every error raised here is a ``ConfigError`` whose message names the offending key
+(``domain[0].certificate: file not found: /x.pem``), so that ``twistd`` can print one
+line and exit non-zero.  Certificates are loaded and checked against their domain here,
+at start, rather than at the first connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from s2sproxy.core.jid import InvalidJid, nameprep_domain
+
+DEFAULT_CONFIG_PATH = "/etc/s2sproxy/s2sproxy.toml"
+
+# RFC 6120 section 13.12 requires servers to accept stanzas of at least 10000 bytes;
+# Prosody's s2s default is 512 KiB, ejabberd's is 512 KiB as well: a remote that works
+# with either must work with us.
+DEFAULT_MAX_STANZA_SIZE = 512 * 1024
+# XMPP payloads nest shallowly (a MAM result with a forwarded message is about 8 deep).
+# The parser is not recursive, so the limit only bounds the open-element stack.
+DEFAULT_MAX_DEPTH = 64
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or wrong; ``str()`` names the key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    certificate: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class Backend:
+    host: str
+    port: int
+    tls: str                 # "auto" | "required" | "never"
+    listen: str              # Twisted server endpoint description
+    srv_target: str          # name ejabberd resolves (libc) to reach `listen`
+    srv_port: int
+    dns_address: str
+    dns_port: int
+    certificate: Path | None  # offered by the backend listener's STARTTLS
+    key: Path | None
+    queue_limit: int
+    queue_timeout: float
+
+
+@dataclass(frozen=True)
+class Trust:
+    system_cas: bool
+    ca_file: Path | None
+    require_valid_certificates: bool
+    secure_domains: frozenset[str]
+    insecure_domains: frozenset[str]
+
+
+@dataclass(frozen=True)
+class RemoteOverride:
+    starttls: tuple[tuple[str, int], ...]
+    direct_tls: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class Settings:
+    domains: dict[str, Domain]
+    starttls_listeners: tuple[str, ...]
+    direct_tls_listeners: tuple[str, ...]
+    backend: Backend
+    trust: Trust
+    remotes: dict[str, RemoteOverride]
+    secret: bytes
+    secret_file: Path
+    max_stanza_size: int
+    max_depth: int
+    connect_timeout: float
+    auth_timeout: float
+    nameservers: tuple[tuple[str, int], ...]
+    log_level: str
+    log_json: bool
+    source: Path = field(default=Path("."))
+
+
+_TOP_KEYS = {"secret_file", "domain", "public", "backend", "trust", "remote", "limits",
+             "timeouts", "dns", "log"}
+
+
+def load(path: str | os.PathLike) -> Settings:
+    """Read and validate the file at ``path``; raise ``ConfigError`` on any mistake."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(str(path), f"not valid TOML: {e}") from None
+    return parse(data, base=path.parent.resolve(), source=path)
+
+
+def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Settings:
+    _no_unknown("", data, _TOP_KEYS)
+    domains = _domains(data.get("domain"), base)
+    public = _table(data, "public", {"starttls", "direct_tls"})
+    starttls = _endpoints(public, "public.starttls", ["tcp:5269"])
+    direct = _endpoints(public, "public.direct_tls", ["tcp:5270"])
+    if not starttls and not direct:
+        raise ConfigError("public", "at least one listener is needed")
+
+    backend = _backend(_table(data, "backend", {
+        "host", "port", "tls", "listen", "srv_target", "srv_port", "dns_address",
+        "dns_port", "certificate", "key", "queue_limit", "queue_timeout"}), base, domains)
+    trust = _trust(_table(data, "trust", {
+        "system_cas", "ca_file", "require_valid_certificates", "secure_domains",
+        "insecure_domains"}), base)
+    remotes = _remotes(data.get("remote", {}))
+    limits = _table(data, "limits", {"max_stanza_size", "max_depth"})
+    timeouts = _table(data, "timeouts", {"connect", "auth"})
+    dns = _table(data, "dns", {"nameservers"})
+    log = _table(data, "log", {"level", "json"})
+
+    secret_file = _path(data, "secret_file", base, "/var/lib/s2sproxy/dialback.secret")
+    secret = _secret(secret_file)
+
+    level = _str(log, "log.level", "info")
+    if level not in ("debug", "info", "warn", "error"):
+        raise ConfigError("log.level", f"must be one of debug, info, warn, error, not {level!r}")
+
+    return Settings(
+        domains=domains,
+        starttls_listeners=tuple(starttls),
+        direct_tls_listeners=tuple(direct),
+        backend=backend,
+        trust=trust,
+        remotes=remotes,
+        secret=secret,
+        secret_file=secret_file,
+        max_stanza_size=_int(limits, "limits.max_stanza_size", DEFAULT_MAX_STANZA_SIZE, 10000),
+        max_depth=_int(limits, "limits.max_depth", DEFAULT_MAX_DEPTH, 4),
+        connect_timeout=_number(timeouts, "timeouts.connect", 10.0),
+        auth_timeout=_number(timeouts, "timeouts.auth", 30.0),
+        nameservers=tuple(_hostport(v, f"dns.nameservers[{i}]", 53)
+                          for i, v in enumerate(_list(dns, "dns.nameservers", []))),
+        log_level=level,
+        log_json=_bool(log, "log.json", False),
+        source=source,
+    )
+
+
+# -- sections ---------------------------------------------------------------------------
+
+def _domains(value: Any, base: Path) -> dict[str, Domain]:
+    if value is None:
+        raise ConfigError("domain", "missing: add at least one [[domain]] with name, "
+                                    "certificate and key")
+    if not isinstance(value, list) or not value:
+        raise ConfigError("domain", "must be an array of tables ([[domain]])")
+    out: dict[str, Domain] = {}
+    for i, entry in enumerate(value):
+        key = f"domain[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(key, "must be a table")
+        _no_unknown(key, entry, {"name", "certificate", "key"})
+        name = _domain_name(_required_str(entry, f"{key}.name"), f"{key}.name")
+        if name in out:
+            raise ConfigError(f"{key}.name", f"domain {name!r} is listed twice")
+        cert = _existing(entry, f"{key}.certificate", base)
+        priv = _existing(entry, f"{key}.key", base)
+        check_certificate(cert, priv, name, f"{key}.certificate")
+        out[name] = Domain(name, cert, priv)
+    return out
+
+
+def _backend(t: dict[str, Any], base: Path, domains: dict[str, Domain]) -> Backend:
+    tls = _str(t, "backend.tls", "auto")
+    if tls not in ("auto", "required", "never"):
+        raise ConfigError("backend.tls", f"must be auto, required or never, not {tls!r}")
+    cert = key = None
+    if "certificate" in t or "key" in t:
+        cert = _existing(t, "backend.certificate", base)
+        key = _existing(t, "backend.key", base)
+        check_certificate(cert, key, None, "backend.certificate")
+    listen = _str(t, "backend.listen", "tcp:15270:interface=127.0.0.1")
+    _check_server_endpoint(listen, "backend.listen")
+    return Backend(
+        host=_str(t, "backend.host", "127.0.0.1"),
+        port=_port(t, "backend.port", 15269),
+        tls=tls,
+        listen=listen,
+        srv_target=_str(t, "backend.srv_target", "localhost"),
+        srv_port=_port(t, "backend.srv_port", _endpoint_port(listen) or 15270),
+        dns_address=_address(t, "backend.dns_address", "127.0.0.1"),
+        dns_port=_port(t, "backend.dns_port", 15353),
+        certificate=cert,
+        key=key,
+        queue_limit=_int(t, "backend.queue_limit", 1000, 1),
+        queue_timeout=_number(t, "backend.queue_timeout", 60.0),
+    )
+
+
+def _trust(t: dict[str, Any], base: Path) -> Trust:
+    ca_file = None
+    if "ca_file" in t:
+        ca_file = _existing(t, "trust.ca_file", base)
+        try:
+            certs = x509.load_pem_x509_certificates(ca_file.read_bytes())
+        except ValueError:
+            certs = []
+        if not certs:
+            raise ConfigError("trust.ca_file", f"no PEM certificate in {ca_file}")
+    secure = frozenset(_domain_name(v, f"trust.secure_domains[{i}]")
+                       for i, v in enumerate(_list(t, "trust.secure_domains", [])))
+    insecure = frozenset(_domain_name(v, f"trust.insecure_domains[{i}]")
+                         for i, v in enumerate(_list(t, "trust.insecure_domains", [])))
+    both = secure & insecure
+    if both:
+        raise ConfigError("trust.insecure_domains",
+                          f"{sorted(both)[0]} is also in trust.secure_domains")
+    return Trust(
+        system_cas=_bool(t, "trust.system_cas", True),
+        ca_file=ca_file,
+        require_valid_certificates=_bool(t, "trust.require_valid_certificates", False),
+        secure_domains=secure,
+        insecure_domains=insecure,
+    )
+
+
+def _remotes(value: Any) -> dict[str, RemoteOverride]:
+    if not isinstance(value, dict):
+        raise ConfigError("remote", 'must be a table of domains ([remote."example.org"])')
+    out = {}
+    for name, entry in value.items():
+        key = f'remote."{name}"'
+        domain = _domain_name(name, key)
+        if not isinstance(entry, dict):
+            raise ConfigError(key, "must be a table")
+        _no_unknown(key, entry, {"starttls", "direct_tls"})
+        starttls = tuple(_hostport(v, f"{key}.starttls[{i}]", 5269)
+                         for i, v in enumerate(_list(entry, f"{key}.starttls", [])))
+        direct = tuple(_hostport(v, f"{key}.direct_tls[{i}]", 5270)
+                       for i, v in enumerate(_list(entry, f"{key}.direct_tls", [])))
+        if not starttls and not direct:
+            raise ConfigError(key, "needs starttls or direct_tls addresses")
+        out[domain] = RemoteOverride(starttls, direct)
+    return out
+
+
+def _secret(path: Path) -> bytes:
+    """Read the dialback secret, or generate one and keep it (mode 0600).
+
+    All instances behind one load balancer must share this file: XEP-0185 keys are
+    derived from it, so any instance can verify a key another one issued.
+    """
+    try:
+        secret = path.read_bytes().strip()
+    except FileNotFoundError:
+        secret = secrets.token_hex(32).encode()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secret + b"\n")
+        except OSError as e:
+            raise ConfigError("secret_file", f"cannot create {path}: {e.strerror}") from None
+    except OSError as e:
+        raise ConfigError("secret_file", f"cannot read {path}: {e.strerror}") from None
+    if len(secret) < 16:
+        raise ConfigError("secret_file", f"{path} holds fewer than 16 bytes; "
+                                         "delete it to have a new secret generated")
+    return secret
+
+
+def check_certificate(cert_path: Path, key_path: Path, domain: str | None, key: str) -> None:
+    """Refuse a certificate that does not load, does not match its key, or does not
+    cover ``domain`` (DNS or XmppAddr subjectAltName, wildcard allowed, CN as fallback)."""
+    try:
+        chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
+    except ValueError:
+        chain = []
+    if not chain:
+        raise ConfigError(key, f"no PEM certificate in {cert_path}")
+    try:
+        private = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError) as e:
+        keyname = key.rsplit(".", 1)[0] + ".key"
+        raise ConfigError(keyname, f"cannot load private key {key_path}: {e}") from None
+    pub = private.public_key().public_bytes(serialization.Encoding.DER,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    leaf = chain[0]
+    if leaf.public_key().public_bytes(serialization.Encoding.DER,
+                                      serialization.PublicFormat.SubjectPublicKeyInfo) != pub:
+        raise ConfigError(key, f"{cert_path} does not match its private key {key_path}")
+    if domain is not None and not certificate_covers(leaf, domain):
+        raise ConfigError(key, f"{cert_path} does not cover {domain} "
+                               f"(names: {', '.join(certificate_names(leaf)) or 'none'})")
+
+
+def certificate_names(cert: x509.Certificate) -> list[str]:
+    names: list[str] = []
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names += san.get_values_for_type(x509.DNSName)
+        for other in san.get_values_for_type(x509.OtherName):
+            # id-on-xmppAddr (RFC 6120 section 13.7.1.4): a UTF8String in DER.
+            if other.type_id.dotted_string == "1.3.6.1.5.5.7.8.5" and other.value[:1] == b"\x0c":
+                names.append(other.value[2:].decode("utf-8", "replace"))
+    except x509.ExtensionNotFound:
+        names += [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return names
+
+
+def certificate_covers(cert: x509.Certificate, domain: str) -> bool:
+    for name in certificate_names(cert):
+        name = name.lower().rstrip(".")
+        if name == domain:
+            return True
+        if name.startswith("*.") and "." in domain and domain.split(".", 1)[1] == name[2:]:
+            return True
+    return False
+
+
+# -- scalar helpers ---------------------------------------------------------------------
+
+def _no_unknown(prefix: str, table: dict[str, Any], known: set[str]) -> None:
+    for k in table:
+        if k not in known:
+            name = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(name, f"unknown key (known here: {', '.join(sorted(known))})")
+
+
+def _table(data: dict[str, Any], name: str, known: set[str]) -> dict[str, Any]:
+    t = data.get(name, {})
+    if not isinstance(t, dict):
+        raise ConfigError(name, "must be a table")
+    _no_unknown(name, t, known)
+    return t
+
+
+def _required_str(t: dict[str, Any], key: str) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf not in t:
+        raise ConfigError(key, "missing")
+    return _str(t, key, "")
+
+
+def _str(t: dict[str, Any], key: str, default: str) -> str:
+    v = t.get(key.rsplit(".", 1)[-1], default)
+    if not isinstance(v, str) or not v:
+        raise ConfigError(key, f"must be a non-empty string, not {v!r}")
+    return v
+
+
+def _bool(t: dict[str, Any], key: str, default: bool) -> bool:
+    v = t.get(key.rsplit(".", 1)[-1], default)
+    if not isinstance(v, bool):
+        raise ConfigError(key, f"must be true or false, not {v!r}")
+    return v
+
+
+def _int(t: dict[str, Any], key: str, default: int, minimum: int) -> int:
+    v = t.get(key.rsplit(".", 1)[-1], default)
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise ConfigError(key, f"must be an integer >= {minimum}, not {v!r}")
+    return v
+
+
+def _number(t: dict[str, Any], key: str, default: float) -> float:
+    v = t.get(key.rsplit(".", 1)[-1], default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+        raise ConfigError(key, f"must be a number of seconds > 0, not {v!r}")
+    return float(v)
+
+
+def _port(t: dict[str, Any], key: str, default: int) -> int:
+    v = t.get(key.rsplit(".", 1)[-1], default)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 65536:
+        raise ConfigError(key, f"must be a port number 1-65535, not {v!r}")
+    return v
+
+
+def _list(t: dict[str, Any], key: str, default: list) -> list:
+    v = t.get(key.rsplit(".", 1)[-1], default)
+    if not isinstance(v, list):
+        raise ConfigError(key, f"must be an array, not {v!r}")
+    return v
+
+
+def _path(t: dict[str, Any], key: str, base: Path, default: str) -> Path:
+    return base / _str(t, key, default)
+
+
+def _existing(t: dict[str, Any], key: str, base: Path) -> Path:
+    p = base / _required_str(t, key)
+    if not p.is_file():
+        raise ConfigError(key, f"file not found: {p}")
+    if not os.access(p, os.R_OK):
+        raise ConfigError(key, f"file not readable: {p}")
+    return p
+
+
+def _domain_name(v: Any, key: str) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(key, f"must be a domain name string, not {v!r}")
+    try:
+        return nameprep_domain(v)
+    except InvalidJid as e:
+        raise ConfigError(key, f"not a valid domain name: {v!r} ({e})") from None
+
+
+def _address(t: dict[str, Any], key: str, default: str) -> str:
+    v = _str(t, key, default)
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        raise ConfigError(key, f"must be an IP address, not {v!r}") from None
+    return v
+
+
+def _hostport(v: Any, key: str, default_port: int) -> tuple[str, int]:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(key, f'must be "host:port" or "host", not {v!r}')
+    host, port = v, default_port
+    if v.startswith("["):
+        host, _, rest = v[1:].partition("]")
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise ConfigError(key, f"bad port in {v!r}")
+            port = int(rest[1:])
+    elif v.count(":") == 1:
+        host, p = v.split(":")
+        if not p.isdigit():
+            raise ConfigError(key, f"bad port in {v!r}")
+        port = int(p)
+    if not 0 < port < 65536 or not host:
+        raise ConfigError(key, f"bad address {v!r}")
+    return host, port
+
+
+def _endpoints(t: dict[str, Any], key: str, default: list[str]) -> list[str]:
+    v = _list(t, key, default)
+    for i, desc in enumerate(v):
+        if not isinstance(desc, str):
+            raise ConfigError(f"{key}[{i}]", f"must be a Twisted endpoint string, not {desc!r}")
+        _check_server_endpoint(desc, f"{key}[{i}]")
+    return v
+
+
+def _check_server_endpoint(desc: str, key: str) -> None:
+    # Parsing only (no reactor): a typo such as "tpc:5269" is caught at start.
+    from twisted.internet.endpoints import _parseServer  # noqa: PLC0415
+    try:
+        kind, _args, _kw = _parseServer(desc, None)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(key, f"not a Twisted server endpoint string: {desc!r} ({e})") \
+            from None
+    if kind.lower() in ("ssl", "tls"):
+        raise ConfigError(key, f"use a plain tcp: endpoint; s2sproxy does TLS itself "
+                               f"(for SNI and STARTTLS), not {desc!r}")
+
+
+def _endpoint_port(desc: str) -> int | None:
+    for part in desc.split(":")[1:]:
+        if part.isdigit():
+            return int(part)
+        if part.startswith("port=") and part[5:].isdigit():
+            return int(part[5:])
+    return None
