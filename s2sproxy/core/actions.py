@@ -1,0 +1,85 @@
+"""Actions: orders a stream state machine gives the Twisted shell."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from s2sproxy.core.stanza import Stanza
+
+
+@dataclass(frozen=True, slots=True)
+class SendBytes:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """Begin TLS now.  ``server_name``: for a server role, the certificate to present
+    when the client sends no SNI; for a client role, the SNI to send."""
+    server_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConnection:
+    """Close the TCP connection (after the bytes already ordered are written).
+    ``condition`` is the stream error that ended the stream, for the log."""
+    condition: str = ""
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    """``originating`` proved its identity on this stream to send as it to ``receiving``."""
+    originating: str
+    receiving: str
+    method: str          # "external" | "dialback"
+
+
+@dataclass(frozen=True, slots=True)
+class BidiNegotiated:
+    """The peer asked to use this stream in both directions (XEP-0288)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverStanzas:
+    """Stanzas accepted on this stream, in order, to be routed."""
+    stanzas: list[Stanza]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyDialback:
+    """Ask ``originating``'s authoritative server whether ``key`` is its key for
+    (``receiving``, ``originating``, ``stream_id``); answer with ``DialbackVerdict``."""
+    originating: str
+    receiving: str
+    stream_id: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetTimer:
+    name: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTimer:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReady:
+    """An outgoing stream is authenticated and may carry stanzas now."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFailed:
+    """An outgoing stream could not be set up; ``condition`` is the stanza error
+    condition for bouncing what waited for it."""
+    condition: str
+    text: str = ""
+
+
+Action = (SendBytes | StartTls | CloseConnection | Authenticated | BidiNegotiated
+          | DeliverStanzas | VerifyDialback | SetTimer | CancelTimer | StreamReady
+          | StreamFailed)

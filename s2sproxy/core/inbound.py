@@ -1,0 +1,379 @@
+"""Inbound s2s stream: we are the receiving server.
+
+Two roles share this machine:
+
+* ``PUBLIC``: a remote server connected to one of our public listeners.  TLS first
+  (STARTTLS required, or Direct TLS), then SASL EXTERNAL (XEP-0178) when its certificate
+  is valid for its domain, or dialback (XEP-0220); bidi (XEP-0288) offered after TLS.
+* ``BACKEND``: ejabberd connected to the backend listener, either to verify a dialback
+  key we issued (``db:verify``) or, for its own outgoing traffic, to send stanzas.
+  STARTTLS is offered when a certificate is configured, never required; no bidi.
+
+Invariants:
+
+1. A stanza is accepted only when its ``from`` domain has authenticated on this stream
+   (else ``invalid-from``, or ``not-authorized`` if nothing has) and, on PUBLIC, its
+   ``to`` domain is served (else ``host-unknown``).
+2. On PUBLIC nothing but ``<starttls/>`` is accepted before TLS.
+3. ``db:verify`` is answered from the XEP-0185 derivation only, in constant time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+from dataclasses import dataclass, field
+
+from s2sproxy.core import actions as A
+from s2sproxy.core import events as E
+from s2sproxy.core.dialback import DialbackKeys
+from s2sproxy.core.errors import RemoteProtocolError
+from s2sproxy.core.identity import certificate_valid_for
+from s2sproxy.core.jid import InvalidJid, domain_of, nameprep_domain
+from s2sproxy.core.stanza import STANZA_NAMES, Stanza, xml_escape
+from s2sproxy.core.stream import (DB_RESULT, DB_VERIFY, NS_BIDI, NS_BIDI_FEATURE,
+                                  NS_DIALBACK_FEATURE, NS_SASL, NS_TLS, STREAM_ERROR,
+                                  NewStreamId, StreamBase, peer_stream_error)
+from s2sproxy.core.xmlstream import Element, StreamOpened
+
+
+class Role(enum.Enum):
+    PUBLIC = "public"
+    BACKEND = "backend"
+
+
+class InboundState(enum.Enum):
+    TLS_HANDSHAKE = "tls-handshake"   # Direct TLS, or <proceed/> sent
+    HEADER = "header"                 # waiting for the (restarted) stream header
+    STARTTLS = "starttls"             # features sent, TLS required before anything else
+    OPEN = "open"                     # secure (or TLS optional): auth, stanzas
+    CLOSED = "closed"
+
+
+@dataclass
+class TrustPolicy:
+    """Which remotes may authenticate by dialback alone."""
+    require_valid_certificates: bool = False
+    secure_domains: frozenset[str] = frozenset()
+    insecure_domains: frozenset[str] = frozenset()
+
+    def dialback_allowed(self, domain: str) -> bool:
+        if domain in self.insecure_domains:
+            return True
+        return not (self.require_valid_certificates or domain in self.secure_domains)
+
+
+@dataclass
+class InboundConfig:
+    role: Role
+    served: frozenset[str]
+    keys: DialbackKeys
+    new_stream_id: NewStreamId
+    max_size: int
+    max_depth: int
+    trust: TrustPolicy = field(default_factory=TrustPolicy)
+    starttls_available: bool = True     # BACKEND: a certificate is configured
+    direct_tls: bool = False
+
+
+_SASL_AUTH = f"{NS_SASL} auth"
+_STARTTLS = f"{NS_TLS} starttls"
+_BIDI = f"{NS_BIDI} bidi"
+_PROCEED = f"<proceed xmlns='{NS_TLS}'/>".encode()
+_DB_ERROR_TYPES = {"item-not-found": "cancel", "remote-server-not-found": "cancel",
+                   "remote-server-timeout": "wait", "forbidden": "auth",
+                   "not-authorized": "auth"}
+
+
+class InboundStream(StreamBase):
+    closed_state = InboundState.CLOSED
+
+    def __init__(self, config: InboundConfig) -> None:
+        super().__init__(config.max_size, config.max_depth)
+        self.config = config
+        self.role = config.role
+        self.state = (InboundState.TLS_HANDSHAKE if config.direct_tls
+                      else InboundState.HEADER)
+        self.stream_id = ""
+        self.local_domain = ""            # the header's 'to'
+        self.remote_domain = ""           # the header's 'from' (may be empty)
+        self.chain_valid = False
+        self.certificate = None
+        self.sasl_domain = ""             # authenticated by SASL EXTERNAL
+        self.authenticated: set[tuple[str, str]] = set()   # (originating, receiving)
+        self.authenticated_from: set[str] = set()
+        self.pending_dialback: dict[tuple[str, str], str] = {}   # pair -> key
+        self.bidi = False
+        self.bidi_offered = False
+        self.auth_method = ""
+
+    # -- header and features ---------------------------------------------------------
+
+    def _on_header(self, h: StreamOpened) -> None:
+        if self.state is not InboundState.HEADER:
+            raise RemoteProtocolError("not-well-formed", "stream header out of place")
+        to = h.attrs.get("to", "")
+        frm = h.attrs.get("from", "")
+        try:
+            to = nameprep_domain(to) if to else ""
+            frm = nameprep_domain(frm) if frm else ""
+        except InvalidJid:
+            raise RemoteProtocolError("improper-addressing", "bad domain in stream header")
+        self.stream_id = self.config.new_stream_id()
+        if self.role is Role.PUBLIC and to not in self.config.served:
+            self.local_domain = ""
+            raise RemoteProtocolError("host-unknown", f"{to or '(no to)'} is not served here")
+        if self.local_domain and to != self.local_domain:
+            raise RemoteProtocolError("host-unknown", "'to' changed on stream restart")
+        if self.remote_domain and frm and frm != self.remote_domain:
+            raise RemoteProtocolError("invalid-from", "'from' changed on stream restart")
+        self.local_domain = to
+        self.remote_domain = frm or self.remote_domain
+        self._send(self._header_bytes(to or None, self.remote_domain or None,
+                                      self.stream_id))
+        self._send_features()
+
+    def _error_header(self) -> bytes:
+        return self._header_bytes(self.local_domain or None, None,
+                                  self.stream_id or self.config.new_stream_id())
+
+    def _send_features(self) -> None:
+        parts = []
+        tls_offer = not self.secure and (self.role is Role.PUBLIC
+                                         or self.config.starttls_available)
+        if tls_offer:
+            required = "<required/>" if self.role is Role.PUBLIC else ""
+            parts.append(f"<starttls xmlns='{NS_TLS}'>{required}</starttls>")
+        if self.role is Role.PUBLIC and not self.secure:
+            self.state = InboundState.STARTTLS
+        else:
+            self.state = InboundState.OPEN
+            if (self.role is Role.PUBLIC and not self.sasl_domain and self.remote_domain
+                    and certificate_valid_for(self.chain_valid, self.certificate,
+                                              self.remote_domain)):
+                parts.append(f"<mechanisms xmlns='{NS_SASL}'>"
+                             f"<mechanism>EXTERNAL</mechanism></mechanisms>")
+            parts.append(f"<dialback xmlns='{NS_DIALBACK_FEATURE}'><errors/></dialback>")
+            if self.role is Role.PUBLIC and self.secure and not self.sasl_domain:
+                parts.append(f"<bidi xmlns='{NS_BIDI_FEATURE}'/>")
+                self.bidi_offered = True
+        self._send(b"<stream:features>" + "".join(parts).encode() + b"</stream:features>")
+
+    # -- TLS -------------------------------------------------------------------------
+
+    def _on_tls(self, ev: E.TlsEstablished) -> None:
+        if self.state is not InboundState.TLS_HANDSHAKE:
+            raise RemoteProtocolError("policy-violation", "unexpected TLS handshake")
+        self.secure = True
+        self.chain_valid = ev.chain_valid
+        self.certificate = ev.certificate
+        self.state = InboundState.HEADER
+
+    # -- elements ------------------------------------------------------------------------
+
+    def _on_element(self, el: Element) -> None:
+        name = el.name
+        kind = STANZA_NAMES.get(name)
+        if self.state is InboundState.OPEN:
+            if kind is not None:
+                self._stanza(kind, el)
+            elif name == DB_RESULT:
+                self._db_result(el)
+            elif name == DB_VERIFY:
+                self._db_verify(el)
+            elif name == _SASL_AUTH:
+                self._sasl_auth(el)
+            elif name == _BIDI and self.bidi_offered:
+                if not self.bidi:
+                    self.bidi = True
+                    self._emit(A.BidiNegotiated())
+            elif name == STREAM_ERROR:
+                self._peer_error(el)
+            elif name == _STARTTLS and self.role is Role.BACKEND and not self.secure \
+                    and self.config.starttls_available:
+                self._starttls(el)
+            else:
+                raise RemoteProtocolError("unsupported-stanza-type",
+                                          f"unexpected element {name.split(' ')[1]!r}")
+        elif self.state is InboundState.STARTTLS:
+            if name == _STARTTLS:
+                self._starttls(el)
+            elif name == STREAM_ERROR:
+                self._peer_error(el)
+            elif kind is not None:
+                raise RemoteProtocolError("not-authorized", "stanza before authentication")
+            else:
+                raise RemoteProtocolError("policy-violation",
+                                          "STARTTLS is required before anything else")
+        else:
+            raise RemoteProtocolError("not-well-formed", "element before stream header")
+
+    def _starttls(self, el: Element) -> None:
+        if self.parser.leftover(el.end).strip():
+            raise RemoteProtocolError("policy-violation", "data pipelined after <starttls/>")
+        self._send(_PROCEED)
+        self._emit(A.StartTls(self.local_domain or None))
+        self._restart()
+        self.state = InboundState.TLS_HANDSHAKE
+
+    def _peer_error(self, el: Element) -> None:
+        cond, text = peer_stream_error(el)
+        self._send(b"</stream:stream>")
+        self._emit(A.CloseConnection(f"peer:{cond}", text))
+        self.state = InboundState.CLOSED
+
+    # -- SASL EXTERNAL (XEP-0178) ----------------------------------------------------------
+
+    def _sasl_auth(self, el: Element) -> None:
+        if self.role is not Role.PUBLIC or self.sasl_domain or not self.secure:
+            raise RemoteProtocolError("policy-violation", "SASL not offered")
+        tree = el.tree()
+        mech = tree.get("mechanism", "")
+        failure = None
+        authzid = ""
+        if mech != "EXTERNAL":
+            failure = "invalid-mechanism"
+        else:
+            text = (tree.text or "").strip()
+            if text and text != "=":
+                try:
+                    authzid = base64.b64decode(text, validate=True).decode("utf-8")
+                except (binascii.Error, UnicodeDecodeError):
+                    failure = "incorrect-encoding"
+        domain = ""
+        if failure is None:
+            try:
+                domain = nameprep_domain(authzid or self.remote_domain)
+            except InvalidJid:
+                failure = "invalid-authzid"
+            else:
+                if self.remote_domain and domain != self.remote_domain:
+                    failure = "invalid-authzid"
+                elif not certificate_valid_for(self.chain_valid, self.certificate, domain):
+                    failure = "not-authorized"
+        if failure is not None:
+            self._send(f"<failure xmlns='{NS_SASL}'><{failure}/></failure>".encode())
+            return
+        self.sasl_domain = self.remote_domain = domain
+        self._authenticate(domain, self.local_domain, "external")
+        self._send(f"<success xmlns='{NS_SASL}'/>".encode())
+        self._restart()
+        self.state = InboundState.HEADER
+
+    # -- dialback (XEP-0220) -------------------------------------------------------------
+
+    def _db_addressing(self, el: Element) -> tuple[str, str]:
+        try:
+            return nameprep_domain(el.attrs["from"]), nameprep_domain(el.attrs["to"])
+        except (KeyError, InvalidJid):
+            raise RemoteProtocolError("improper-addressing",
+                                      "dialback element needs valid from and to")
+
+    def _db_result(self, el: Element) -> None:
+        if "type" in el.attrs:
+            raise RemoteProtocolError("unsupported-stanza-type",
+                                      "db:result with a type on an inbound stream")
+        frm, to = self._db_addressing(el)
+        if self.role is Role.BACKEND:
+            # ejabberd's own outgoing traffic: handled by the outbound issue.
+            self._db_result_reply(to, frm, "error", "remote-server-not-found",
+                                  "outgoing federation through s2sproxy is not enabled")
+            return
+        if to not in self.config.served:
+            self._db_result_reply(to, frm, "error", "item-not-found")
+            return
+        key = (el.tree().text or "").strip()
+        pair = (frm, to)
+        if pair in self.authenticated:
+            self._db_result_reply(to, frm, "valid")
+            return
+        if certificate_valid_for(self.chain_valid, self.certificate, frm):
+            # XEP-0344 section 2.3: a certificate valid for the domain makes the
+            # callback unnecessary.
+            self._authenticate(frm, to, "dialback")
+            self._db_result_reply(to, frm, "valid")
+            return
+        if not self.config.trust.dialback_allowed(frm):
+            self._db_result_reply(to, frm, "error", "not-authorized",
+                                  f"{frm} must present a valid certificate")
+            return
+        if pair in self.pending_dialback:
+            return
+        self.pending_dialback[pair] = key
+        self._emit(A.VerifyDialback(frm, to, self.stream_id, key))
+
+    def _on_other(self, ev: object) -> None:
+        if isinstance(ev, E.DialbackVerdict):
+            pair = (ev.originating, ev.receiving)
+            if self.pending_dialback.pop(pair, None) is None:
+                return
+            if ev.valid:
+                self._authenticate(ev.originating, ev.receiving, "dialback")
+                self._db_result_reply(ev.receiving, ev.originating, "valid")
+            elif ev.valid is False:
+                self._db_result_reply(ev.receiving, ev.originating, "invalid")
+            else:
+                self._db_result_reply(ev.receiving, ev.originating, "error",
+                                      ev.condition or "remote-server-not-found")
+
+    def _db_result_reply(self, frm: str, to: str, type_: str, condition: str = "",
+                         text: str = "") -> None:
+        attrs = f"from='{xml_escape(frm)}' to='{xml_escape(to)}' type='{type_}'"
+        if type_ == "error":
+            body = (f"<error type='{_DB_ERROR_TYPES.get(condition, 'cancel')}'>"
+                    f"<{condition} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>")
+            if text:
+                body += (f"<text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>"
+                         f"{xml_escape(text)}</text>")
+            self._send(f"<db:result {attrs}>{body}</error></db:result>".encode())
+        else:
+            self._send(f"<db:result {attrs}/>".encode())
+
+    def _db_verify(self, el: Element) -> None:
+        if "type" in el.attrs:
+            raise RemoteProtocolError("unsupported-stanza-type",
+                                      "db:verify with a type on an inbound stream")
+        receiving, originating = self._db_addressing(el)
+        stream_id = el.attrs.get("id", "")
+        key = (el.tree().text or "").strip()
+        ok = bool(stream_id) and self.config.keys.check(receiving, originating, stream_id, key)
+        self._send(f"<db:verify from='{xml_escape(originating)}' to='{xml_escape(receiving)}'"
+                   f" id='{xml_escape(stream_id)}' type='{'valid' if ok else 'invalid'}'/>"
+                   .encode())
+
+    def _authenticate(self, originating: str, receiving: str, method: str) -> None:
+        self.authenticated.add((originating, receiving))
+        self.authenticated_from.add(originating)
+        self.auth_method = self.auth_method or method
+        self._emit(A.Authenticated(originating, receiving, method))
+
+    # -- stanzas -------------------------------------------------------------------------
+
+    def _stanza(self, kind: str, el: Element) -> None:
+        if not self.authenticated_from:
+            raise RemoteProtocolError("not-authorized", "stanza before authentication")
+        attrs = el.attrs
+        frm = attrs.get("from")
+        to = attrs.get("to")
+        if not frm or not to:
+            raise RemoteProtocolError("improper-addressing",
+                                      "stanzas between servers need 'from' and 'to'")
+        try:
+            frm_domain = domain_of(frm)
+            to_domain = domain_of(to)
+        except InvalidJid:
+            raise RemoteProtocolError("improper-addressing", "malformed JID")
+        if frm_domain not in self.authenticated_from:
+            raise RemoteProtocolError("invalid-from",
+                                      f"{frm_domain} is not authenticated on this stream")
+        if self.role is Role.PUBLIC and to_domain not in self.config.served:
+            raise RemoteProtocolError("host-unknown", f"{to_domain} is not served here")
+        stanza = Stanza(kind, el.raw, frm, to, attrs.get("type"), attrs.get("id"),
+                        el.child_ns)
+        out = self._out
+        last = out[-1] if out else None
+        if type(last) is A.DeliverStanzas:
+            last.stanzas.append(stanza)      # one action per read batch
+        else:
+            out.append(A.DeliverStanzas([stanza]))

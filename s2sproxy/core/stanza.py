@@ -1,0 +1,65 @@
+"""Stanzas as the router sees them: original bytes plus the few facts it needs."""
+
+from __future__ import annotations
+
+from s2sproxy.core.xmlstream import NS_SERVER
+
+STANZA_NAMES = {f"{NS_SERVER} message": "message", f"{NS_SERVER} presence": "presence",
+                f"{NS_SERVER} iq": "iq"}
+NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+
+# RFC 6120 section 8.3.3: the error type that goes with each condition we generate.
+ERROR_TYPES = {
+    "remote-server-not-found": "cancel",
+    "remote-server-timeout": "wait",
+    "resource-constraint": "wait",
+    "service-unavailable": "cancel",
+    "internal-server-error": "cancel",
+    "item-not-found": "cancel",
+}
+
+
+class Stanza:
+    """A message, presence or iq with its original bytes (``raw``)."""
+
+    __slots__ = ("kind", "raw", "from_", "to", "type", "id", "child_ns")
+
+    def __init__(self, kind: str, raw: bytes, from_: str, to: str, type_: str | None,
+                 id_: str | None, child_ns: str | None) -> None:
+        self.kind = kind
+        self.raw = raw
+        self.from_ = from_
+        self.to = to
+        self.type = type_
+        self.id = id_
+        self.child_ns = child_ns
+
+    def __repr__(self) -> str:
+        return f"<Stanza {self.kind} type={self.type} id={self.id} {self.from_}->{self.to}>"
+
+    @property
+    def bounceable(self) -> bool:
+        """Never an error for an error (RFC 6120 section 8.3.1), nor for an iq result."""
+        t = self.type
+        return t != "error" and not (self.kind == "iq" and t == "result")
+
+
+def xml_escape(value: str) -> str:
+    return (value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("'", "&apos;").replace('"', "&quot;"))
+
+
+def bounce(stanza: Stanza, condition: str, text: str = "") -> bytes | None:
+    """The error stanza that answers ``stanza`` (swapped addresses, same id), or None
+    when ``stanza`` must not be answered with an error."""
+    if not stanza.bounceable:
+        return None
+    etype = ERROR_TYPES.get(condition, "cancel")
+    attrs = f" from='{xml_escape(stanza.to)}' to='{xml_escape(stanza.from_)}' type='error'"
+    if stanza.id is not None:
+        attrs += f" id='{xml_escape(stanza.id)}'"
+    body = f"<{condition} xmlns='{NS_STANZAS}'/>"
+    if text:
+        body += f"<text xmlns='{NS_STANZAS}'>{xml_escape(text)}</text>"
+    return (f"<{stanza.kind}{attrs}><error type='{etype}'>{body}</error>"
+            f"</{stanza.kind}>").encode("utf-8")

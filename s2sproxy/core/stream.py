@@ -1,0 +1,208 @@
+"""What every s2s stream does, whichever side opened it.
+
+Rules:
+
+1. One entry point: ``handle(event) -> list[Action]``.  Network input that breaks the
+   protocol raises ``RemoteProtocolError`` inside; ``handle`` turns it into a stream
+   error (preceded by our header if we had not sent one, RFC 6120 section 4.9.1.2),
+   ``</stream:stream>`` and ``CloseConnection``.
+2. A stream restart (after STARTTLS and SASL) makes a new parser.  Bytes the peer sent
+   after ``<starttls/>`` in the same read are a protocol error; bytes after a SASL
+   success are fed to the new parser.
+3. After ``CLOSED`` every event is ignored and yields no action.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from s2sproxy.core import actions as A
+from s2sproxy.core import events as E
+from s2sproxy.core.errors import RemoteProtocolError, stream_error_bytes
+from s2sproxy.core.stanza import xml_escape
+from s2sproxy.core.xmlstream import (NS_SERVER, NS_STREAMS, Element, ParseError,
+                                     StreamClosed, StreamOpened, XmlStreamParser)
+
+NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
+NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
+NS_DIALBACK = "jabber:server:dialback"
+NS_DIALBACK_FEATURE = "urn:xmpp:features:dialback"
+NS_BIDI = "urn:xmpp:bidi"
+NS_BIDI_FEATURE = "urn:xmpp:features:bidi"
+
+STREAM_NAME = f"{NS_STREAMS} stream stream"
+FEATURES = f"{NS_STREAMS} features stream"
+STREAM_ERROR = f"{NS_STREAMS} error stream"
+DB_RESULT = f"{NS_DIALBACK} result db"
+DB_VERIFY = f"{NS_DIALBACK} verify db"
+
+
+class StreamBase:
+    """Parser management, headers, stream errors.  Subclasses implement
+    ``_on_header``, ``_on_element``, ``_on_tls`` and set ``self.state``."""
+
+    closed_state: object
+
+    def __init__(self, max_size: int, max_depth: int) -> None:
+        self.max_size = max_size
+        self.max_depth = max_depth
+        self.parser = XmlStreamParser(max_size, max_depth)
+        self.header_sent = False
+        self.secure = False
+        self.peer_closed = False
+        self._old_parser: XmlStreamParser | None = None
+        self._out: list[A.Action] = []
+
+    # -- the entry point -----------------------------------------------------------
+
+    def handle(self, event: object) -> list[A.Action]:
+        if self.state is self.closed_state:
+            return []
+        out = self._out = []
+        try:
+            if isinstance(event, E.DataReceived):
+                self._data(event.data)
+            elif isinstance(event, E.TlsEstablished):
+                self._on_tls(event)
+            elif isinstance(event, E.ConnectionLost):
+                self.state = self.closed_state
+                self._on_lost(event)
+            else:
+                self._on_other(event)
+        except RemoteProtocolError as e:
+            self._stream_error(e.condition, e.text)
+        self._out = []
+        return out
+
+    def _data(self, data: bytes) -> None:
+        items = self.parser.feed(data)
+        i = 0
+        while i < len(items):
+            item = items[i]
+            i += 1
+            if isinstance(item, Element):
+                self._on_element(item)
+                if self.state is self.closed_state:
+                    return
+                if self._old_parser is not None:
+                    # The element just handled restarted the stream: what the old
+                    # parser made of the bytes after it is void; the new one reads them.
+                    leftover = self._old_parser.leftover(item.end)
+                    self._old_parser = None
+                    if leftover:
+                        self._data(leftover)
+                    return
+            elif isinstance(item, StreamOpened):
+                self._check_header(item)
+                self._on_header(item)
+            elif isinstance(item, StreamClosed):
+                self.peer_closed = True
+                self._send(b"</stream:stream>")
+                self._emit(A.CloseConnection())
+                self.state = self.closed_state
+                return
+            elif isinstance(item, ParseError):
+                raise RemoteProtocolError(item.condition, item.text)
+
+    # -- helpers for subclasses ----------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        out = self._out
+        if out and type(out[-1]) is A.SendBytes:
+            out[-1] = A.SendBytes(out[-1].data + data)
+        else:
+            out.append(A.SendBytes(data))
+
+    def _emit(self, action: A.Action) -> None:
+        self._out.append(action)
+
+    def _restart(self) -> None:
+        """The stream restarts after the element being handled: new parser, new
+        header expected."""
+        self._old_parser = self.parser
+        self.parser = XmlStreamParser(self.max_size, self.max_depth)
+        self.header_sent = False
+
+    def _check_header(self, h: StreamOpened) -> None:
+        if h.name.split(" ")[0] != NS_STREAMS or h.name.split(" ")[1] != "stream":
+            raise RemoteProtocolError("invalid-namespace",
+                                      "the stream element must be qualified by "
+                                      f"{NS_STREAMS}")
+        if h.namespaces.get(None) != NS_SERVER:
+            raise RemoteProtocolError("invalid-namespace",
+                                      f"default namespace must be {NS_SERVER}")
+        version = h.attrs.get("version", "")
+        major = version.split(".")[0]
+        if not major.isdigit() or int(major) != 1:
+            raise RemoteProtocolError("unsupported-version",
+                                      "version='1.0' is required (RFC 6120 section 4.7.5)")
+
+    def _header_bytes(self, from_: str | None, to: str | None, stream_id: str | None) -> bytes:
+        attrs = ""
+        if from_:
+            attrs += f" from='{xml_escape(from_)}'"
+        if to:
+            attrs += f" to='{xml_escape(to)}'"
+        if stream_id:
+            attrs += f" id='{xml_escape(stream_id)}'"
+        self.header_sent = True
+        return (f"<?xml version='1.0'?><stream:stream xmlns='{NS_SERVER}' "
+                f"xmlns:stream='{NS_STREAMS}' xmlns:db='{NS_DIALBACK}'{attrs} "
+                f"version='1.0' xml:lang='en'>").encode("utf-8")
+
+    def _stream_error(self, condition: str, text: str = "") -> None:
+        if not self.header_sent:
+            self._send(self._error_header())
+        self._send(stream_error_bytes(condition, text))
+        self._emit(A.CloseConnection(condition, text))
+        self.state = self.closed_state
+        self._on_closed(condition)
+
+    def close(self) -> list[A.Action]:
+        """Close cleanly from our side (``</stream:stream>``)."""
+        if self.state is self.closed_state:
+            return []
+        self.state = self.closed_state
+        out: list[A.Action] = []
+        if self.header_sent:
+            out.append(A.SendBytes(b"</stream:stream>"))
+        out.append(A.CloseConnection())
+        return out
+
+    # -- to be provided ------------------------------------------------------------
+
+    def _error_header(self) -> bytes:
+        return self._header_bytes(None, None, None)
+
+    def _on_header(self, h: StreamOpened) -> None:
+        raise NotImplementedError
+
+    def _on_element(self, el: Element) -> None:
+        raise NotImplementedError
+
+    def _on_tls(self, ev: E.TlsEstablished) -> None:
+        raise RemoteProtocolError("policy-violation", "unexpected TLS")
+
+    def _on_lost(self, ev: E.ConnectionLost) -> None:
+        pass
+
+    def _on_other(self, ev: object) -> None:
+        pass
+
+    def _on_closed(self, condition: str) -> None:
+        pass
+
+
+def peer_stream_error(el: Element) -> tuple[str, str]:
+    """(condition, text) of a ``<stream:error>`` the peer sent."""
+    cond, text = "undefined-condition", ""
+    for child in el.tree():
+        local = child.tag.rsplit("}", 1)[-1]
+        if local == "text":
+            text = child.text or ""
+        else:
+            cond = local
+    return cond, text
+
+
+NewStreamId = Callable[[], str]
