@@ -1,0 +1,105 @@
+"""The Twisted protocol around one core stream: bytes in, actions out.
+
+It knows sockets, TLS and timers; every protocol decision is the core's.  Actions
+that concern more than this connection (authenticated, deliver stanzas, verify a
+dialback key, ...) go to ``self.owner``, the service that routes between streams.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol as TypingProtocol
+
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from s2sproxy.core import actions as A
+from s2sproxy.core import events as E
+from s2sproxy.tx.tls import tls_connection_of
+
+log = Logger()
+
+
+class Owner(TypingProtocol):
+    def stream_action(self, proto: "StreamProtocol", action: Any) -> None: ...
+    def start_tls(self, proto: "StreamProtocol", server_name: str | None) -> None: ...
+    def check_peer(self, proto: "StreamProtocol") -> E.TlsEstablished: ...
+    def stream_lost(self, proto: "StreamProtocol") -> None: ...
+
+
+@implementer(IHandshakeListener)
+class StreamProtocol(Protocol):
+    def __init__(self, stream: Any, owner: Owner, clock: IReactorTime, label: str) -> None:
+        self.stream = stream
+        self.owner = owner
+        self.clock = clock
+        self.label = label
+        self.timers: dict[str, IDelayedCall] = {}
+        self.peer = ""
+        self.closing = False
+
+    # -- Twisted callbacks -----------------------------------------------------------
+
+    def connectionMade(self) -> None:  # noqa: N802
+        p = self.transport.getPeer()
+        self.peer = f"{getattr(p, 'host', '?')}:{getattr(p, 'port', '?')}"
+        start = getattr(self.stream, "start", None)
+        if start is not None and not getattr(self, "defer_start", False):
+            self.run(start())
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.run(self.stream.handle(E.DataReceived(data)))
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        self.run(self.stream.handle(self.owner.check_peer(self)))
+
+    def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
+        for call in self.timers.values():
+            if call.active():
+                call.cancel()
+        self.timers.clear()
+        text = reason.getErrorMessage() if reason is not None else ""
+        self.run(self.stream.handle(E.ConnectionLost(text)))
+        self.owner.stream_lost(self)
+
+    # -- running actions -----------------------------------------------------------------
+
+    def run(self, actions: list) -> None:
+        for a in actions:
+            t = type(a)
+            if t is A.SendBytes:
+                if not self.closing:
+                    self.transport.write(a.data)
+            elif t is A.StartTls:
+                self.owner.start_tls(self, a.server_name)
+            elif t is A.CloseConnection:
+                if a.condition:
+                    log.info("{label} stream {peer} closed: {condition} {text}",
+                             label=self.label, peer=self.peer, condition=a.condition,
+                             text=a.text)
+                self.closing = True
+                self.transport.loseConnection()
+            elif t is A.SetTimer:
+                self._cancel(a.name)
+                self.timers[a.name] = self.clock.callLater(a.seconds, self._fire, a.name)
+            elif t is A.CancelTimer:
+                self._cancel(a.name)
+            else:
+                self.owner.stream_action(self, a)
+
+    def _cancel(self, name: str) -> None:
+        call = self.timers.pop(name, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _fire(self, name: str) -> None:
+        self.timers.pop(name, None)
+        self.run(self.stream.handle(E.TimerFired(name)))
+
+    def close(self) -> None:
+        self.run(self.stream.close())
+
+    def tls_connection(self):
+        return tls_connection_of(self.transport)

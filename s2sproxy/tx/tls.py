@@ -1,0 +1,167 @@
+"""TLS contexts: per-domain server certificates chosen by SNI, client contexts, and the
+trust store that checks remote certificate chains.
+
+Choices:
+
+1. TLS 1.2 is the floor on every leg (RFC 9325; Prosody and ejabberd do the same).
+2. The server asks for a client certificate but never fails the handshake over it: a
+   remote without a valid certificate may still authenticate by dialback.  The chain is
+   checked after the handshake against our own store (system CAs and/or ``ca_file``),
+   without any extended-key-usage purpose, so certificates lacking clientAuth are
+   accepted as Prosody does.  The *name* is checked in ``core.identity``.
+3. Without SNI, the certificate is the one for the stream's ``to`` (STARTTLS knows it
+   before TLS), or the first configured domain (Direct TLS).
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from OpenSSL import SSL, crypto
+from twisted.logger import Logger
+
+from s2sproxy.config import Domain, Trust
+
+log = Logger()
+
+ALPN_XMPP_SERVER = b"xmpp-server"   # XEP-0368
+
+
+def _accept_any(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
+                ok: int) -> bool:
+    return True
+
+
+def _base_context(method: int = SSL.TLS_METHOD) -> SSL.Context:
+    ctx = SSL.Context(method)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
+                    | SSL.OP_NO_TICKET)
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    ctx.set_cipher_list(b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:!aNULL:!MD5")
+    return ctx
+
+
+def _load_identity(ctx: SSL.Context, cert: Path, key: Path) -> None:
+    ctx.use_certificate_chain_file(str(cert).encode())
+    ctx.use_privatekey_file(str(key).encode())
+    ctx.check_privatekey()
+
+
+class ServerContexts:
+    """One pyOpenSSL context per served domain; ``for_domain(d)`` is the context whose
+    SNI callback may switch to another domain's context."""
+
+    def __init__(self, domains: dict[str, Domain], alpn: bool,
+                 extra: tuple[Path, Path] | None = None) -> None:
+        self._by_name: dict[str, SSL.Context] = {}
+        for name, d in domains.items():
+            self._by_name[name] = self._make(d.certificate, d.key, alpn)
+        self._default_name = next(iter(domains))
+        self._extra = self._make(*extra, alpn) if extra else None
+
+    def _make(self, cert: Path, key: Path, alpn: bool) -> SSL.Context:
+        ctx = _base_context()
+        _load_identity(ctx, cert, key)
+        ctx.set_verify(SSL.VERIFY_PEER, _accept_any)
+        ctx.set_session_id(b"s2sproxy")
+        ctx.set_tlsext_servername_callback(self._on_sni)
+        if alpn:
+            ctx.set_alpn_select_callback(_select_alpn)
+        return ctx
+
+    def _on_sni(self, conn: SSL.Connection) -> None:
+        name = conn.get_servername()
+        if name:
+            ctx = self._by_name.get(name.decode("ascii", "replace").lower().rstrip("."))
+            if ctx is not None:
+                conn.set_context(ctx)
+
+    def for_domain(self, domain: str | None) -> SSL.Context:
+        if domain and domain in self._by_name:
+            return self._by_name[domain]
+        if self._extra is not None:
+            return self._extra
+        return self._by_name[self._default_name]
+
+
+def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+    if ALPN_XMPP_SERVER in offered:
+        return ALPN_XMPP_SERVER
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+class ContextFactory:
+    """What Twisted's ``startTLS`` and ``TLSMemoryBIOFactory`` expect: an object with
+    ``getContext()``."""
+
+    def __init__(self, ctx: SSL.Context) -> None:
+        self._ctx = ctx
+
+    def getContext(self) -> SSL.Context:  # noqa: N802 (Twisted's name)
+        return self._ctx
+
+
+class ClientCreator:
+    """IOpenSSLClientConnectionCreator: SNI and ALPN per connection, optional client
+    certificate (our served domain's, so that remotes may use SASL EXTERNAL later)."""
+
+    def __init__(self, server_name: str, alpn: bool = False,
+                 identity: tuple[Path, Path] | None = None) -> None:
+        ctx = _base_context()
+        ctx.set_verify(SSL.VERIFY_PEER, _accept_any)
+        if identity:
+            _load_identity(ctx, *identity)
+        if alpn:
+            ctx.set_alpn_protos([ALPN_XMPP_SERVER])
+        self._ctx = ctx
+        self._name = server_name.encode("idna")
+
+    def clientConnectionForTLS(self, tls_protocol: object) -> SSL.Connection:  # noqa: N802
+        conn = SSL.Connection(self._ctx, None)
+        conn.set_app_data(tls_protocol)
+        conn.set_tlsext_host_name(self._name)
+        conn.set_connect_state()
+        return conn
+
+
+class TrustStore:
+    """Checks a peer's chain against system CAs and/or an extra CA file."""
+
+    def __init__(self, trust: Trust) -> None:
+        self._store = crypto.X509Store()
+        if trust.system_cas:
+            paths = ssl.get_default_verify_paths()
+            self._store.load_locations(paths.cafile, paths.capath)
+        if trust.ca_file:
+            self._store.load_locations(str(trust.ca_file))
+
+    def check(self, conn: SSL.Connection | None) -> tuple[bool, x509.Certificate | None]:
+        """(chain valid, leaf certificate) for an established connection."""
+        if conn is None:
+            return False, None
+        leaf = conn.get_peer_certificate()
+        if leaf is None:
+            return False, None
+        chain = [c for c in (conn.get_peer_cert_chain() or [])
+                 if c.to_cryptography() != leaf.to_cryptography()]
+        try:
+            crypto.X509StoreContext(self._store, leaf, chain).verify_certificate()
+            ok = True
+        except crypto.X509StoreContextError as e:
+            log.debug("peer certificate chain not trusted: {err}", err=str(e))
+            ok = False
+        return ok, leaf.to_cryptography()
+
+
+def tls_connection_of(transport: object) -> SSL.Connection | None:
+    """The pyOpenSSL connection under a transport, for STARTTLS'd TCP transports
+    (``transport.protocol`` is the TLSMemoryBIOProtocol) and for TLS-wrapped
+    protocols (the transport *is* the TLSMemoryBIOProtocol)."""
+    for obj in (transport, getattr(transport, "protocol", None)):
+        conn = getattr(obj, "_tlsConnection", None)
+        if conn is not None:
+            return conn
+    return None
