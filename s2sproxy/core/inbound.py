@@ -162,10 +162,18 @@ class InboundStream(StreamBase):
 
     # -- TLS -------------------------------------------------------------------------
 
+    def _data(self, data: bytes) -> None:
+        if self.state is InboundState.TLS_HANDSHAKE:
+            # Plaintext between <starttls/> and the handshake (or before a Direct TLS
+            # handshake completed) is never parsed.
+            raise RemoteProtocolError("policy-violation", "data pipelined after <starttls/>")
+        super()._data(data)
+
     def _on_tls(self, ev: E.TlsEstablished) -> None:
         if self.state is not InboundState.TLS_HANDSHAKE:
             raise RemoteProtocolError("policy-violation", "unexpected TLS handshake")
         self.secure = True
+        self.header_sent = False
         self.chain_valid = ev.chain_valid
         self.certificate = ev.certificate
         self.state = InboundState.HEADER
@@ -214,7 +222,7 @@ class InboundStream(StreamBase):
             raise RemoteProtocolError("policy-violation", "data pipelined after <starttls/>")
         self._send(_PROCEED)
         self._emit(A.StartTls(self.local_domain or None))
-        self._restart()
+        self._restart(tls=True)
         self.state = InboundState.TLS_HANDSHAKE
 
     def _peer_error(self, el: Element) -> None:

@@ -109,7 +109,7 @@ class OutboundStream(StreamBase):
             self._features(el)
         elif st is OutboundState.PROCEED and name == f"{NS_TLS} proceed":
             self._emit(A.StartTls(self.config.receiving))
-            self._restart()
+            self._restart(tls=True)
             self.state = OutboundState.TLS_HANDSHAKE
         elif st is OutboundState.PROCEED and name == f"{NS_TLS} failure":
             self._fail("remote-server-not-found", "peer refused STARTTLS")

@@ -116,12 +116,14 @@ class StreamBase:
     def _emit(self, action: A.Action) -> None:
         self._out.append(action)
 
-    def _restart(self) -> None:
+    def _restart(self, tls: bool = False) -> None:
         """The stream restarts after the element being handled: new parser, new
-        header expected."""
+        header expected.  Before a STARTTLS handshake completes our old header still
+        stands (``tls=True``): the TLS handshake itself resets it."""
         self._old_parser = self.parser
         self.parser = XmlStreamParser(self.max_size, self.max_depth)
-        self.header_sent = False
+        if not tls:
+            self.header_sent = False
 
     def _check_header(self, h: StreamOpened) -> None:
         if h.name.split(" ")[0] != NS_STREAMS or h.name.split(" ")[1] != "stream":

@@ -141,6 +141,7 @@ class XmlStreamParser:
         self._p = p
         self._buf = bytearray()
         self._base = 0          # absolute byte index of _buf[0]
+        self._consumed = 0      # absolute index after the last complete element or header
         self._depth = 0
         self._items: list[Item] = []
         self._failed: ParseError | None = None
@@ -163,6 +164,7 @@ class XmlStreamParser:
     def feed(self, data: bytes) -> list[Item]:
         if self._failed is not None:
             return [self._failed]
+        self._trim()
         self._buf += data
         try:
             self._p.Parse(data, False)
@@ -176,7 +178,7 @@ class XmlStreamParser:
             else:
                 self._fail("not-well-formed", str(e))
         else:
-            self._trim()
+            self._check_size()
         items, self._items = self._items, []
         return items
 
@@ -191,19 +193,25 @@ class XmlStreamParser:
         self._items.append(self._failed)
 
     def _trim(self) -> None:
+        """Drop consumed bytes.  Runs at the start of ``feed()``, never inside a
+        handler, so that ``leftover()`` works for every element of the last read."""
+        if self._el_start >= 0:
+            keep_from = self._el_start - self._base
+        else:
+            # Between elements only whitespace or the start of a tag can be pending.
+            keep_from = self._buf.find(b"<", max(0, self._consumed - self._base))
+            if keep_from < 0:
+                keep_from = len(self._buf)
+        if keep_from > 0:
+            del self._buf[:keep_from]
+            self._base += keep_from
+
+    def _check_size(self) -> None:
         if self._el_start >= 0:
             if self._base + len(self._buf) - self._el_start > self.max_size:
-                self._fail("policy-violation",
-                           f"stanza larger than {self.max_size} bytes")
-            return
-        # Between elements only whitespace or the start of a tag can be pending.
-        lt = self._buf.find(b"<")
-        if lt < 0:
-            lt = len(self._buf)
-        if lt:
-            del self._buf[:lt]
-            self._base += lt
-        if len(self._buf) > self.max_size:
+                self._fail("policy-violation", f"stanza larger than {self.max_size} bytes")
+        elif self._base + len(self._buf) - self._consumed > self.max_size \
+                and self._buf.find(b"<", max(0, self._consumed - self._base)) >= 0:
             self._fail("policy-violation", f"tag larger than {self.max_size} bytes")
 
     # -- expat handlers --------------------------------------------------------------
@@ -283,11 +291,9 @@ class XmlStreamParser:
             elif " " not in k:
                 plain[k] = v
         self._items.append(StreamOpened(name, plain, dict(self._root_ns)))
-        # The header is consumed: drop its bytes.
         m = _TAG_END.match(self._buf, self._p.CurrentByteIndex - self._base)
         if m:
-            del self._buf[:m.end()]
-            self._base += m.end()
+            self._consumed = self._base + m.end()
 
     def _end(self, name: str) -> None:
         depth = self._depth
@@ -301,13 +307,14 @@ class XmlStreamParser:
             else:
                 end = buf.index(b">", rel) + 1 + self._base
             start = self._el_start - self._base
+            if end - self._el_start > self.max_size:
+                raise _Abort("policy-violation", f"stanza larger than {self.max_size} bytes")
             raw = bytes(buf[start:end - self._base])
             if self._el_extra:
                 raw = self._self_contained(raw)
             self._items.append(Element(self._el_name, self._el_attrs, raw, end,
                                        self._el_child_ns, self._root_decls))
-            del buf[:end - self._base]
-            self._base = end
+            self._consumed = end
             self._el_start = -1
         elif depth == 1:
             self._items.append(StreamClosed())

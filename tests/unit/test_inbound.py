@@ -1,0 +1,352 @@
+"""Inbound (receiving server) transcripts: each phase is fed whole, byte by byte and
+split at every position, with the same resulting actions."""
+
+from __future__ import annotations
+
+import pytest
+
+from s2sproxy.core import actions as A
+from s2sproxy.core import events as E
+from s2sproxy.core.errors import stream_error_bytes
+from s2sproxy.core.inbound import InboundState, Role, TrustPolicy
+from tests.unit.helpers import (HEADER, KEYS, LOCAL, REMOTE, certificate, every_split,
+                                inbound, merge, our_header)
+
+NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
+STARTTLS = f"<starttls xmlns='{NS_TLS}'/>".encode()
+FEATURES_TLS = (f"<stream:features><starttls xmlns='{NS_TLS}'><required/></starttls>"
+                f"</stream:features>").encode()
+FEATURES_DB_BIDI = (b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'>"
+                    b"<errors/></dialback><bidi xmlns='urn:xmpp:features:bidi'/>"
+                    b"</stream:features>")
+FEATURES_EXTERNAL = (b"<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+                     b"<mechanism>EXTERNAL</mechanism></mechanisms>"
+                     b"<dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback>"
+                     b"<bidi xmlns='urn:xmpp:features:bidi'/></stream:features>")
+KEY = KEYS.key(LOCAL, REMOTE, "remote-sid")   # any key: the verdict is the test's
+DB_RESULT = f"<db:result from='{REMOTE}' to='{LOCAL}'>{KEY}</db:result>".encode()
+MESSAGE = (b"<message from='juliet@remote.example/balcony' to='romeo@local.example' "
+           b"type='chat' id='m1'><body>Wherefore &amp; why</body></message>")
+
+PRE_TLS = [E.DataReceived(HEADER), E.DataReceived(STARTTLS)]
+TLS_NO_CERT = E.TlsEstablished(False, None)
+SECURE = PRE_TLS + [TLS_NO_CERT, E.DataReceived(HEADER)]
+DIALBACK_OK = SECURE + [E.DataReceived(DB_RESULT),
+                        E.DialbackVerdict(REMOTE, LOCAL, True)]
+
+
+def run(prelude, data=b"", role=Role.PUBLIC, **kw):
+    make = lambda: inbound(role, **kw)  # noqa: E731
+    if not data:
+        s = make()
+        out = []
+        for ev in prelude:
+            out = s.handle(ev)
+        return merge(out), s
+    actions = every_split(make, data, prelude)
+    s = make()
+    for ev in prelude:
+        s.handle(ev)
+    s.handle(E.DataReceived(data))
+    return actions, s
+
+
+def error_close(condition, text, header=b""):
+    return [A.SendBytes(header + stream_error_bytes(condition, text)),
+            A.CloseConnection(condition, text)]
+
+
+def test_inbound_header_gets_header_and_required_starttls():
+    """A remote's stream header is answered with ours and STARTTLS as required feature."""
+    actions, s = run([], HEADER)
+    assert actions == [A.SendBytes(our_header(LOCAL, REMOTE, "sid1") + FEATURES_TLS)]
+    assert s.state is InboundState.STARTTLS
+
+
+def test_inbound_starttls_proceeds_and_restarts():
+    """<starttls/> gets <proceed/> and a StartTls order for the stream's 'to' domain."""
+    actions, s = run([E.DataReceived(HEADER)], STARTTLS)
+    assert actions == [A.SendBytes(f"<proceed xmlns='{NS_TLS}'/>".encode()),
+                       A.StartTls(LOCAL)]
+    assert s.state is InboundState.TLS_HANDSHAKE
+
+
+def test_inbound_bytes_pipelined_after_starttls_are_policy_violation():
+    """Bytes sent in the clear after <starttls/> are never parsed: policy-violation,
+    whether they came in the same read (no <proceed/> then) or a later one."""
+    s = inbound()
+    s.handle(E.DataReceived(HEADER))
+    actions = merge(s.handle(E.DataReceived(STARTTLS + b"<message/>")))
+    assert actions == error_close("policy-violation", "data pipelined after <starttls/>")
+    assert s.state is InboundState.CLOSED
+    s = inbound()
+    s.handle(E.DataReceived(HEADER))
+    s.handle(E.DataReceived(STARTTLS))
+    actions = merge(s.handle(E.DataReceived(b"<message/>")))
+    assert actions == error_close("policy-violation", "data pipelined after <starttls/>")
+
+
+def test_inbound_after_tls_offers_dialback_and_bidi_but_not_external_without_cert():
+    """After TLS, without a valid certificate, only dialback and bidi are offered."""
+    actions, s = run(PRE_TLS + [TLS_NO_CERT], HEADER)
+    assert actions == [A.SendBytes(our_header(LOCAL, REMOTE, "sid2") + FEATURES_DB_BIDI)]
+    assert s.state is InboundState.OPEN and s.secure
+
+
+def test_inbound_stanza_before_tls_is_not_authorized():
+    """A stanza before STARTTLS ends the stream with not-authorized."""
+    actions, s = run([E.DataReceived(HEADER)], MESSAGE)
+    assert actions == error_close("not-authorized", "stanza before authentication")
+
+
+def test_inbound_dialback_before_tls_is_policy_violation():
+    """Dialback before STARTTLS on the public listener is refused: TLS is required."""
+    actions, s = run([E.DataReceived(HEADER)], DB_RESULT)
+    assert actions == error_close("policy-violation",
+                                  "STARTTLS is required before anything else")
+
+
+def test_inbound_dialback_result_asks_authoritative_server():
+    """db:result makes a VerifyDialback order with the stream's id and the key."""
+    actions, s = run(SECURE, DB_RESULT)
+    assert actions == [A.VerifyDialback(REMOTE, LOCAL, "sid2", KEY)]
+
+
+def test_inbound_dialback_valid_verdict_authenticates():
+    """A valid verdict authenticates the pair and answers db:result type='valid'."""
+    actions, s = run(DIALBACK_OK)
+    assert actions == [A.Authenticated(REMOTE, LOCAL, "dialback"),
+                       A.SendBytes(f"<db:result from='{LOCAL}' to='{REMOTE}' "
+                                   f"type='valid'/>".encode())]
+    assert (REMOTE, LOCAL) in s.authenticated
+
+
+def test_inbound_dialback_invalid_verdict_answers_invalid():
+    """An invalid verdict answers type='invalid' and authenticates nothing."""
+    actions, s = run(SECURE + [E.DataReceived(DB_RESULT),
+                               E.DialbackVerdict(REMOTE, LOCAL, False)])
+    assert actions == [A.SendBytes(f"<db:result from='{LOCAL}' to='{REMOTE}' "
+                                   f"type='invalid'/>".encode())]
+    assert not s.authenticated
+
+
+def test_inbound_dialback_unreachable_authoritative_server_is_dialback_error():
+    """When the authoritative server cannot be asked, a XEP-0220 dialback error."""
+    actions, s = run(SECURE + [E.DataReceived(DB_RESULT),
+                               E.DialbackVerdict(REMOTE, LOCAL, None,
+                                                 "remote-server-not-found")])
+    assert actions == [A.SendBytes(
+        f"<db:result from='{LOCAL}' to='{REMOTE}' type='error'><error type='cancel'>"
+        f"<remote-server-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"
+        f"</error></db:result>".encode())]
+
+
+def test_inbound_dialback_for_unserved_domain_is_item_not_found():
+    """db:result for a domain we do not serve gets the item-not-found dialback error."""
+    data = f"<db:result from='{REMOTE}' to='nobody.example'>k</db:result>".encode()
+    actions, s = run(SECURE, data)
+    assert actions == [A.SendBytes(
+        f"<db:result from='nobody.example' to='{REMOTE}' type='error'><error type='cancel'>"
+        f"<item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>"
+        f"</db:result>".encode())]
+
+
+def test_inbound_dialback_refused_for_secure_domain_without_certificate():
+    """A domain listed as secure must present a valid certificate: no dialback."""
+    actions, s = run(SECURE, DB_RESULT,
+                     trust=TrustPolicy(secure_domains=frozenset({REMOTE})))
+    assert b"<not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>" \
+        in actions[0].data
+    assert not s.pending_dialback
+
+
+def test_inbound_db_verify_answers_from_derivation():
+    """db:verify is answered valid for a key we derive, invalid otherwise."""
+    good = KEYS.key("a.example", "b.example", "xyz")
+    data = (f"<db:verify from='a.example' to='b.example' id='xyz'>{good}</db:verify>"
+            f"<db:verify from='a.example' to='b.example' id='xyz'>00{good[2:]}</db:verify>"
+            ).encode()
+    actions, s = run(SECURE, data)
+    assert actions == [A.SendBytes(
+        b"<db:verify from='b.example' to='a.example' id='xyz' type='valid'/>"
+        b"<db:verify from='b.example' to='a.example' id='xyz' type='invalid'/>")]
+
+
+def test_inbound_bidi_request_is_negotiated():
+    """<bidi xmlns='urn:xmpp:bidi'/> after the feature marks the stream bidirectional."""
+    actions, s = run(SECURE, b"<bidi xmlns='urn:xmpp:bidi'/>")
+    assert actions == [A.BidiNegotiated()]
+    assert s.bidi
+
+
+def test_inbound_authenticated_stanzas_are_delivered_as_original_bytes():
+    """Stanzas of an authenticated pair are delivered in one batch, bytes untouched."""
+    two = MESSAGE + b" \n" + MESSAGE.replace(b"m1", b"m2")
+    actions, s = run(DIALBACK_OK, two)
+    assert actions == [("deliver", [MESSAGE, MESSAGE.replace(b"m1", b"m2")])]
+
+
+def test_inbound_stanza_before_authentication_is_not_authorized():
+    """After TLS but before authentication, a stanza gets not-authorized."""
+    actions, s = run(SECURE, MESSAGE)
+    assert actions == error_close("not-authorized", "stanza before authentication")
+
+
+def test_inbound_stanza_from_unauthenticated_domain_is_invalid_from():
+    """A stanza whose 'from' domain was not authenticated on this stream: invalid-from."""
+    data = MESSAGE.replace(b"remote.example/balcony", b"evil.example")
+    actions, s = run(DIALBACK_OK, data)
+    assert actions == error_close("invalid-from",
+                                  "evil.example is not authenticated on this stream")
+
+
+def test_inbound_stanza_to_unserved_domain_is_host_unknown():
+    """A stanza to a domain we do not serve: host-unknown."""
+    data = MESSAGE.replace(b"romeo@local.example", b"x@elsewhere.example")
+    actions, s = run(DIALBACK_OK, data)
+    assert actions == error_close("host-unknown", "elsewhere.example is not served here")
+
+
+def test_inbound_stanza_without_addresses_is_improper_addressing():
+    """Server-to-server stanzas need both from and to."""
+    actions, s = run(DIALBACK_OK, b"<message to='romeo@local.example'/>")
+    assert actions == error_close("improper-addressing",
+                                  "stanzas between servers need 'from' and 'to'")
+
+
+def test_inbound_header_for_unserved_domain_is_host_unknown():
+    """A stream to a domain we do not serve gets our header, then host-unknown."""
+    data = HEADER.replace(b"to='local.example'", b"to='nobody.example'")
+    actions, s = run([], data)
+    assert actions == error_close("host-unknown", "nobody.example is not served here",
+                                  header=our_header(None, None, "sid1"))
+
+
+@pytest.mark.parametrize("data, condition", [
+    (HEADER.replace(b"xmlns='jabber:server'", b"xmlns='jabber:client'"), "invalid-namespace"),
+    (HEADER.replace(b"version='1.0'", b"version='2.0'"), "unsupported-version"),
+    (HEADER.replace(b"http://etherx.jabber.org/streams", b"urn:wrong"), "invalid-namespace"),
+])
+def test_inbound_bad_header_is_stream_error(data, condition):
+    """Wrong namespaces or version in the header end the stream with the RFC condition."""
+    actions, s = run([], data)
+    assert actions[1].condition == condition
+    assert actions[0].data.startswith(b"<?xml version='1.0'?><stream:stream")
+    assert s.state is InboundState.CLOSED
+
+
+@pytest.mark.parametrize("data, condition", [
+    (b"<!-- hi -->", "restricted-xml"),
+    (b"<?target data?>", "restricted-xml"),
+    (b"<message from='a@remote.example' to='b@local.example'>&ent;</message>", "restricted-xml"),
+    (b"<message><body>x</wrong></message>", "not-well-formed"),
+    (b"stray text", "not-well-formed"),
+])
+def test_inbound_restricted_or_malformed_xml_is_stream_error(data, condition):
+    """Comments, PIs, entities and malformed XML end the stream (RFC 6120 11.1)."""
+    actions, s = run(DIALBACK_OK, data)
+    assert actions[-1] == A.CloseConnection(condition, actions[-1].text)
+    assert s.state is InboundState.CLOSED
+
+
+def test_inbound_dtd_in_header_is_restricted_xml():
+    """A document type declaration before the stream header: restricted-xml."""
+    actions, s = run([], b"<?xml version='1.0'?><!DOCTYPE x [<!ENTITY a 'b'>]>" + HEADER)
+    assert actions[-1].condition == "restricted-xml"
+
+
+def test_inbound_oversize_stanza_is_policy_violation():
+    """A stanza over max_stanza_size ends the stream with policy-violation."""
+    big = b"<message from='a@remote.example' to='b@local.example'><body>" \
+        + b"x" * 1000 + b"</body></message>"
+    actions, s = run(DIALBACK_OK, big, max_size=500)
+    assert actions[-1] == A.CloseConnection("policy-violation",
+                                            "stanza larger than 500 bytes")
+
+
+def test_inbound_over_deep_stanza_is_policy_violation():
+    """Nesting deeper than max_depth ends the stream with policy-violation."""
+    deep = (b"<message from='a@remote.example' to='b@local.example'>" + b"<a>" * 10
+            + b"</a>" * 10 + b"</message>")
+    actions, s = run(DIALBACK_OK, deep, max_depth=5)
+    assert actions[-1] == A.CloseConnection("policy-violation",
+                                            "elements nested deeper than 5")
+
+
+def test_inbound_sasl_external_with_valid_certificate_succeeds_and_restarts():
+    """EXTERNAL is offered for a valid certificate, succeeds, and the stream restarts
+    with a fresh parser fed the bytes that followed <auth/>."""
+    _ca, _ck, leaf, _k = certificate(REMOTE)
+    tls = E.TlsEstablished(True, leaf)
+    actions, s = run(PRE_TLS + [tls], HEADER)
+    assert actions == [A.SendBytes(our_header(LOCAL, REMOTE, "sid2") + FEATURES_EXTERNAL)]
+    auth = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
+    actions, s = run(PRE_TLS + [tls, E.DataReceived(HEADER)], auth + HEADER)
+    assert actions == [A.Authenticated(REMOTE, LOCAL, "external"),
+                       A.SendBytes(b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>"
+                                   + our_header(LOCAL, REMOTE, "sid3")
+                                   + b"<stream:features><dialback xmlns='urn:xmpp:"
+                                     b"features:dialback'><errors/></dialback>"
+                                     b"</stream:features>")]
+    assert s.sasl_domain == REMOTE
+
+
+def test_inbound_sasl_external_certificate_without_clientauth_is_accepted():
+    """A certificate without the clientAuth purpose still authenticates (as Prosody)."""
+    _ca, _ck, leaf, _k = certificate(REMOTE, client_auth=False)
+    auth = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
+    actions, s = run(PRE_TLS + [E.TlsEstablished(True, leaf), E.DataReceived(HEADER)], auth)
+    assert actions[0] == A.Authenticated(REMOTE, LOCAL, "external")
+
+
+def test_inbound_sasl_external_for_another_domain_fails():
+    """An authzid that is not the stream's 'from' fails with invalid-authzid."""
+    _ca, _ck, leaf, _k = certificate(REMOTE)
+    auth = (b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>"
+            b"b3RoZXIuZXhhbXBsZQ==</auth>")          # other.example
+    actions, s = run(PRE_TLS + [E.TlsEstablished(True, leaf), E.DataReceived(HEADER)], auth)
+    assert actions == [A.SendBytes(b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+                                   b"<invalid-authzid/></failure>")]
+    assert not s.authenticated
+
+
+def test_inbound_sasl_external_with_untrusted_chain_fails():
+    """A certificate whose chain did not verify cannot be used for EXTERNAL."""
+    _ca, _ck, leaf, _k = certificate(REMOTE)
+    auth = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
+    actions, s = run(PRE_TLS + [E.TlsEstablished(False, leaf), E.DataReceived(HEADER)], auth)
+    assert actions == [A.SendBytes(b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+                                   b"<not-authorized/></failure>")]
+
+
+def test_inbound_dialback_with_valid_certificate_needs_no_callback():
+    """db:result from a domain whose certificate is valid is accepted at once."""
+    _ca, _ck, leaf, _k = certificate(REMOTE)
+    actions, s = run(PRE_TLS + [E.TlsEstablished(True, leaf), E.DataReceived(HEADER)],
+                     DB_RESULT)
+    assert actions[0] == A.Authenticated(REMOTE, LOCAL, "dialback")
+
+
+def test_inbound_direct_tls_starts_with_handshake():
+    """On a Direct TLS listener the first event is the handshake; no STARTTLS offered."""
+    actions, s = run([TLS_NO_CERT], HEADER, direct_tls=True)
+    assert actions == [A.SendBytes(our_header(LOCAL, REMOTE, "sid1") + FEATURES_DB_BIDI)]
+
+
+def test_inbound_peer_closing_stream_is_answered_and_closed():
+    """</stream:stream> from the peer is answered in kind and the connection closed."""
+    actions, s = run(DIALBACK_OK, b"</stream:stream>")
+    assert actions == [A.SendBytes(b"</stream:stream>"), A.CloseConnection()]
+    assert s.state is InboundState.CLOSED
+
+
+def test_inbound_backend_role_accepts_any_to_and_never_offers_bidi():
+    """The backend listener takes ejabberd's streams to remote domains; no bidi."""
+    hdr = HEADER.replace(b"to='local.example' from='remote.example'",
+                         b"to='remote.example' from='local.example'")
+    s = inbound(Role.BACKEND)
+    s.config.starttls_available = False
+    actions = merge(s.handle(E.DataReceived(hdr)))
+    assert actions == [A.SendBytes(our_header(REMOTE, LOCAL, "sid1")
+                                   + b"<stream:features><dialback xmlns='urn:xmpp:features:"
+                                     b"dialback'><errors/></dialback></stream:features>")]
