@@ -468,14 +468,14 @@ def _endpoints(t: dict[str, Any], key: str, default: list[str]) -> list[str]:
 def _check_server_endpoint(desc: str, key: str) -> None:
     # Parsing only (no reactor): a typo such as "tpc:5269" is caught at start.
     from twisted.internet.endpoints import _parseServer  # noqa: PLC0415
+    if desc.split(":", 1)[0].lower() in ("ssl", "tls"):
+        raise ConfigError(key, f"use a plain tcp: endpoint; s2sproxy does TLS itself "
+                               f"(for SNI and STARTTLS), not {desc!r}")
     try:
-        kind, _args, _kw = _parseServer(desc, None)
+        _parseServer(desc, None)
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(key, f"not a Twisted server endpoint string: {desc!r} ({e})") \
             from None
-    if kind.lower() in ("ssl", "tls"):
-        raise ConfigError(key, f"use a plain tcp: endpoint; s2sproxy does TLS itself "
-                               f"(for SNI and STARTTLS), not {desc!r}")
 
 
 def _endpoint_port(desc: str) -> int | None:

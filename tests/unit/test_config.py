@@ -1,0 +1,164 @@
+"""Configuration mistakes: each is refused at start with one line naming the key."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from s2sproxy.config import ConfigError, load
+from tests.unit.helpers import certificate
+
+
+def pem(obj) -> bytes:
+    if hasattr(obj, "public_bytes") and not hasattr(obj, "private_bytes"):
+        return obj.public_bytes(serialization.Encoding.PEM)
+    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+@pytest.fixture
+def conf(tmp_path):
+    ca, _ck, leaf, key = certificate("local.example")
+    (tmp_path / "local.crt").write_bytes(pem(leaf) + pem(ca))
+    (tmp_path / "local.key").write_bytes(pem(key))
+    (tmp_path / "ca.crt").write_bytes(pem(ca))
+    _ca2, _ck2, other, other_key = certificate("other.example")
+    (tmp_path / "other.crt").write_bytes(pem(other))
+    (tmp_path / "other.key").write_bytes(pem(other_key))
+
+    def write(extra: str = "", domain: str | None = None) -> str:
+        domain = domain if domain is not None else textwrap.dedent("""
+            [[domain]]
+            name = "local.example"
+            certificate = "local.crt"
+            key = "local.key"
+            """)
+        path = tmp_path / "s2sproxy.toml"
+        path.write_text('secret_file = "secret"\n' + domain + textwrap.dedent(extra))
+        return str(path)
+    return write
+
+
+def error_of(path) -> str:
+    with pytest.raises(ConfigError) as e:
+        load(path)
+    return str(e.value)
+
+
+def test_config_minimal_is_valid_with_defaults(conf, tmp_path):
+    """One domain is enough; the defaults are the documented ones; a secret is made."""
+    s = load(conf())
+    assert list(s.domains) == ["local.example"]
+    assert s.starttls_listeners == ("tcp:5269",)
+    assert s.direct_tls_listeners == ("tcp:5270",)
+    assert (s.backend.host, s.backend.port, s.backend.srv_port) == ("127.0.0.1", 15269, 15270)
+    assert oct((tmp_path / "secret").stat().st_mode & 0o777) == "0o600"
+    assert load(conf()).secret == s.secret          # kept, not regenerated
+
+
+def test_config_missing_domain(conf):
+    assert error_of(conf(domain="")) == \
+        "domain: missing: add at least one [[domain]] with name, certificate and key"
+
+
+def test_config_certificate_file_missing(conf, tmp_path):
+    path = conf(domain='[[domain]]\nname = "local.example"\ncertificate = "nope.crt"\n'
+                       'key = "local.key"\n')
+    assert error_of(path) == f"domain[0].certificate: file not found: {tmp_path}/nope.crt"
+
+
+def test_config_certificate_not_covering_domain(conf, tmp_path):
+    path = conf(domain='[[domain]]\nname = "local.example"\ncertificate = "other.crt"\n'
+                       'key = "other.key"\n')
+    assert error_of(path) == (f"domain[0].certificate: {tmp_path}/other.crt does not cover "
+                              f"local.example (names: other.example)")
+
+
+def test_config_certificate_not_matching_key(conf, tmp_path):
+    path = conf(domain='[[domain]]\nname = "local.example"\ncertificate = "local.crt"\n'
+                       'key = "other.key"\n')
+    assert error_of(path) == (f"domain[0].certificate: {tmp_path}/local.crt does not match "
+                              f"its private key {tmp_path}/other.key")
+
+
+def test_config_certificate_not_pem(conf, tmp_path):
+    (tmp_path / "junk.crt").write_text("hello")
+    path = conf(domain='[[domain]]\nname = "local.example"\ncertificate = "junk.crt"\n'
+                       'key = "local.key"\n')
+    assert error_of(path) == f"domain[0].certificate: no PEM certificate in {tmp_path}/junk.crt"
+
+
+def test_config_bad_domain_name(conf):
+    path = conf(domain='[[domain]]\nname = "bad domain"\ncertificate = "local.crt"\n'
+                       'key = "local.key"\n')
+    assert error_of(path).startswith("domain[0].name: not a valid domain name: 'bad domain'")
+
+
+def test_config_unknown_key(conf):
+    assert error_of(conf("[backend]\nhots = 'x'\n")).startswith(
+        "backend.hots: unknown key (known here: ")
+
+
+def test_config_wrong_type(conf):
+    assert error_of(conf("[backend]\nport = 'x'\n")) == \
+        "backend.port: must be a port number 1-65535, not 'x'"
+
+
+def test_config_bad_endpoint(conf):
+    assert error_of(conf("[public]\nstarttls = ['tpc:5269']\n")).startswith(
+        "public.starttls[0]: not a Twisted server endpoint string: 'tpc:5269'")
+
+
+def test_config_tls_endpoint_refused(conf):
+    assert "s2sproxy does TLS itself" in error_of(
+        conf("[public]\ndirect_tls = ['ssl:5270:privateKey=k.pem']\n"))
+
+
+def test_config_bad_backend_tls_mode(conf):
+    assert error_of(conf("[backend]\ntls = 'sometimes'\n")) == \
+        "backend.tls: must be auto, required or never, not 'sometimes'"
+
+
+def test_config_bad_remote_override(conf):
+    assert error_of(conf('[remote."remote.example"]\nstarttls = ["host:port"]\n')) == \
+        "remote.\"remote.example\".starttls[0]: bad port in 'host:port'"
+
+
+def test_config_ca_file_missing(conf, tmp_path):
+    assert error_of(conf("[trust]\nca_file = 'none.pem'\n")) == \
+        f"trust.ca_file: file not found: {tmp_path}/none.pem"
+
+
+def test_config_domain_both_secure_and_insecure(conf):
+    assert error_of(conf("[trust]\nsecure_domains = ['a.example']\n"
+                         "insecure_domains = ['a.example']\n")) == \
+        "trust.insecure_domains: a.example is also in trust.secure_domains"
+
+
+def test_config_not_toml(conf, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("this is = = not toml")
+    assert error_of(path).startswith(f"{path}: not valid TOML: ")
+
+
+def test_config_short_secret(conf, tmp_path):
+    (tmp_path / "secret").write_text("short")
+    assert error_of(conf()) == (f"secret_file: {tmp_path}/secret holds fewer than 16 bytes; "
+                                "delete it to have a new secret generated")
+
+
+def test_twistd_exits_non_zero_with_one_line(conf, tmp_path):
+    """`twistd s2sproxy` with a broken config prints one line naming the key, exit 2."""
+    path = conf("[backend]\nport = 0\n")
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    r = subprocess.run([twistd, "-n", "--pidfile=", "s2sproxy", "--config", path],
+                       capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "s2sproxy: configuration error: backend.port: must be a port number 1-65535, not 0"]

@@ -1,0 +1,77 @@
+"""Dialback keys, SRV order, bounces, and the sans-IO rule."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+from s2sproxy.core.dialback import DialbackKeys
+from s2sproxy.core.srv import Target, order
+from s2sproxy.core.stanza import Stanza, bounce
+
+
+def test_dialback_key_matches_xep_0185_and_xep_0220_vectors():
+    """Our derivation gives the published example keys."""
+    k = DialbackKeys(b"s3cr3tf0rd14lb4ck")
+    assert k.key("xmpp.example.com", "example.org", "D60000229F") == \
+        "37c69b1cf07a3f67c04a5ef5902fa5114f2c76fe4a2686482ba5b89323075643"
+    assert k.key("montague.example", "capulet.example", "D60000229F") == \
+        "b4835385f37fe2895af6c196b59097b16862406db80559900d96bf6fa7d23df3"
+
+
+def test_dialback_check_rejects_other_pair_or_id():
+    """A key is bound to both domains and the stream id."""
+    k = DialbackKeys(b"secret-secret-secret")
+    key = k.key("a.example", "b.example", "id1")
+    assert k.check("a.example", "b.example", "id1", key)
+    assert not k.check("b.example", "a.example", "id1", key)
+    assert not k.check("a.example", "b.example", "id2", key)
+    assert not DialbackKeys(b"another-secret-xx").check("a.example", "b.example", "id1", key)
+
+
+def test_srv_order_priority_then_weight():
+    """Lower priority first; within a priority, the weighted draw decides."""
+    ts = [Target("c", 1, False, 20, 0), Target("a", 1, True, 10, 10),
+          Target("b", 1, False, 10, 90)]
+    assert [t.host for t in order(ts, lambda lo, hi: hi)] == ["b", "a", "c"]
+    assert [t.host for t in order(ts, lambda lo, hi: lo + 1)] == ["a", "b", "c"]
+
+
+def test_srv_dot_target_means_no_service():
+    """A lone '.' target says the service is decidedly not available (RFC 2782)."""
+    assert order([Target(".", 0, False)], lambda lo, hi: lo) == []
+
+
+def _stanza(kind, type_=None, id_="i1"):
+    return Stanza(kind, b"", "juliet@remote.example/x", "romeo@local.example", type_, id_,
+                  None)
+
+
+def test_bounce_swaps_addresses_and_keeps_id():
+    """A bounce answers the sender with the condition and the original id."""
+    assert bounce(_stanza("message", "chat"), "remote-server-not-found") == (
+        b"<message from='romeo@local.example' to='juliet@remote.example/x' type='error' "
+        b"id='i1'><error type='cancel'><remote-server-not-found "
+        b"xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>")
+
+
+def test_bounce_never_answers_errors_or_iq_results():
+    """Never an error for an error, nor for an iq result."""
+    assert bounce(_stanza("message", "error"), "remote-server-timeout") is None
+    assert bounce(_stanza("iq", "result"), "remote-server-timeout") is None
+    assert bounce(_stanza("iq", "get"), "remote-server-timeout").startswith(b"<iq ")
+
+
+def test_core_never_imports_twisted():
+    """core/ and policy/ stay sans-IO: no module there imports twisted."""
+    root = pathlib.Path(__file__).resolve().parents[2] / "s2sproxy"
+    for sub in ("core", "policy"):
+        for path in (root / sub).glob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                assert not any(n.split(".")[0] == "twisted" for n in names), path

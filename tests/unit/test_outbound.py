@@ -1,0 +1,147 @@
+"""Outbound (initiating server) transcripts: the backend leg and dialback verification."""
+
+from __future__ import annotations
+
+from s2sproxy.core import actions as A
+from s2sproxy.core import events as E
+from s2sproxy.core.outbound import Mode, OutboundConfig, OutboundState, OutboundStream
+from tests.unit.helpers import KEYS, LOCAL, REMOTE, every_split, merge
+
+NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
+PEER_HEADER = (b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+               b"xmlns:stream='http://etherx.jabber.org/streams' "
+               b"xmlns:db='jabber:server:dialback' id='ej1' from='local.example' "
+               b"version='1.0'>")
+PEER_HEADER2 = PEER_HEADER.replace(b"ej1", b"ej2")
+FEATURES_TLS = (f"<stream:features><starttls xmlns='{NS_TLS}'/>"
+                f"<dialback xmlns='urn:xmpp:features:dialback'/></stream:features>").encode()
+FEATURES_TLS_REQUIRED = FEATURES_TLS.replace(b"'/><dialback", b"'><required/></starttls>"
+                                             b"<dialback")
+FEATURES_PLAIN = b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'/>" \
+                 b"</stream:features>"
+# What ejabberd 24.12 sends after TLS: EXTERNAL (we have no client certificate) + dialback.
+FEATURES_AFTER_TLS = (b"<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+                      b"<mechanism>EXTERNAL</mechanism></mechanisms><dialback "
+                      b"xmlns='urn:xmpp:features:dialback'><errors/></dialback>"
+                      b"</stream:features>")
+OUR_HEADER = (b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+              b"xmlns:stream='http://etherx.jabber.org/streams' "
+              b"xmlns:db='jabber:server:dialback' from='remote.example' to='local.example' "
+              b"version='1.0' xml:lang='en'>")
+
+
+def backend(tls="auto"):
+    return OutboundStream(OutboundConfig(Mode.ORIGINATE, REMOTE, LOCAL, KEYS, 20000, 16,
+                                         tls=tls, timeout=5))
+
+
+def test_outbound_start_sends_header_and_arms_timer():
+    """Connecting sends our header (never a bidi request) and arms the handshake timer."""
+    assert backend().start() == [A.SendBytes(OUR_HEADER), A.SetTimer("handshake", 5)]
+
+
+def test_outbound_backend_starttls_then_dialback_then_ready():
+    """STARTTLS when offered, then db:result with the XEP-0185 key for the new stream
+    id, then ready on type='valid'."""
+    actions = every_split(backend, PEER_HEADER + FEATURES_TLS)
+    assert actions == [A.SendBytes(f"<starttls xmlns='{NS_TLS}'/>".encode())]
+    actions = every_split(backend, f"<proceed xmlns='{NS_TLS}'/>".encode(),
+                          [E.DataReceived(PEER_HEADER + FEATURES_TLS)])
+    assert actions == [A.StartTls(LOCAL)]
+    pre = [E.DataReceived(PEER_HEADER + FEATURES_TLS),
+           E.DataReceived(f"<proceed xmlns='{NS_TLS}'/>".encode())]
+    s = backend()
+    for ev in pre:
+        s.handle(ev)
+    assert s.handle(E.TlsEstablished(False, None)) == [A.SendBytes(OUR_HEADER)]
+    pre.append(E.TlsEstablished(False, None))
+    key = KEYS.key(LOCAL, REMOTE, "ej2")
+    actions = every_split(backend, PEER_HEADER2 + FEATURES_AFTER_TLS, pre)
+    assert actions == [A.SendBytes(f"<db:result from='{REMOTE}' to='{LOCAL}'>{key}"
+                                   f"</db:result>".encode())]
+    pre.append(E.DataReceived(PEER_HEADER2 + FEATURES_AFTER_TLS))
+    valid = f"<db:result from='{LOCAL}' to='{REMOTE}' type='valid'/>".encode()
+    actions = every_split(backend, valid, pre)
+    assert actions == [A.CancelTimer("handshake"), A.StreamReady()]
+
+
+def test_outbound_tls_required_but_not_offered_fails():
+    """With tls='required', a backend that offers no STARTTLS fails the link."""
+    s = backend("required")
+    actions = merge(s.handle(E.DataReceived(PEER_HEADER + FEATURES_PLAIN)))
+    assert actions == [A.StreamFailed("remote-server-not-found",
+                                      "peer does not offer STARTTLS"),
+                       A.SendBytes(b"</stream:stream>"), A.CloseConnection()]
+
+
+def test_outbound_tls_never_skips_offered_starttls():
+    """With tls='never', dialback goes over the plain stream even if TLS is offered."""
+    s = backend("never")
+    actions = merge(s.handle(E.DataReceived(PEER_HEADER + FEATURES_TLS_REQUIRED)))
+    assert actions[0].data.startswith(b"<db:result ")
+
+
+def test_outbound_dialback_refused_fails_with_condition():
+    """An invalid dialback result fails the link so waiting stanzas can be bounced."""
+    s = backend("never")
+    s.handle(E.DataReceived(PEER_HEADER + FEATURES_PLAIN))
+    actions = merge(s.handle(E.DataReceived(
+        f"<db:result from='{LOCAL}' to='{REMOTE}' type='invalid'/>".encode())))
+    assert actions[0] == A.StreamFailed("remote-server-not-found",
+                                        "dialback refused: invalid key")
+    assert s.state is OutboundState.CLOSED
+
+
+def test_outbound_timeout_fails_with_remote_server_timeout():
+    """No answer before the handshake timer: remote-server-timeout, connection-timeout."""
+    s = backend()
+    s.start()
+    actions = merge(s.handle(E.TimerFired("handshake")))
+    assert actions[0] == A.StreamFailed("remote-server-timeout", "no answer in time")
+    assert actions[-1] == A.CloseConnection("connection-timeout", "")
+
+
+def test_outbound_connection_lost_before_ready_fails():
+    """Losing the connection during set-up fails the link."""
+    s = backend()
+    s.start()
+    assert s.handle(E.ConnectionLost("refused")) == [
+        A.StreamFailed("remote-server-not-found", "connection lost: refused")]
+
+
+def test_outbound_peer_stream_error_fails():
+    """A stream error from the peer fails the link with its condition in the text."""
+    s = backend()
+    actions = merge(s.handle(E.DataReceived(
+        PEER_HEADER + b"<stream:error><host-unknown xmlns='urn:ietf:params:xml:ns:xmpp-"
+                      b"streams'/></stream:error>")))
+    assert actions == [A.SendBytes(b"</stream:stream>"),
+                       A.CloseConnection("peer:host-unknown", ""),
+                       A.StreamFailed("remote-server-not-found",
+                                      "stream error from peer: host-unknown ")]
+
+
+def test_outbound_verify_reports_verdict_and_closes():
+    """VERIFY mode sends db:verify and reports the authoritative server's verdict."""
+    def make():
+        return OutboundStream(OutboundConfig(Mode.VERIFY, LOCAL, REMOTE, None, 20000, 16,
+                                             verify_stream_id="in-1", verify_key="abc"))
+    header = PEER_HEADER.replace(b"from='local.example'", b"from='remote.example'")
+    actions = every_split(make, header + FEATURES_PLAIN)
+    assert actions == [A.SendBytes(f"<db:verify from='{LOCAL}' to='{REMOTE}' id='in-1'>abc"
+                                   f"</db:verify>".encode())]
+    answer = f"<db:verify from='{REMOTE}' to='{LOCAL}' id='in-1' type='valid'/>".encode()
+    actions = every_split(make, answer, [E.DataReceived(header + FEATURES_PLAIN)])
+    assert actions == [A.CancelTimer("handshake"),
+                       E.DialbackVerdict(REMOTE, LOCAL, True),
+                       A.SendBytes(b"</stream:stream>"), A.CloseConnection()]
+
+
+def test_outbound_stanza_on_unidirectional_stream_is_refused():
+    """ejabberd must not send stanzas on our outgoing stream: unsupported-stanza-type."""
+    s = backend("never")
+    s.handle(E.DataReceived(PEER_HEADER + FEATURES_PLAIN))
+    s.handle(E.DataReceived(f"<db:result from='{LOCAL}' to='{REMOTE}' type='valid'/>".encode()))
+    actions = merge(s.handle(E.DataReceived(b"<message from='a@local.example' "
+                                            b"to='b@remote.example'/>")))
+    assert actions[-1].condition == "unsupported-stanza-type"

@@ -1,0 +1,99 @@
+"""The framer: original bytes out, restricted XML refused, limits enforced."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+
+from s2sproxy.core.xmlstream import (Element, ParseError, StreamClosed, StreamOpened,
+                                     XmlStreamParser)
+
+HEADER = (b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/"
+          b"streams' xmlns:db='jabber:server:dialback' xmlns:x='urn:x' version='1.0'>")
+BODY = (b"<message a='x&gt;y' to='b'/> \n<db:result to='x'>k</db:result >"
+        b"<iq type='get' id='1'><q xmlns='urn:q'/></iq>"
+        b"<message><x:foo x:bar='1'/><b>\xc3\xa9t\xc3\xa9 /&gt;</b></message>"
+        b"<presence><c xmlns='http://jabber.org/protocol/caps' ver='a/b=='/></presence>"
+        b"</stream:stream>")
+
+
+def parse(chunks, max_size=10000, max_depth=10):
+    p = XmlStreamParser(max_size, max_depth)
+    out = []
+    for c in chunks:
+        out += p.feed(c)
+    return out
+
+
+def summary(items):
+    return [(type(i).__name__, i.raw if isinstance(i, Element) else None) for i in items]
+
+
+def test_framer_forwards_original_bytes():
+    """Each top-level element comes out as the exact bytes the peer sent."""
+    items = parse([HEADER + BODY])
+    assert isinstance(items[0], StreamOpened) and isinstance(items[-1], StreamClosed)
+    raws = [i.raw for i in items if isinstance(i, Element)]
+    assert raws[0] == b"<message a='x&gt;y' to='b'/>"
+    assert raws[2] == b"<iq type='get' id='1'><q xmlns='urn:q'/></iq>"
+    assert raws[4] == b"<presence><c xmlns='http://jabber.org/protocol/caps' ver='a/b=='/>" \
+                      b"</presence>"
+
+
+def test_framer_makes_root_prefixes_self_contained():
+    """A prefix declared only on the stream header is declared on the forwarded stanza."""
+    items = parse([HEADER + BODY])
+    assert items[2].raw == (b"<db:result xmlns:db='jabber:server:dialback' to='x'>k"
+                            b"</db:result >")
+    assert items[4].raw.startswith(b"<message xmlns:x='urn:x'><x:foo")
+
+
+def test_framer_facts_for_routing():
+    """Name, attributes and first child namespace come from the parse, no tree built."""
+    iq = parse([HEADER + BODY])[3]
+    assert iq.name == "jabber:server iq"
+    assert iq.attrs == {"type": "get", "id": "1"}
+    assert iq.child_ns == "urn:q"
+    assert iq.tree().tag == "{jabber:server}iq"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=len(HEADER + BODY) - 1), max_size=8))
+def test_framer_same_items_for_any_split(cuts):
+    """Whatever the read boundaries, the items are the same."""
+    data = HEADER + BODY
+    points = sorted(set(cuts))
+    chunks = [data[a:b] for a, b in zip([0] + points, points + [len(data)])]
+    assert summary(parse(chunks)) == summary(parse([data]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_framer_never_raises_on_garbage(junk):
+    """Arbitrary bytes after a header yield items or a ParseError, never an exception."""
+    items = parse([HEADER, junk])
+    assert all(isinstance(i, (Element, StreamOpened, StreamClosed, ParseError))
+               for i in items)
+    errors = [i for i in items if isinstance(i, ParseError)]
+    assert not errors or items[-1] is errors[0]
+
+
+def test_framer_oversize_start_tag_is_policy_violation():
+    """An endless start tag cannot grow the buffer past the limit."""
+    items = parse([HEADER, b"<message a='" + b"x" * 2000], max_size=1000)
+    assert items[-1] == ParseError("policy-violation", "stanza larger than 1000 bytes") or \
+        items[-1] == ParseError("policy-violation", "tag larger than 1000 bytes")
+
+
+def test_framer_whitespace_keepalives_do_not_accumulate():
+    """Whitespace between stanzas is dropped, so keepalives never fill the buffer."""
+    p = XmlStreamParser(100, 10)
+    p.feed(HEADER)
+    for _ in range(50):
+        assert p.feed(b"    \n") == []
+    assert p.feed(b"<message/>")[0].raw == b"<message/>"
+
+
+def test_framer_other_encoding_is_unsupported_encoding():
+    """XMPP is UTF-8 only (RFC 6120 section 11.6)."""
+    items = parse([b"<?xml version='1.0' encoding='ISO-8859-1'?>" + HEADER])
+    assert items[-1].condition == "unsupported-encoding"
