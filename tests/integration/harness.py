@@ -134,6 +134,21 @@ def tcp_ready(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def tcp_listening(host: str, port: int) -> bool:
+    """True if a TCP socket listens on host:port (or the IPv4 wildcard).
+
+    Reads /proc/net/tcp, so it opens no connection (nothing appears in the
+    server's log); falls back to a connect where /proc/net/tcp is unreadable."""
+    try:
+        with open("/proc/net/tcp") as f:
+            rows = f.read().splitlines()[1:]
+    except OSError:
+        return tcp_ready(host, port)
+    want = {f"{socket.htonl(int(ipaddress.IPv4Address(host))):08X}:{port:04X}",
+            f"00000000:{port:04X}"}
+    return any(r.split()[1] in want and r.split()[3] == "0A" for r in rows if r.strip())
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
              interval: float = 0.1, on_timeout: Callable[[], str] | None = None) -> None:
     """Poll ``predicate`` until it is true; raise HarnessError naming ``what`` after
@@ -522,7 +537,7 @@ class Ejabberd:
             if self.proc.poll() is not None:
                 raise HarnessError(f"ejabberd exited with {self.proc.returncode} while starting\n"
                                    + self._diagnostics())
-            if not tcp_ready(EJABBERD_IP, C2S_PORT):
+            if not tcp_listening(EJABBERD_IP, C2S_PORT):
                 return False
             res = self.ctl("status", timeout=max(1.0, deadline - time.monotonic()), check=False)
             return res.returncode == 0
@@ -662,7 +677,7 @@ class Prosody:
                     s.connect(str(self.admin_socket))
                 except OSError:
                     return False
-            return True
+            return tcp_listening(self.ip, C2S_PORT) and tcp_listening(self.ip, S2S_PORT)
 
         wait_for(ready, timeout, "prosody to start (admin socket)", on_timeout=self._diagnostics)
 
@@ -856,7 +871,7 @@ def start_s2sproxy(run: RunDir, *, backend_port: int | None = None, dns_port: in
         if proc.poll() is not None:
             raise HarnessError(f"s2sproxy exited with {proc.returncode} while starting\n"
                                + tail(console, 30) + "\n" + tail(log_path, 30))
-        return tcp_ready(PROXY_IP, PROXY_STARTTLS_PORT)
+        return tcp_listening(PROXY_IP, PROXY_STARTTLS_PORT)
 
     try:
         wait_for(ready, timeout, f"s2sproxy to listen on {PROXY_IP}:{PROXY_STARTTLS_PORT}",
