@@ -378,7 +378,7 @@ class InboundStream(StreamBase):
         if self.role is Role.PUBLIC and to_domain not in self.config.served:
             raise RemoteProtocolError("host-unknown", f"{to_domain} is not served here")
         stanza = Stanza(kind, el.raw, frm, to, attrs.get("type"), attrs.get("id"),
-                        el.child_ns)
+                        el.child_ns, frm_domain, to_domain)
         out = self._out
         last = out[-1] if out else None
         if type(last) is A.DeliverStanzas:

@@ -7,6 +7,7 @@ domains, and a stanza's ``from``/``to`` are checked by their domainpart.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 _LABEL = re.compile(r"^(?!-)[^\x00-\x2c\x2e\x2f\x3a-\x40\x5b-\x60\x7b-\x7f]{1,63}(?<!-)$")
 
@@ -15,12 +16,14 @@ class InvalidJid(ValueError):
     pass
 
 
+@lru_cache(maxsize=4096)
 def nameprep_domain(domain: str) -> str:
     """Return the canonical (lowercase, no trailing dot) form of a domainpart.
 
     Raises ``InvalidJid`` for an empty name, a label over 63 characters, a name over
     1023 bytes (RFC 7622 section 3.2) or characters not allowed in a hostname label.
-    IP literals are accepted as RFC 7622 allows them.
+    IP literals are accepted as RFC 7622 allows them.  Cached: stanzas on a stream
+    name the same few domains over and over (the per-stanza path calls this twice).
     """
     d = domain.rstrip(".").lower()
     if not d or len(d.encode("utf-8")) > 1023:

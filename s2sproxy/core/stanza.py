@@ -22,10 +22,14 @@ ERROR_TYPES = {
 class Stanza:
     """A message, presence or iq with its original bytes (``raw``)."""
 
-    __slots__ = ("kind", "raw", "from_", "to", "type", "id", "child_ns")
+    __slots__ = ("kind", "raw", "from_", "to", "type", "id", "child_ns", "from_domain",
+                 "to_domain")
 
     def __init__(self, kind: str, raw: bytes, from_: str, to: str, type_: str | None,
-                 id_: str | None, child_ns: str | None) -> None:
+                 id_: str | None, child_ns: str | None, from_domain: str = "",
+                 to_domain: str = "") -> None:
+        self.from_domain = from_domain
+        self.to_domain = to_domain
         self.kind = kind
         self.raw = raw
         self.from_ = from_

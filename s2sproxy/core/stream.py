@@ -30,11 +30,11 @@ NS_DIALBACK_FEATURE = "urn:xmpp:features:dialback"
 NS_BIDI = "urn:xmpp:bidi"
 NS_BIDI_FEATURE = "urn:xmpp:features:bidi"
 
-STREAM_NAME = f"{NS_STREAMS} stream stream"
-FEATURES = f"{NS_STREAMS} features stream"
-STREAM_ERROR = f"{NS_STREAMS} error stream"
-DB_RESULT = f"{NS_DIALBACK} result db"
-DB_VERIFY = f"{NS_DIALBACK} verify db"
+STREAM_NAME = f"{NS_STREAMS} stream"
+FEATURES = f"{NS_STREAMS} features"
+STREAM_ERROR = f"{NS_STREAMS} error"
+DB_RESULT = f"{NS_DIALBACK} result"
+DB_VERIFY = f"{NS_DIALBACK} verify"
 
 
 class StreamBase:

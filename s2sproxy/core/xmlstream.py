@@ -48,6 +48,8 @@ _ENCODING_CODES = {
     pyexpat.errors.codes[_ERR.XML_ERROR_UNKNOWN_ENCODING],
     pyexpat.errors.codes[_ERR.XML_ERROR_INCORRECT_ENCODING],
 }
+_QNAME = re.compile(rb"[^\s/>]+")
+_TAG_CLOSE = frozenset(b"> \t\r\n")
 _TAG_END = re.compile(rb"""<[^'">]*(?:(?:"[^"]*"|'[^']*')[^'">]*)*>""")
 
 # lxml re-parses only bytes expat already accepted; the settings below are belt and
@@ -126,13 +128,12 @@ class XmlStreamParser:
         self.max_size = max_size
         self.max_depth = max_depth
         p = pyexpat.ParserCreate("UTF-8", " ")
-        p.namespace_prefixes = True
         p.buffer_text = True
         p.StartElementHandler = self._start
         p.EndElementHandler = self._end
-        p.CharacterDataHandler = self._text
+        # Only the stream header's declarations are collected; _open_root unhooks this
+        # so that stanzas cost no extra handler calls.
         p.StartNamespaceDeclHandler = self._ns_start
-        p.EndNamespaceDeclHandler = self._ns_end
         p.XmlDeclHandler = self._xml_decl
         p.StartDoctypeDeclHandler = self._restricted_dtd
         p.EntityDeclHandler = self._restricted_entity
@@ -153,9 +154,7 @@ class XmlStreamParser:
         self._el_name = ""
         self._el_attrs: dict[str, str] = {}
         self._el_child_ns: str | None = None
-        self._el_content = False
-        self._el_extra: dict[str, str] = {}
-        self._scoped: dict[str, int] = {}   # prefixes declared inside the element
+        self._root_prefixes: list[tuple[bytes, bytes]] = []   # (b"db:", b" xmlns:db='...'")
 
     @property
     def in_stream(self) -> bool:
@@ -205,14 +204,22 @@ class XmlStreamParser:
         if keep_from > 0:
             del self._buf[:keep_from]
             self._base += keep_from
+            if self._consumed < self._base:
+                self._consumed = self._base      # what was dropped was whitespace
 
     def _check_size(self) -> None:
         if self._el_start >= 0:
             if self._base + len(self._buf) - self._el_start > self.max_size:
                 self._fail("policy-violation", f"stanza larger than {self.max_size} bytes")
-        elif self._base + len(self._buf) - self._consumed > self.max_size \
-                and self._buf.find(b"<", max(0, self._consumed - self._base)) >= 0:
-            self._fail("policy-violation", f"tag larger than {self.max_size} bytes")
+        elif self._depth >= 1:
+            # Between elements only whitespace (keepalives) may stand.
+            done = max(0, self._consumed - self._base)
+            lt = self._buf.find(b"<", done)
+            gap = self._buf[done:lt if lt >= 0 else len(self._buf)]
+            if gap and not gap.isspace():
+                self._fail("not-well-formed", "text between top-level elements")
+            elif lt >= 0 and len(self._buf) - lt > self.max_size:
+                self._fail("policy-violation", f"tag larger than {self.max_size} bytes")
 
     # -- expat handlers --------------------------------------------------------------
 
@@ -234,18 +241,7 @@ class XmlStreamParser:
         raise _Abort("restricted-xml", "processing instruction")
 
     def _ns_start(self, prefix: str | None, uri: str) -> None:
-        if self._depth == 0:
-            self._root_ns[prefix] = uri
-        elif prefix is not None:
-            self._scoped[prefix] = self._scoped.get(prefix, 0) + 1
-
-    def _ns_end(self, prefix: str | None) -> None:
-        if self._depth >= 1 and prefix is not None:
-            n = self._scoped.get(prefix, 0) - 1
-            if n > 0:
-                self._scoped[prefix] = n
-            else:
-                self._scoped.pop(prefix, None)
+        self._root_ns[prefix] = uri
 
     def _start(self, name: str, attrs: dict[str, str]) -> None:
         depth = self._depth = self._depth + 1
@@ -254,33 +250,26 @@ class XmlStreamParser:
             self._el_name = name
             self._el_attrs = attrs
             self._el_child_ns = None
-            self._el_content = False
-            self._el_extra = {}
+            if self._el_start > self._consumed:
+                gap = self._buf[self._consumed - self._base:self._el_start - self._base]
+                if not gap.isspace():
+                    raise _Abort("not-well-formed", "text between top-level elements")
             if self._base + len(self._buf) - self._el_start > self.max_size:
                 raise _Abort("policy-violation", f"stanza larger than {self.max_size} bytes")
         elif depth > 2:
             if depth == 3 and self._el_child_ns is None:
                 self._el_child_ns = name.split(" ", 1)[0]
-            self._el_content = True
             if depth > self.max_depth + 1:
                 raise _Abort("policy-violation", f"elements nested deeper than "
                                                  f"{self.max_depth}")
         else:
             self._open_root(name, attrs)
-            return
-        # A prefix used here but declared only on the stream header must be carried
-        # along when the raw bytes are forwarded to another stream.
-        if name.count(" ") == 2:
-            self._check_prefix(name.rsplit(" ", 1)[1])
-        for a in attrs:
-            if a.count(" ") == 2:
-                self._check_prefix(a.rsplit(" ", 1)[1])
-
-    def _check_prefix(self, prefix: str) -> None:
-        if prefix != "xml" and prefix not in self._scoped:
-            self._el_extra[prefix] = self._root_ns[prefix]
 
     def _open_root(self, name: str, attrs: dict[str, str]) -> None:
+        self._p.StartNamespaceDeclHandler = None
+        self._root_prefixes = [
+            (p.encode() + b":", b" xmlns:" + p.encode() + b"='" + _xml_attr(u) + b"'")
+            for p, u in self._root_ns.items() if p is not None]
         self._root_decls = b" ".join(
             (b"xmlns" if p is None else b"xmlns:" + p.encode()) + b"='" + _xml_attr(u)
             + b"'" for p, u in self._root_ns.items())
@@ -302,38 +291,44 @@ class XmlStreamParser:
             idx = self._p.CurrentByteIndex
             rel = idx - self._base
             buf = self._buf
-            if not self._el_content and buf[rel - 2:rel] == b"/>":
-                end = idx                       # empty-element tag: idx is past "/>"
-            else:
+            # expat reports the end of <x/> just past "/>", and the end of <x>...</x>
+            # at its "</x".  Only "<x/></y" and "<x>../></x" look alike; the element's
+            # own closing tag tells them apart.
+            if buf[rel:rel + 2] != b"</":
+                end = idx
+            elif buf[rel - 2:rel] != b"/>" or self._is_closing_tag(rel):
                 end = buf.index(b">", rel) + 1 + self._base
+            else:
+                end = idx
             start = self._el_start - self._base
             if end - self._el_start > self.max_size:
                 raise _Abort("policy-violation", f"stanza larger than {self.max_size} bytes")
             raw = bytes(buf[start:end - self._base])
-            if self._el_extra:
-                raw = self._self_contained(raw)
+            for prefix, _decl in self._root_prefixes:
+                if prefix in raw:
+                    raw = self._self_contained(raw)
+                    break
             self._items.append(Element(self._el_name, self._el_attrs, raw, end,
                                        self._el_child_ns, self._root_decls))
             self._consumed = end
             self._el_start = -1
         elif depth == 1:
             self._items.append(StreamClosed())
-        elif depth > 2:
-            self._el_content = True
+
+    def _is_closing_tag(self, rel: int) -> bool:
+        qname = _QNAME.match(self._buf, self._el_start - self._base + 1).group()
+        after = rel + 2 + len(qname)
+        return (self._buf[rel + 2:after] == qname and after < len(self._buf)
+                and self._buf[after] in _TAG_CLOSE)
 
     def _self_contained(self, raw: bytes) -> bytes:
-        parts = self._el_name.split(" ")
-        # "<" + qname: the declarations go right after the element's name.
-        at = 1 + len(parts[1].encode()) + (len(parts[2].encode()) + 1 if len(parts) == 3
-                                           else 0)
-        decls = b"".join(b" xmlns:" + p.encode() + b"='" + _xml_attr(u) + b"'"
-                         for p, u in self._el_extra.items())
-        self._el_extra = {}
+        """Declare on the element itself each prefix it uses that only the stream header
+        declared, so its bytes stand alone on another stream.  A prefix merely
+        mentioned in text gets a harmless unused declaration."""
+        top = _TAG_END.match(raw)
+        head = raw[:top.end()] if top else raw
+        at = 1 + len(_QNAME.match(raw, 1).group())
+        decls = b"".join(decl for prefix, decl in self._root_prefixes
+                         if prefix in raw and b"xmlns:" + prefix[:-1] + b"=" not in head)
         return raw[:at] + decls + raw[at:]
 
-    def _text(self, data: str) -> None:
-        if self._depth == 1:
-            if data.strip(" \t\r\n"):
-                raise _Abort("not-well-formed", "text between top-level elements")
-        else:
-            self._el_content = True

@@ -22,7 +22,6 @@ from s2sproxy.core import actions as A
 from s2sproxy.core import events as E
 from s2sproxy.core.dialback import DialbackKeys
 from s2sproxy.core.inbound import InboundConfig, InboundStream, Role, TrustPolicy
-from s2sproxy.core.jid import domain_of
 from s2sproxy.core.outbound import Mode, OutboundConfig, OutboundStream
 from s2sproxy.core.stanza import Stanza, bounce
 from s2sproxy.tx.backend_dns import make_factories
@@ -242,8 +241,7 @@ class Proxy(service.MultiService):
         """Send stanzas accepted from remotes to ejabberd, one write per link."""
         batches: dict[tuple[str, str], list[Stanza]] = {}
         for s in stanzas:
-            pair = (domain_of(s.from_), domain_of(s.to))
-            batches.setdefault(pair, []).append(s)
+            batches.setdefault((s.from_domain, s.to_domain), []).append(s)
         now = self.reactor.seconds()
         for pair, batch in batches.items():
             link = self.links.get(pair)
@@ -332,7 +330,7 @@ class Proxy(service.MultiService):
             log.info("not bouncing {stanza} ({condition}): never an error for an error",
                      stanza=repr(stanza), condition=condition)
             return
-        remote = domain_of(stanza.from_)
+        remote = stanza.from_domain
         for proto in self.bidi_streams.get(remote, ()):
             if not proto.closing:
                 proto.transport.write(data)

@@ -73,7 +73,8 @@ Install the real peers (as root, Debian 12):
   echo 'deb http://deb.debian.org/debian bookworm-backports main' > /etc/apt/sources.list.d/backports.list
   apt-get update
   DEBIAN_FRONTEND=noninteractive apt-get install -y prosody lua-unbound
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -t bookworm-backports ejabberd"""
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -t bookworm-backports ejabberd
+(or run scripts/install-peers)"""
 
 
 class HarnessError(Exception):
@@ -702,6 +703,13 @@ class Prosody:
         """Output of ``prosodyctl --config F shell s2s show`` (--> out, <-- in)."""
         return self.shell("s2s", "show")
 
+    def s2s_sessions(self) -> list[dict[str, str]]:
+        """``s2s show`` parsed: one dict per row, keys from the header (lowercased):
+        session id, host, dir ("-->" out, "<--" in, "<->" bidi), remote, ipv,
+        security, sasl, dialback.  (The Dialback column reads "Not used" even on
+        a stream dialback authenticated: check the log for that.)"""
+        return parse_s2s_show(self.s2s_show())
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the Prosody pid and wait (SIGKILL after ``timeout``)."""
         if self.proc is None:
@@ -719,6 +727,15 @@ class Prosody:
 
     def _diagnostics(self) -> str:
         return "\n".join([tail(self.dir / "console.log", 20), tail(self.log_path, 30)])
+
+
+def parse_s2s_show(text: str) -> list[dict[str, str]]:
+    """Rows of Prosody 0.12 ``s2s show`` output as dicts keyed by the header."""
+    rows = [line for line in text.splitlines() if "|" in line]
+    if not rows:
+        return []
+    head = [h.strip().lower() for h in rows[0].split("|")]
+    return [dict(zip(head, (c.strip() for c in r.split("|")))) for r in rows[1:]]
 
 
 def start_servers(*servers, timeout: float = 30.0) -> None:
@@ -777,12 +794,15 @@ class S2SProxy:
 def write_s2sproxy_config(run: RunDir, *, backend_port: int, dns_port: int,
                           backend_tls: str = "auto", log_level: str = "debug",
                           remotes: dict[str, Sequence[str]] | None = None,
+                          nameservers: Sequence[str] | None = None,
                           leaf: Leaf | None = None, extra_toml: str = "") -> Path:
     """Write RUN/s2sproxy/s2sproxy.toml (and local.test cert/key) and return its path.
 
     ``remotes``: ``{"remote.test": ["127.0.0.20:5269"]}`` by default (STARTTLS
-    addresses that bypass DNS).  ``extra_toml`` is appended verbatim (new tables
-    only, e.g. ``[limits]``)."""
+    addresses that bypass DNS).  ``nameservers``: s2sproxy's own resolvers
+    (``["127.0.0.1:PORT"]``, e.g. a DnsResponder) so it never asks the machine's
+    resolver; None leaves ``[dns]`` out.  ``extra_toml`` is appended verbatim (new
+    tables only, e.g. ``[limits]``)."""
     d = run.path / "s2sproxy"
     d.mkdir(exist_ok=True)
     leaf = leaf or run.ca.issue(LOCAL_DOMAIN)
@@ -819,6 +839,8 @@ def write_s2sproxy_config(run: RunDir, *, backend_port: int, dns_port: int,
     for name, addrs in remotes.items():
         lines += [f"[remote.{q(name)}]",
                   f"starttls = [{', '.join(q(a) for a in addrs)}]", ""]
+    if nameservers is not None:
+        lines += ["[dns]", f"nameservers = [{', '.join(q(n) for n in nameservers)}]", ""]
     lines += ["[log]", f"level = {q(log_level)}", ""]
     if extra_toml:
         lines.append(extra_toml)
@@ -1171,18 +1193,20 @@ async def exchange(sender: Account, recipient: Account, body: str, *,
 
         got = asyncio.ensure_future(b.wait_message(timeout, match=lambda m: m.body == body))
         err = asyncio.ensure_future(bounced())
-        done, _ = await asyncio.wait({got, err}, return_when=asyncio.FIRST_COMPLETED)
-        for f in (got, err):
-            if f not in done:
-                f.cancel()
-        if got in done:
+        done, pending = await asyncio.wait({got, err}, return_when=asyncio.FIRST_COMPLETED)
+        for f in pending:
+            f.cancel()
+        for f in done:
+            f.exception()  # retrieved here, so asyncio never warns about it
+        if got in done and got.exception() is None:
             r = got.result()
             r.elapsed = time.monotonic() - t0
             return r
-        e = err.exception()
-        if e is not None:
-            raise HarnessError(f"{recipient.jid} did not receive {body!r} within {timeout:g} s")
-        raise HarnessError(f"message {sender.jid} -> {recipient.jid} bounced: {err.result().xml}")
+        if err in done and err.exception() is None:
+            raise HarnessError(f"message {sender.jid} -> {recipient.jid} bounced: "
+                               f"{err.result().xml}")
+        raise HarnessError(f"{recipient.jid} did not receive {body!r} within {timeout:g} s "
+                           f"(and no error came back to {sender.jid})")
     finally:
         await asyncio.gather(*(c.close() for c in (a, b) if c is not None))
 
@@ -1206,11 +1230,22 @@ class Federation:
     backend_port: int
     proxy: S2SProxy | None = None
     dns: DnsResponder | None = None
+    proxy_dns: DnsResponder | None = None
     alice: Account = ALICE
     bob: Account = BOB
     _stopped: bool = field(default=False, repr=False)
 
     def start_proxy(self, **kw) -> S2SProxy:
+        """start_s2sproxy() with this federation's ports; s2sproxy's own resolver
+        is ``proxy_dns`` (a DnsResponder that answers NXDOMAIN to everything unless
+        given records), so it never leaves loopback."""
+        if self.proxy is not None and self.proxy.proc.poll() is None:
+            raise HarnessError("s2sproxy already running")
+        if "nameservers" not in kw and "config_path" not in kw:
+            if self.proxy_dns is None:
+                self.proxy_dns = DnsResponder()
+                self.proxy_dns.start()
+            kw["nameservers"] = [f"127.0.0.1:{self.proxy_dns.port}"]
         self.proxy = start_s2sproxy(self.run, backend_port=self.backend_port,
                                     dns_port=self.dns_port, **kw)
         return self.proxy
@@ -1225,7 +1260,7 @@ class Federation:
             return
         self._stopped = True
         errors = []
-        for part in (self.proxy, self.ejabberd, self.prosody, self.dns):
+        for part in (self.proxy, self.ejabberd, self.prosody, self.dns, self.proxy_dns):
             if part is None:
                 continue
             try:
