@@ -38,8 +38,18 @@ class BackendSrvResolver(ResolverBase):
         return defer.fail(error.DomainError(name))
 
 
+class _Factory(server.DNSServerFactory):
+    def _responseFromMessage(self, message, **kwargs):  # noqa: N802 (Twisted's name)
+        # RFC 1035 section 4.1.1: RD is copied into the response.  Twisted leaves it
+        # clear, and Erlang's inet_res rejects such answers ({error, unknown}), which
+        # would fail every outgoing s2s lookup of ejabberd.
+        response = super()._responseFromMessage(message, **kwargs)
+        response.recDes = message.recDes
+        return response
+
+
 def make_factories(target: str, port: int) -> tuple[server.DNSServerFactory,
                                                     dns.DNSDatagramProtocol]:
     resolver = BackendSrvResolver(target, port)
-    factory = server.DNSServerFactory(authorities=[resolver], verbose=0)
+    factory = _Factory(authorities=[resolver], verbose=0)
     return factory, dns.DNSDatagramProtocol(factory)

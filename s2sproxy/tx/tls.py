@@ -20,7 +20,9 @@ from pathlib import Path
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from s2sproxy.config import Domain, Trust
 
@@ -104,6 +106,7 @@ class ContextFactory:
         return self._ctx
 
 
+@implementer(IOpenSSLClientConnectionCreator)
 class ClientCreator:
     """IOpenSSLClientConnectionCreator: SNI and ALPN per connection, optional client
     certificate (our served domain's, so that remotes may use SASL EXTERNAL later)."""

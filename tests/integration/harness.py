@@ -10,17 +10,19 @@ Addresses (fixed, loopback only)::
     127.0.0.30   s2sproxy   public       5269 STARTTLS, 5270 Direct TLS
     127.0.0.1    s2sproxy   backend listener and DNS responder (free ports per run)
 
-Typical use (see conftest.py for fixtures)::
+Typical use (conftest.py wraps this in the ``federation`` fixture)::
 
-    run = RunDir.create()
-    ca = run.ca                                  # throwaway CA, certs per server
-    ej = Ejabberd(run, s2s_port=15269, dns_port=dns_port)
-    pr = Prosody(run, local_test_address="127.0.0.30")
-    start_servers(ej, pr)                        # parallel start, bounded polls
-    ej.register("alice", "pw"); pr.register("bob", "pw")
-    proxy = start_s2sproxy(run, backend_port=..., dns_port=dns_port)
-    got = send_and_receive(BOB, ALICE, "hi")     # bob@remote.test -> alice@local.test
-    proxy.stop(); ej.stop(); pr.stop()
+    run = RunDir.create()                          # /tmp/s2sproxy-it-*, throwaway CA
+    fed = start_federation(run, via_proxy=True, bidi=True, prosody_trusts_ca=True,
+                           ejabberd_starttls="required")  # alice and bob registered
+    fed.start_proxy()                              # s2sproxy on 127.0.0.30:5269/5270
+    got = fed.send(BOB, ALICE, "hi")               # bob@remote.test -> alice@local.test
+    fed.prosody.s2s_sessions(); fed.ejabberd.log_text(); fed.proxy.log_text()
+    fed.stop(); run.cleanup()
+
+Lower-level pieces: TestCA/Leaf, Ejabberd, Prosody, start_servers,
+write_s2sproxy_config/start_s2sproxy, DnsResponder, erlang_srv_lookup, Client,
+exchange/send_and_receive, peer_processes.
 
 Every process started here is stopped here, by its pid, with bounded waits.
 """
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import grp
 import ipaddress
 import os
 import pwd
@@ -148,6 +149,25 @@ def tcp_listening(host: str, port: int) -> bool:
     want = {f"{socket.htonl(int(ipaddress.IPv4Address(host))):08X}:{port:04X}",
             f"00000000:{port:04X}"}
     return any(r.split()[1] in want and r.split()[3] == "0A" for r in rows if r.strip())
+
+
+FIXED_LISTENERS = {
+    (EJABBERD_IP, C2S_PORT): "ejabberd c2s", (EJABBERD_IP, S2S_PORT): "ejabberd s2s",
+    (EJABBERD_IP, EJABBERD_INTERNAL_S2S_PORT): "ejabberd internal s2s",
+    (PROSODY_IP, C2S_PORT): "Prosody c2s", (PROSODY_IP, S2S_PORT): "Prosody s2s",
+    (PROXY_IP, PROXY_STARTTLS_PORT): "s2sproxy STARTTLS",
+    (PROXY_IP, PROXY_DIRECT_TLS_PORT): "s2sproxy Direct TLS",
+}
+
+
+def check_fixed_ports_free() -> None:
+    """Raise HarnessError if something already listens where a run puts its servers
+    (a leftover of an earlier run, or another run at the same time)."""
+    busy = [f"{name} {h}:{p}" for (h, p), name in FIXED_LISTENERS.items()
+            if tcp_listening(h, p)]
+    if busy:
+        raise HarnessError(f"already in use: {', '.join(busy)}; peer processes running: "
+                           f"{peer_processes()}")
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
@@ -466,7 +486,7 @@ class Ejabberd:
     def __init__(self, run: RunDir, *, dns_port: int, s2s_port: int = EJABBERD_INTERNAL_S2S_PORT,
                  s2s_ip: str = EJABBERD_IP, starttls: str = "required", trusts_ca: bool = True,
                  bidi: bool = False, loglevel: str = "info", leaf: Leaf | None = None) -> None:
-        if starttls not in ("required", "optional", "false", "true", "required_trusted"):
+        if starttls not in ("required", "optional", "true", "false"):
             raise ValueError(f"starttls={starttls!r}")
         self.run = run
         self.dir = run.path / "ejabberd"
@@ -481,7 +501,7 @@ class Ejabberd:
         self.node = f"ejabberd-it-{secrets.token_hex(3)}@localhost"
         self.proc: subprocess.Popen | None = None
         self.beam_pid: int | None = None
-        self._started_pids: set[int] = set()
+        self._started_pids: dict[int, str] = {}
 
         for d in (self.config_dir, self.logs_dir, self.spool_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -549,7 +569,7 @@ class Ejabberd:
 
     def _remember_pids(self) -> None:
         assert self.proc is not None
-        self._started_pids = set(descendants(self.proc.pid))
+        self._started_pids = {p: _comm(p) for p in descendants(self.proc.pid)}
         try:
             self.beam_pid = int(self.pidfile.read_text().strip())
         except (OSError, ValueError):
@@ -582,8 +602,8 @@ class Ejabberd:
                 except HarnessError:
                     kill_and_wait(pid, 5, signal.SIGKILL)
         _finish_popen(self.proc, 10)
-        for pid in self._started_pids:  # erl_child_setup, inet_gethost, su ...
-            if pid_alive(pid):
+        for pid, comm in self._started_pids.items():  # erl_child_setup, inet_gethost, su
+            if pid_alive(pid) and _comm(pid) == comm:
                 kill_and_wait(pid, 5)
         self.proc = None
 
@@ -916,9 +936,10 @@ class DnsResponder:
 
     def __init__(self, srv: dict[str, list[tuple[int, int, int, str]]] | None = None,
                  a: dict[str, str] | None = None, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, ttl: int = 60) -> None:
         self.srv = {k.lower().rstrip("."): v for k, v in (srv or {}).items()}
         self.a = {k.lower().rstrip("."): v for k, v in (a or {}).items()}
+        self.ttl = ttl
         self.queries: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
         port = port or free_port(host, udp_too=True)
@@ -976,11 +997,12 @@ class DnsResponder:
             if q.type == dns.SRV and name in self.srv:
                 for prio, weight, port, target in self.srv[name]:
                     resp.answers.append(dns.RRHeader(
-                        name=name, type=dns.SRV, ttl=60, auth=True,
-                        payload=dns.Record_SRV(prio, weight, port, target, ttl=60)))
+                        name=name, type=dns.SRV, ttl=self.ttl, auth=True,
+                        payload=dns.Record_SRV(prio, weight, port, target, ttl=self.ttl)))
             elif q.type == dns.A and name in self.a:
-                resp.answers.append(dns.RRHeader(name=name, type=dns.A, ttl=60, auth=True,
-                                                 payload=dns.Record_A(self.a[name], ttl=60)))
+                resp.answers.append(dns.RRHeader(name=name, type=dns.A, ttl=self.ttl, auth=True,
+                                                 payload=dns.Record_A(self.a[name],
+                                                                      ttl=self.ttl)))
             elif name not in self.srv and name not in self.a:
                 resp.rCode = dns.ENAME
         return resp.toStr()
@@ -1014,6 +1036,33 @@ class DnsResponder:
                         conn.sendall(struct.pack("!H", len(out)) + out)
                 except OSError:
                     pass
+
+
+def erlang_srv_lookup(name: str, dns_port: int, dns_host: str = "127.0.0.1",
+                      timeout: float = 20.0) -> str:
+    """What ejabberd's resolver makes of a DNS responder's answer: runs
+    ``inet_res:getbyname(NAME, srv)`` in a throwaway ``erl`` whose inetrc names
+    only ``dns_host:dns_port`` (the same lines as the ejabberd template), and
+    returns the printed Erlang term, e.g.
+    ``{ok,{hostent,"_xmpp-server._tcp.x",[],srv,1,[{0,0,15270,"localhost"}]}}``.
+
+    inet_res is stricter than most clients: it rejects a reply that does not copy
+    the query's RD bit (``{error,unknown}``)."""
+    erl = _which("erl")
+    if erl is None:
+        raise HarnessError(f"erl not found (it comes with ejabberd).\n{INSTALL_HINT}")
+    with tempfile.NamedTemporaryFile("w", suffix=".inetrc", delete=False) as f:
+        a = ",".join(str(int(x)) for x in dns_host.split("."))
+        f.write(f'{{resolv_conf, ""}}.\n{{nameserver, {{{a}}}, {dns_port}}}.\n')
+        rc = f.name
+    try:
+        env = dict(os.environ, ERL_INETRC=rc)
+        expr = f'io:format("~p~n", [inet_res:getbyname("{name}", srv, 5000)]), halt().'
+        res = _run([erl, "-noshell", "-start_epmd", "false", "-eval", expr], timeout,
+                   "erl inet_res", env=env)
+        return " ".join(res.stdout.split())
+    finally:
+        os.unlink(rc)
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
@@ -1126,6 +1175,9 @@ class Client:
             c.xmpp.abort()
             raise HarnessError(f"{account.jid}: no session within {timeout:g} s via "
                                f"{account.host}:{account.port}; errors: {c.errors}") from None
+        except BaseException:
+            c.xmpp.abort()
+            raise
         return c
 
     async def _on_session_start(self, _event) -> None:
@@ -1284,6 +1336,7 @@ def start_federation(run: RunDir, *, via_proxy: bool = True, bidi: bool = True,
     Prosody resolves local.test to 127.0.0.10, ``dns`` (a DnsResponder, started
     here) answers ejabberd's SRV queries."""
     require_tools()
+    check_fixed_ports_free()
     dns_port = dns.port if dns is not None else free_port(udp_too=True)
     backend_port = free_port()
     ej = Ejabberd(run, dns_port=dns_port,
