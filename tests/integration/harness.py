@@ -67,7 +67,8 @@ C2S_PORT = 5222
 S2S_PORT = 5269
 PROXY_STARTTLS_PORT = 5269
 PROXY_DIRECT_TLS_PORT = 5270
-EJABBERD_INTERNAL_S2S_PORT = 15269
+EJABBERD_INTERNAL_S2S_PORT = 15269   # deploy/ejabberd/ejabberd-s2sproxy.yml
+EJABBERD_INTERNAL_IP = "127.0.0.1"
 
 INSTALL_HINT = """\
 Install the real peers (as root, Debian 12):
@@ -153,7 +154,7 @@ def tcp_listening(host: str, port: int) -> bool:
 
 FIXED_LISTENERS = {
     (EJABBERD_IP, C2S_PORT): "ejabberd c2s", (EJABBERD_IP, S2S_PORT): "ejabberd s2s",
-    (EJABBERD_IP, EJABBERD_INTERNAL_S2S_PORT): "ejabberd internal s2s",
+    (EJABBERD_INTERNAL_IP, EJABBERD_INTERNAL_S2S_PORT): "ejabberd internal s2s",
     (PROSODY_IP, C2S_PORT): "Prosody c2s", (PROSODY_IP, S2S_PORT): "Prosody s2s",
     (PROXY_IP, PROXY_STARTTLS_PORT): "s2sproxy STARTTLS",
     (PROXY_IP, PROXY_DIRECT_TLS_PORT): "s2sproxy Direct TLS",
@@ -485,7 +486,8 @@ class Ejabberd:
 
     def __init__(self, run: RunDir, *, dns_port: int, s2s_port: int = EJABBERD_INTERNAL_S2S_PORT,
                  s2s_ip: str = EJABBERD_IP, starttls: str = "required", trusts_ca: bool = True,
-                 bidi: bool = False, loglevel: str = "info", leaf: Leaf | None = None) -> None:
+                 bidi: bool = False, loglevel: str = "info", leaf: Leaf | None = None,
+                 behind_proxy: bool = False) -> None:
         if starttls not in ("required", "optional", "true", "false"):
             raise ValueError(f"starttls={starttls!r}")
         self.run = run
@@ -521,9 +523,17 @@ class Ejabberd:
             "LOGLEVEL": loglevel, "NODE": self.node, "DIST_PORT": self.dist_port,
             "COOKIE": secrets.token_hex(16), "DNS_PORT": dns_port,
         }
-        (self.config_dir / "ejabberd.yml").write_text(_fill("ejabberd.yml.in", values))
+        config = _fill("ejabberd.yml.in", values)
+        inetrc = _fill("inetrc.in", values)
+        if behind_proxy:
+            # Exactly what deploy/EJABBERD.md tells operators to do, applied to a
+            # stock configuration: merge the snippet, replace inetrc.
+            config = apply_deploy_snippet(config, starttls)
+            inetrc = (DEPLOY_DIR / "ejabberd" / "inetrc").read_text().replace(
+                "{nameserver, {127,0,0,1}, 15353}", f"{{nameserver, {{127,0,0,1}}, {dns_port}}}")
+        (self.config_dir / "ejabberd.yml").write_text(config)
         (self.config_dir / "ejabberdctl.cfg").write_text(_fill("ejabberdctl.cfg.in", values))
-        (self.config_dir / "inetrc").write_text(_fill("inetrc.in", values))
+        (self.config_dir / "inetrc").write_text(inetrc)
         _chown_tree(self.dir, "ejabberd")
 
     @property
@@ -617,6 +627,30 @@ class Ejabberd:
     def _diagnostics(self) -> str:
         return "\n".join([tail(self.console_log, 30), tail(self.log_path, 30),
                           tail(self.logs_dir / "error.log", 20)])
+
+
+DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def apply_deploy_snippet(config_text: str, starttls: str) -> str:
+    """Merge deploy/ejabberd/ejabberd-s2sproxy.yml into an ejabberd.yml as an operator
+    would: its ejabberd_s2s_in listener replaces ours, its top-level keys replace ours,
+    its modules are added and mod_s2s_bidi is removed.  ``starttls`` picks one of the two
+    s2s_use_starttls values the snippet allows."""
+    import yaml  # test-only dependency (the snippet is YAML)
+
+    config = yaml.safe_load(config_text)
+    snippet = yaml.safe_load((DEPLOY_DIR / "ejabberd" / "ejabberd-s2sproxy.yml").read_text())
+    config["listen"] = [entry for entry in config["listen"]
+                        if entry.get("module") != "ejabberd_s2s_in"] + snippet.pop("listen")
+    modules = snippet.pop("modules")
+    config["modules"].pop("mod_s2s_bidi", None)
+    config["modules"].update(modules)
+    config.update(snippet)
+    assert config["s2s_use_starttls"] in ("optional", "required")
+    config["s2s_use_starttls"] = starttls
+    return ("### stock test configuration + deploy/ejabberd/ejabberd-s2sproxy.yml\n"
+            + yaml.safe_dump(config, sort_keys=False))
 
 
 def _comm(pid: int) -> str:
@@ -815,7 +849,8 @@ def write_s2sproxy_config(run: RunDir, *, backend_port: int, dns_port: int,
                           backend_tls: str = "auto", log_level: str = "debug",
                           remotes: dict[str, Sequence[str]] | None = None,
                           nameservers: Sequence[str] | None = None,
-                          leaf: Leaf | None = None, extra_toml: str = "") -> Path:
+                          leaf: Leaf | None = None, extra_toml: str = "",
+                          trusts_ca: bool = True) -> Path:
     """Write RUN/s2sproxy/s2sproxy.toml (and local.test cert/key) and return its path.
 
     ``remotes``: ``{"remote.test": ["127.0.0.20:5269"]}`` by default (STARTTLS
@@ -843,7 +878,7 @@ def write_s2sproxy_config(run: RunDir, *, backend_port: int, dns_port: int,
         f"direct_tls = [{q(f'tcp:{PROXY_DIRECT_TLS_PORT}:interface={PROXY_IP}')}]",
         "",
         "[backend]",
-        f"host = {q(EJABBERD_IP)}",
+        f"host = {q(EJABBERD_INTERNAL_IP)}",
         f"port = {EJABBERD_INTERNAL_S2S_PORT}",
         f"tls = {q(backend_tls)}",
         f"listen = {q(f'tcp:{backend_port}:interface=127.0.0.1')}",
@@ -853,7 +888,7 @@ def write_s2sproxy_config(run: RunDir, *, backend_port: int, dns_port: int,
         "",
         "[trust]",
         "system_cas = false",
-        f"ca_file = {q(run.ca_file)}",
+    ] + ([f"ca_file = {q(run.ca_file)}"] if trusts_ca else []) + [
         "",
     ]
     for name, addrs in remotes.items():
@@ -1339,9 +1374,8 @@ def start_federation(run: RunDir, *, via_proxy: bool = True, bidi: bool = True,
     check_fixed_ports_free()
     dns_port = dns.port if dns is not None else free_port(udp_too=True)
     backend_port = free_port()
-    ej = Ejabberd(run, dns_port=dns_port,
-                  s2s_port=EJABBERD_INTERNAL_S2S_PORT if via_proxy else S2S_PORT,
-                  starttls=ejabberd_starttls, trusts_ca=ejabberd_trusts_ca)
+    ej = Ejabberd(run, dns_port=dns_port, s2s_port=S2S_PORT, starttls=ejabberd_starttls,
+                  trusts_ca=ejabberd_trusts_ca, behind_proxy=via_proxy)
     pr = Prosody(run, local_test_address=PROXY_IP if via_proxy else EJABBERD_IP,
                  bidi=bidi, trusts_ca=prosody_trusts_ca)
     fed = Federation(run, ej, pr, dns_port, backend_port, dns=dns)
