@@ -1196,6 +1196,8 @@ class Client:
         self._started = asyncio.get_running_loop().create_future()
         self.xmpp.add_event_handler("session_start", self._on_session_start)
         self.xmpp.add_event_handler("message", self._on_message)
+        # slixmpp reports type='error' messages (bounces) as message_error only.
+        self.xmpp.add_event_handler("message_error", self._on_message)
         for ev in ("failed_auth", "connection_failed", "stream_error", "session_end"):
             self.xmpp.add_event_handler(ev, self._failure(ev))
 

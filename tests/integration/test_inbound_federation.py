@@ -67,3 +67,29 @@ def test_inbound_message_reaches_ejabberd_through_s2sproxy(federation, case):
     assert "Unexpected info" not in ej_log
     print(f"\n[{case}] peers+proxy up in {started:.1f}s, "
           f"{len(bodies)} messages delivered, total {time.monotonic() - t0:.1f}s")
+
+
+def test_inbound_message_bounced_when_ejabberd_is_down(federation):
+    """With ejabberd's internal listener down, bob's message comes back to him as an
+    error message (remote-server-not-found) over the bidi stream, nothing silently lost."""
+    fed = federation(via_proxy=True, bidi=True)
+    proxy = fed.start_proxy()
+    fed.ejabberd.stop()
+
+    async def scenario():
+        bob = await harness.Client.connected(BOB, fed.run.ca_file)
+        try:
+            t0 = time.monotonic()
+            bob.send_message(ALICE.bare, "anyone there?")
+            err = await bob.wait_message(20, match=lambda m: m.type == "error")
+            return err, time.monotonic() - t0
+        finally:
+            await bob.close()
+
+    err, elapsed = harness.run_async(scenario, 40)
+    assert err.from_.startswith("alice@local.test"), err
+    assert "remote-server-not-found" in err.xml, err.xml
+    log = proxy.log_text()
+    assert re.search(r"backend stream for remote\.test -> local\.test failed: "
+                     r"remote-server-not-found .*; bouncing 1 stanza", log), log[-3000:]
+    print(f"\nbounce received by bob {elapsed:.2f}s after sending")
