@@ -96,7 +96,6 @@ class Settings:
     auth_timeout: float
     nameservers: tuple[tuple[str, int], ...]
     log_level: str
-    log_json: bool
     source: Path = field(default=Path("."))
 
 
@@ -137,7 +136,7 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
     limits = _table(data, "limits", {"max_stanza_size", "max_depth"})
     timeouts = _table(data, "timeouts", {"connect", "auth"})
     dns = _table(data, "dns", {"nameservers"})
-    log = _table(data, "log", {"level", "json"})
+    log = _table(data, "log", {"level"})
 
     secret_file = _path(data, "secret_file", base, "/var/lib/s2sproxy/dialback.secret")
     secret = _secret(secret_file)
@@ -162,7 +161,6 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
         nameservers=tuple(_hostport(v, f"dns.nameservers[{i}]", 53)
                           for i, v in enumerate(_list(dns, "dns.nameservers", []))),
         log_level=level,
-        log_json=_bool(log, "log.json", False),
         source=source,
     )
 

@@ -29,7 +29,9 @@ class Options(usage.Options):
 def makeService(options: Options):  # noqa: N802
     from twisted.internet import reactor
 
+    from s2sproxy.logs import set_level
     from s2sproxy.tx.service import Proxy
 
     settings: Settings = options["settings"]
+    set_level(settings.log_level)
     return Proxy(settings, reactor)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.names import dns, error, server
 from twisted.names.common import ResolverBase
-from twisted.logger import Logger
+from s2sproxy.logs import get_logger
 
-log = Logger()
+log = get_logger(__name__)
 
 PREFIX = b"_xmpp-server._tcp."
 

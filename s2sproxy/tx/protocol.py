@@ -11,7 +11,7 @@ from typing import Any, Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from s2sproxy.logs import get_logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -19,7 +19,7 @@ from s2sproxy.core import actions as A
 from s2sproxy.core import events as E
 from s2sproxy.tx.tls import tls_connection_of
 
-log = Logger()
+log = get_logger(__name__)
 
 
 class Owner(TypingProtocol):

@@ -7,12 +7,12 @@ import random
 
 from twisted.internet import defer
 from twisted.names import client, dns, error
-from twisted.logger import Logger
+from s2sproxy.logs import get_logger
 
 from s2sproxy.config import RemoteOverride
 from s2sproxy.core.srv import Target, order
 
-log = Logger()
+log = get_logger(__name__)
 
 
 class RemoteResolver:

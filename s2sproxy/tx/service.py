@@ -14,7 +14,7 @@ from typing import Any
 from twisted.application import internet, service, strports
 from twisted.internet import defer
 from twisted.internet.protocol import ClientFactory, Factory
-from twisted.logger import Logger
+from s2sproxy.logs import get_logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from s2sproxy.config import Settings
@@ -29,7 +29,7 @@ from s2sproxy.tx.protocol import StreamProtocol
 from s2sproxy.tx.resolver import RemoteResolver
 from s2sproxy.tx.tls import ClientCreator, ContextFactory, ServerContexts, TrustStore
 
-log = Logger()
+log = get_logger(__name__)
 
 
 def new_stream_id() -> str:

@@ -20,13 +20,14 @@ from pathlib import Path
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.logger import Logger
+from twisted.internet.interfaces import (IOpenSSLClientConnectionCreator,
+                                         IOpenSSLContextFactory)
+from s2sproxy.logs import get_logger
 from zope.interface import implementer
 
 from s2sproxy.config import Domain, Trust
 
-log = Logger()
+log = get_logger(__name__)
 
 ALPN_XMPP_SERVER = b"xmpp-server"   # XEP-0368
 
@@ -95,6 +96,7 @@ def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
     return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
+@implementer(IOpenSSLContextFactory)
 class ContextFactory:
     """What Twisted's ``startTLS`` and ``TLSMemoryBIOFactory`` expect: an object with
     ``getContext()``."""

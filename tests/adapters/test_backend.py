@@ -1,0 +1,101 @@
+"""The backend leg's queue and bounces, and the backend DNS responder, on Twisted's
+memory reactor: no sockets, the clock advanced by hand."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.names import dns, error
+
+from s2sproxy.config import parse
+from s2sproxy.core.stanza import Stanza
+from s2sproxy.tx.backend_dns import BackendSrvResolver
+from s2sproxy.tx.service import Proxy
+from tests.unit.test_config import pem
+from tests.unit.helpers import certificate
+
+
+@pytest.fixture
+def proxy(tmp_path):
+    ca, _ck, leaf, key = certificate("local.example")
+    (tmp_path / "l.crt").write_bytes(pem(leaf))
+    (tmp_path / "l.key").write_bytes(pem(key))
+    settings = parse({
+        "secret_file": "secret",
+        "domain": [{"name": "local.example", "certificate": "l.crt", "key": "l.key"}],
+        "backend": {"queue_limit": 2, "queue_timeout": 5},
+        "dns": {"nameservers": ["127.0.0.1:1"]},
+    }, base=tmp_path)
+    reactor = MemoryReactorClock()
+    p = Proxy(settings, reactor)
+    # a bidi stream from remote.example, where bounces go
+    bidi = type("P", (), {})()
+    bidi.closing = False
+    bidi.transport = StringTransport()
+    p.bidi_streams["remote.example"] = {bidi}
+    return p, reactor, bidi.transport
+
+
+def message(n: int, type_: str = "chat") -> Stanza:
+    return Stanza("message", b"<message/>", "juliet@remote.example/x", "romeo@local.example",
+                  type_, f"m{n}", None, "remote.example", "local.example")
+
+
+def test_backend_queue_over_limit_bounces_resource_constraint(proxy):
+    """Beyond queue_limit, stanzas are bounced at once with resource-constraint."""
+    p, reactor, bounces = proxy
+    p.deliver([message(1), message(2), message(3)])
+    assert [c[:2] for c in reactor.tcpClients] == [("127.0.0.1", 15269)]
+    assert bounces.value() == (
+        b"<message from='romeo@local.example' to='juliet@remote.example/x' type='error' "
+        b"id='m3'><error type='wait'><resource-constraint "
+        b"xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/><text "
+        b"xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>too many stanzas waiting</text>"
+        b"</error></message>")
+
+
+def test_backend_not_ready_in_time_bounces_remote_server_timeout(proxy):
+    """When the backend stream is not up within queue_timeout, every waiting stanza is
+    bounced with remote-server-timeout, except error stanzas; the next one retries."""
+    p, reactor, bounces = proxy
+    p.deliver([message(1), message(2, "error")])
+    reactor.advance(4.9)
+    assert bounces.value() == b""
+    reactor.advance(0.2)
+    assert bounces.value().count(b"<remote-server-timeout ") == 1
+    assert b"id='m1'" in bounces.value() and b"id='m2'" not in bounces.value()
+    assert p.links == {}
+    p.deliver([message(3)])
+    assert len(reactor.tcpClients) == 2
+
+
+def test_backend_connection_refused_bounces_remote_server_not_found(proxy):
+    """A refused connection to ejabberd bounces what waited with remote-server-not-found."""
+    p, reactor, bounces = proxy
+    p.deliver([message(1)])
+    factory = reactor.tcpClients[0][2]
+    factory.clientConnectionFailed(None, type("F", (), {
+        "getErrorMessage": lambda self: "Connection refused"})())
+    assert b"<remote-server-not-found " in bounces.value()
+    assert p.links == {}
+
+
+@pytest.mark.parametrize("name, answered", [
+    (b"_xmpp-server._tcp.remote.example", True),
+    (b"_XMPP-Server._tcp.Remote.Example", True),
+    (b"_xmpps-server._tcp.remote.example", False),
+    (b"remote.example", False),
+])
+def test_backend_dns_answers_only_xmpp_server_srv(name, answered):
+    """_xmpp-server SRV for any domain points at the backend listener; everything else,
+    _xmpps-server included, is NXDOMAIN."""
+    r = BackendSrvResolver("localhost", 15270)
+    d = r.lookupService(name)
+    results = []
+    d.addBoth(results.append)
+    if answered:
+        (rr,), _auth, _add = results[0]
+        assert (rr.type, rr.payload.target.name, rr.payload.port) == \
+            (dns.SRV, b"localhost", 15270)
+    else:
+        results[0].trap(error.DomainError)
