@@ -61,7 +61,8 @@ def main() -> None:
     streams = [authenticated() for _ in range(200)]
     after = tracemalloc.take_snapshot()
     total = sum(st.size_diff for st in after.compare_to(before, "filename"))
-    print(f"idle authenticated stream (core only, Python heap): {total / len(streams) / 1024:.1f} KiB")
+    per_stream = total / len(streams) / 1024
+    print(f"idle authenticated stream (core only, Python heap): {per_stream:.1f} KiB")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from s2sproxy.core.stanza import xml_escape
+from s2sproxy.core.serialize import escape as xml_escape
 
 NS_STREAM_ERRORS = "urn:ietf:params:xml:ns:xmpp-streams"
 

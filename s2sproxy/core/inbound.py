@@ -31,7 +31,8 @@ from s2sproxy.core.dialback import DialbackKeys
 from s2sproxy.core.errors import RemoteProtocolError
 from s2sproxy.core.identity import certificate_valid_for
 from s2sproxy.core.jid import InvalidJid, domain_of, nameprep_domain
-from s2sproxy.core.stanza import STANZA_NAMES, Stanza, xml_escape
+from s2sproxy.core.serialize import escape as xml_escape
+from s2sproxy.core.stanza import STANZA_NAMES, Stanza
 from s2sproxy.core.stream import (DB_RESULT, DB_VERIFY, NS_BIDI, NS_BIDI_FEATURE,
                                   NS_DIALBACK_FEATURE, NS_SASL, NS_TLS, STREAM_ERROR,
                                   NewStreamId, StreamBase, peer_stream_error)
@@ -119,7 +120,8 @@ class InboundStream(StreamBase):
             to = nameprep_domain(to) if to else ""
             frm = nameprep_domain(frm) if frm else ""
         except InvalidJid:
-            raise RemoteProtocolError("improper-addressing", "bad domain in stream header")
+            raise RemoteProtocolError("improper-addressing",
+                                      "bad domain in stream header") from None
         self.stream_id = self.config.new_stream_id()
         if self.role is Role.PUBLIC and to not in self.config.served:
             self.local_domain = ""
@@ -276,7 +278,7 @@ class InboundStream(StreamBase):
             return nameprep_domain(el.attrs["from"]), nameprep_domain(el.attrs["to"])
         except (KeyError, InvalidJid):
             raise RemoteProtocolError("improper-addressing",
-                                      "dialback element needs valid from and to")
+                                      "dialback element needs valid from and to") from None
 
     def _db_result(self, el: Element) -> None:
         if "type" in el.attrs:
@@ -371,7 +373,7 @@ class InboundStream(StreamBase):
             frm_domain = domain_of(frm)
             to_domain = domain_of(to)
         except InvalidJid:
-            raise RemoteProtocolError("improper-addressing", "malformed JID")
+            raise RemoteProtocolError("improper-addressing", "malformed JID") from None
         if frm_domain not in self.authenticated_from:
             raise RemoteProtocolError("invalid-from",
                                       f"{frm_domain} is not authenticated on this stream")

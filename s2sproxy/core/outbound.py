@@ -26,7 +26,7 @@ from s2sproxy.core import actions as A
 from s2sproxy.core import events as E
 from s2sproxy.core.dialback import DialbackKeys
 from s2sproxy.core.errors import RemoteProtocolError
-from s2sproxy.core.stanza import xml_escape
+from s2sproxy.core.serialize import escape as xml_escape
 from s2sproxy.core.stream import (DB_RESULT, DB_VERIFY, FEATURES, NS_TLS, STREAM_ERROR,
                                   StreamBase, peer_stream_error)
 from s2sproxy.core.xmlstream import Element, StreamOpened

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from s2sproxy.core.serialize import escape as xml_escape
 from s2sproxy.core.xmlstream import NS_SERVER
 
 STANZA_NAMES = {f"{NS_SERVER} message": "message", f"{NS_SERVER} presence": "presence",
@@ -46,11 +47,6 @@ class Stanza:
         """Never an error for an error (RFC 6120 section 8.3.1), nor for an iq result."""
         t = self.type
         return t != "error" and not (self.kind == "iq" and t == "result")
-
-
-def xml_escape(value: str) -> str:
-    return (value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            .replace("'", "&apos;").replace('"', "&quot;"))
 
 
 def bounce(stanza: Stanza, condition: str, text: str = "") -> bytes | None:

@@ -19,7 +19,7 @@ from typing import Callable
 from s2sproxy.core import actions as A
 from s2sproxy.core import events as E
 from s2sproxy.core.errors import RemoteProtocolError, stream_error_bytes
-from s2sproxy.core.stanza import xml_escape
+from s2sproxy.core.serialize import escape as xml_escape
 from s2sproxy.core.xmlstream import (NS_SERVER, NS_STREAMS, Element, ParseError,
                                      StreamClosed, StreamOpened, XmlStreamParser)
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 from lxml import etree
 
+from s2sproxy.core.serialize import escape
+
 NS_STREAMS = "http://etherx.jabber.org/streams"
 NS_SERVER = "jabber:server"
 NS_XML = "http://www.w3.org/XML/1998/namespace"
@@ -117,8 +119,7 @@ Item = StreamOpened | StreamClosed | Element | ParseError
 
 
 def _xml_attr(value: str) -> bytes:
-    return (value.replace("&", "&amp;").replace("<", "&lt;").replace("'", "&apos;")
-            .replace('"', "&quot;").encode("utf-8"))
+    return escape(value).encode("utf-8")
 
 
 class XmlStreamParser:

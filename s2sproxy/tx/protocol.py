@@ -46,7 +46,7 @@ class StreamProtocol(Protocol):
         p = self.transport.getPeer()
         self.peer = f"{getattr(p, 'host', '?')}:{getattr(p, 'port', '?')}"
         start = getattr(self.stream, "start", None)
-        if start is not None and not getattr(self, "defer_start", False):
+        if start is not None:
             self.run(start())
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
