@@ -61,8 +61,16 @@ class Backend:
     dns_port: int
     certificate: Path | None  # offered by the backend listener's STARTTLS
     key: Path | None
-    queue_limit: int
-    queue_timeout: float
+    trusted_addresses: frozenset[str]   # ejabberd's db:result trusted by source address
+
+
+@dataclass(frozen=True)
+class Queue:
+    limit: int
+    max_age: float
+    backoff_after: int
+    backoff_base: float
+    backoff_max: float
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,7 @@ class Settings:
     starttls_listeners: tuple[str, ...]
     direct_tls_listeners: tuple[str, ...]
     backend: Backend
+    queue: Queue
     trust: Trust
     remotes: dict[str, RemoteOverride]
     secret: bytes
@@ -94,13 +103,14 @@ class Settings:
     max_depth: int
     connect_timeout: float
     auth_timeout: float
+    idle_timeout: float
     nameservers: tuple[tuple[str, int], ...]
     log_level: str
     source: Path = field(default=Path("."))
 
 
-_TOP_KEYS = {"secret_file", "domain", "public", "backend", "trust", "remote", "limits",
-             "timeouts", "dns", "log"}
+_TOP_KEYS = {"secret_file", "domain", "public", "backend", "queue", "trust", "remote",
+             "limits", "timeouts", "dns", "log"}
 
 
 def load(path: str | os.PathLike) -> Settings:
@@ -128,13 +138,15 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
 
     backend = _backend(_table(data, "backend", {
         "host", "port", "tls", "listen", "srv_target", "srv_port", "dns_address",
-        "dns_port", "certificate", "key", "queue_limit", "queue_timeout"}), base, domains)
+        "dns_port", "certificate", "key", "trusted_addresses"}), base, domains)
+    queue = _queue(_table(data, "queue", {"limit", "max_age", "backoff_after",
+                                          "backoff_base", "backoff_max"}))
     trust = _trust(_table(data, "trust", {
         "system_cas", "ca_file", "require_valid_certificates", "secure_domains",
         "insecure_domains"}), base)
     remotes = _remotes(data.get("remote", {}))
     limits = _table(data, "limits", {"max_stanza_size", "max_depth"})
-    timeouts = _table(data, "timeouts", {"connect", "auth"})
+    timeouts = _table(data, "timeouts", {"connect", "auth", "idle"})
     dns = _table(data, "dns", {"nameservers"})
     log = _table(data, "log", {"level"})
 
@@ -150,6 +162,7 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
         starttls_listeners=tuple(starttls),
         direct_tls_listeners=tuple(direct),
         backend=backend,
+        queue=queue,
         trust=trust,
         remotes=remotes,
         secret=secret,
@@ -158,6 +171,7 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
         max_depth=_int(limits, "limits.max_depth", DEFAULT_MAX_DEPTH, 4),
         connect_timeout=_number(timeouts, "timeouts.connect", 10.0),
         auth_timeout=_number(timeouts, "timeouts.auth", 30.0),
+        idle_timeout=_number(timeouts, "timeouts.idle", 600.0),
         nameservers=tuple(_hostport(v, f"dns.nameservers[{i}]", 53)
                           for i, v in enumerate(_list(dns, "dns.nameservers", []))),
         log_level=level,
@@ -211,8 +225,19 @@ def _backend(t: dict[str, Any], base: Path, domains: dict[str, Domain]) -> Backe
         dns_port=_port(t, "backend.dns_port", 15353),
         certificate=cert,
         key=key,
-        queue_limit=_int(t, "backend.queue_limit", 1000, 1),
-        queue_timeout=_number(t, "backend.queue_timeout", 60.0),
+        trusted_addresses=frozenset(
+            _ip(v, f"backend.trusted_addresses[{i}]")
+            for i, v in enumerate(_list(t, "backend.trusted_addresses", []))),
+    )
+
+
+def _queue(t: dict[str, Any]) -> Queue:
+    return Queue(
+        limit=_int(t, "queue.limit", 1000, 1),
+        max_age=_number(t, "queue.max_age", 60.0),
+        backoff_after=_int(t, "queue.backoff_after", 2, 1),
+        backoff_base=_number(t, "queue.backoff_base", 5.0),
+        backoff_max=_number(t, "queue.backoff_max", 300.0),
     )
 
 
@@ -426,12 +451,14 @@ def _domain_name(v: Any, key: str) -> str:
 
 
 def _address(t: dict[str, Any], key: str, default: str) -> str:
-    v = _str(t, key, default)
+    return _ip(_str(t, key, default), key)
+
+
+def _ip(v: Any, key: str) -> str:
     try:
-        ipaddress.ip_address(v)
+        return str(ipaddress.ip_address(v))
     except ValueError:
         raise ConfigError(key, f"must be an IP address, not {v!r}") from None
-    return v
 
 
 def _hostport(v: Any, key: str, default_port: int) -> tuple[str, int]:

@@ -6,8 +6,10 @@ Two roles share this machine:
   (STARTTLS required, or Direct TLS), then SASL EXTERNAL (XEP-0178) when its certificate
   is valid for its domain, or dialback (XEP-0220); bidi (XEP-0288) offered after TLS.
 * ``BACKEND``: ejabberd connected to the backend listener, either to verify a dialback
-  key we issued (``db:verify``) or, for its own outgoing traffic, to send stanzas.
-  STARTTLS is offered when a certificate is configured, never required; no bidi.
+  key we issued (``db:verify``) or, for its own outgoing traffic, to send stanzas to
+  remote domains.  Its ``db:result`` is checked with ejabberd itself (the shell sends
+  ``db:verify`` to ejabberd's internal listener, or trusts its source address); its
+  ``from`` must be a served domain.  STARTTLS offered, never required; no bidi.
 
 Invariants:
 
@@ -126,6 +128,9 @@ class InboundStream(StreamBase):
         if self.role is Role.PUBLIC and to not in self.config.served:
             self.local_domain = ""
             raise RemoteProtocolError("host-unknown", f"{to or '(no to)'} is not served here")
+        if self.role is Role.BACKEND and frm and frm not in self.config.served:
+            raise RemoteProtocolError("invalid-from",
+                                      f"{frm} is not served behind this proxy")
         if self.local_domain and to != self.local_domain:
             raise RemoteProtocolError("host-unknown", "'to' changed on stream restart")
         if self.remote_domain and frm and frm != self.remote_domain:
@@ -286,11 +291,12 @@ class InboundStream(StreamBase):
                                       "db:result with a type on an inbound stream")
         frm, to = self._db_addressing(el)
         if self.role is Role.BACKEND:
-            # ejabberd's own outgoing traffic: handled by the outbound issue.
-            self._db_result_reply(to, frm, "error", "remote-server-not-found",
-                                  "outgoing federation through s2sproxy is not enabled")
-            return
-        if to not in self.config.served:
+            # ejabberd's own outgoing stream: it must speak for a domain we serve.
+            if frm not in self.config.served:
+                self._db_result_reply(to, frm, "error", "forbidden",
+                                      f"{frm} is not served behind this proxy")
+                return
+        elif to not in self.config.served:
             self._db_result_reply(to, frm, "error", "item-not-found")
             return
         key = (el.tree().text or "").strip()
@@ -298,16 +304,17 @@ class InboundStream(StreamBase):
         if pair in self.authenticated:
             self._db_result_reply(to, frm, "valid")
             return
-        if certificate_valid_for(self.chain_valid, self.certificate, frm):
-            # XEP-0344 section 2.3: a certificate valid for the domain makes the
-            # callback unnecessary.
-            self._authenticate(frm, to, "dialback")
-            self._db_result_reply(to, frm, "valid")
-            return
-        if not self.config.trust.dialback_allowed(frm):
-            self._db_result_reply(to, frm, "error", "not-authorized",
-                                  f"{frm} must present a valid certificate")
-            return
+        if self.role is Role.PUBLIC:
+            if certificate_valid_for(self.chain_valid, self.certificate, frm):
+                # XEP-0344 section 2.3: a certificate valid for the domain makes the
+                # callback unnecessary.
+                self._authenticate(frm, to, "dialback")
+                self._db_result_reply(to, frm, "valid")
+                return
+            if not self.config.trust.dialback_allowed(frm):
+                self._db_result_reply(to, frm, "error", "not-authorized",
+                                      f"{frm} must present a valid certificate")
+                return
         if pair in self.pending_dialback:
             return
         self.pending_dialback[pair] = key

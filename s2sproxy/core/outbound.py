@@ -2,10 +2,13 @@
 
 Modes:
 
-* ``ORIGINATE``: authenticate as ``originating`` to ``receiving`` by dialback, then carry
-  stanzas.  The backend leg uses it toward ejabberd (s2sproxy sends ``db:result`` with a
-  XEP-0185 key; ejabberd calls the authoritative server for ``originating``, which
-  resolves to our backend listener, which answers ``db:verify`` from the same key).
+* ``ORIGINATE``: authenticate as ``originating`` to ``receiving``, then carry stanzas.
+  Toward ejabberd (the backend leg) only dialback is used: s2sproxy sends ``db:result``
+  with a XEP-0185 key; ejabberd calls the authoritative server for ``originating``,
+  which resolves to our backend listener, which answers ``db:verify`` from the same
+  key.  Toward a remote server, SASL EXTERNAL (XEP-0178) is tried when offered and we
+  present a certificate, with dialback as the fallback, and bidi (XEP-0288) is
+  requested when offered.
 * ``VERIFY``: ask an authoritative server whether a dialback key is its key
   (``db:verify``), report a ``DialbackVerdict``, close.
 
@@ -13,12 +16,17 @@ Invariants:
 
 1. STARTTLS is used whenever offered (unless ``tls='never'``); with ``tls='required'``
    a peer that does not offer it fails the stream.
-2. Bidi is never requested here toward ejabberd (``request_bidi=False``).
+2. Bidi is requested only with ``request_bidi`` (never toward ejabberd).  Stanzas from
+   the peer are accepted only on a bidi stream, only from ``receiving`` to
+   ``originating``.
 3. Exactly one ``StreamReady`` or ``StreamFailed``/``DialbackVerdict`` per stream.
+4. The remote's certificate must be valid for ``receiving`` when the trust policy says
+   the domain may not use dialback; otherwise an invalid one is only noted.
 """
 
 from __future__ import annotations
 
+import base64
 import enum
 from dataclasses import dataclass
 
@@ -26,9 +34,14 @@ from s2sproxy.core import actions as A
 from s2sproxy.core import events as E
 from s2sproxy.core.dialback import DialbackKeys
 from s2sproxy.core.errors import RemoteProtocolError
+from s2sproxy.core.identity import certificate_valid_for
+from s2sproxy.core.inbound import TrustPolicy
+from s2sproxy.core.jid import InvalidJid, domain_of
 from s2sproxy.core.serialize import escape as xml_escape
-from s2sproxy.core.stream import (DB_RESULT, DB_VERIFY, FEATURES, NS_TLS, STREAM_ERROR,
-                                  StreamBase, peer_stream_error)
+from s2sproxy.core.stanza import STANZA_NAMES, Stanza
+from s2sproxy.core.stream import (DB_RESULT, DB_VERIFY, FEATURES, NS_BIDI, NS_BIDI_FEATURE,
+                                  NS_SASL, NS_TLS, STREAM_ERROR, StreamBase,
+                                  peer_stream_error)
 from s2sproxy.core.xmlstream import Element, StreamOpened
 
 
@@ -42,6 +55,7 @@ class OutboundState(enum.Enum):
     FEATURES = "features"
     PROCEED = "proceed"         # <starttls/> sent
     TLS_HANDSHAKE = "tls-handshake"
+    SASL = "sasl"               # <auth mechanism='EXTERNAL'/> sent
     DIALBACK = "dialback"       # db:result or db:verify sent
     READY = "ready"
     CLOSED = "closed"
@@ -59,6 +73,13 @@ class OutboundConfig:
     verify_stream_id: str = ""  # VERIFY: the id of the stream the key was given on
     verify_key: str = ""
     timeout: float = 30.0       # from TCP connect to ready/verdict
+    direct_tls: bool = False    # XEP-0368: TLS from the first byte
+    request_bidi: bool = False
+    sasl_external: bool = False  # we present a certificate for ``originating``
+    trust: TrustPolicy | None = None   # None: the peer's certificate is not checked
+
+
+_PEER_CLOSE_WAIT = 10.0
 
 
 class OutboundStream(StreamBase):
@@ -67,23 +88,29 @@ class OutboundStream(StreamBase):
     def __init__(self, config: OutboundConfig) -> None:
         super().__init__(config.max_size, config.max_depth)
         self.config = config
-        self.state = OutboundState.HEADER
+        self.state = (OutboundState.TLS_HANDSHAKE if config.direct_tls
+                      else OutboundState.HEADER)
         self.stream_id = ""
+        self.bidi = False
+        self.auth_method = ""
+        self.peer_verified = False
+        self._sasl_done = False
+        self._external_failed = False
         self._finished = False
 
     def start(self) -> list[A.Action]:
-        """The TCP connection is up: send our stream header."""
-        return [A.SendBytes(self._header()), A.SetTimer("handshake", self.config.timeout)]
+        """The TCP connection is up: send our header (after the handshake, for Direct
+        TLS) and arm the set-up timer."""
+        timer = A.SetTimer("handshake", self.config.timeout)
+        if self.config.direct_tls:
+            return [timer]
+        return [A.SendBytes(self._header()), timer]
 
     def _header(self) -> bytes:
         return self._header_bytes(self.config.originating, self.config.receiving, None)
 
     def _error_header(self) -> bytes:
         return self._header()
-
-    def send_stanzas(self, raw: list[bytes]) -> list[A.Action]:
-        assert self.state is OutboundState.READY
-        return [A.SendBytes(b"".join(raw))]
 
     # -- events ------------------------------------------------------------------------
 
@@ -98,6 +125,13 @@ class OutboundStream(StreamBase):
     def _on_element(self, el: Element) -> None:
         name = el.name
         st = self.state
+        if st is OutboundState.READY:
+            kind = STANZA_NAMES.get(name)
+            if kind is not None and self.bidi:
+                self._stanza(kind, el)
+                return
+            if name in (DB_RESULT, DB_VERIFY) and self.bidi:
+                return   # dialback for further domain pairs: not used toward us
         if name == STREAM_ERROR:
             cond, text = peer_stream_error(el)
             self._send(b"</stream:stream>")
@@ -114,6 +148,15 @@ class OutboundStream(StreamBase):
         elif st is OutboundState.PROCEED and name == f"{NS_TLS} failure":
             self._fail("remote-server-not-found", "peer refused STARTTLS")
             self._emit_close()
+        elif st is OutboundState.SASL and name == f"{NS_SASL} success":
+            self._sasl_done = True
+            self.auth_method = "external"
+            self._restart()
+            self._send(self._header())
+            self.state = OutboundState.HEADER
+        elif st is OutboundState.SASL and name == f"{NS_SASL} failure":
+            self._external_failed = True
+            self._dialback()
         elif st is OutboundState.DIALBACK and name == DB_RESULT \
                 and self.config.mode is Mode.ORIGINATE:
             self._dialback_result(el)
@@ -121,7 +164,6 @@ class OutboundStream(StreamBase):
                 and self.config.mode is Mode.VERIFY:
             self._verify_result(el)
         elif st is OutboundState.READY:
-            # A peer that was never asked for bidi must not send stanzas here.
             raise RemoteProtocolError("unsupported-stanza-type",
                                       "stanza on a unidirectional outgoing stream")
         else:
@@ -130,31 +172,61 @@ class OutboundStream(StreamBase):
 
     def _features(self, el: Element) -> None:
         tree = el.tree()
-        offers_tls = tree.find(f"{{{NS_TLS}}}starttls") is not None
-        tls = self.config.tls
-        if not self.secure and offers_tls and tls != "never":
-            self._send(f"<starttls xmlns='{NS_TLS}'/>".encode())
-            self.state = OutboundState.PROCEED
-            return
-        if not self.secure and tls == "required":
-            self._fail("remote-server-not-found", "peer does not offer STARTTLS")
-            self._emit_close()
-            return
         c = self.config
-        if c.mode is Mode.ORIGINATE:
-            key = c.keys.key(c.receiving, c.originating, self.stream_id)
-            self._send(f"<db:result from='{xml_escape(c.originating)}' "
-                       f"to='{xml_escape(c.receiving)}'>{key}</db:result>".encode())
-        else:
+        if not self.secure:
+            if tree.find(f"{{{NS_TLS}}}starttls") is not None and c.tls != "never":
+                self._send(f"<starttls xmlns='{NS_TLS}'/>".encode())
+                self.state = OutboundState.PROCEED
+                return
+            if c.tls == "required":
+                self._fail("remote-server-not-found", "peer does not offer STARTTLS")
+                self._emit_close()
+                return
+        if self._sasl_done:
+            self._ready()
+            return
+        if c.mode is Mode.VERIFY:
             self._send(f"<db:verify from='{xml_escape(c.originating)}' "
                        f"to='{xml_escape(c.receiving)}' id='{xml_escape(c.verify_stream_id)}'>"
                        f"{xml_escape(c.verify_key)}</db:verify>".encode())
+            self.state = OutboundState.DIALBACK
+            return
+        if c.request_bidi and not self.bidi and self.secure \
+                and tree.find(f"{{{NS_BIDI_FEATURE}}}bidi") is not None:
+            self._send(f"<bidi xmlns='{NS_BIDI}'/>".encode())
+            self.bidi = True
+            self._emit(A.BidiNegotiated())
+        mechanisms = [m.text for m in tree.iterfind(f"{{{NS_SASL}}}mechanisms/{{{NS_SASL}}}mechanism")]
+        if c.sasl_external and self.secure and "EXTERNAL" in mechanisms \
+                and not self._external_failed:
+            authzid = base64.b64encode(c.originating.encode()).decode()
+            self._send(f"<auth xmlns='{NS_SASL}' mechanism='EXTERNAL'>{authzid}</auth>"
+                       .encode())
+            self.state = OutboundState.SASL
+            return
+        self._dialback()
+
+    def _dialback(self) -> None:
+        c = self.config
+        key = c.keys.key(c.receiving, c.originating, self.stream_id)
+        self._send(f"<db:result from='{xml_escape(c.originating)}' "
+                   f"to='{xml_escape(c.receiving)}'>{key}</db:result>".encode())
         self.state = OutboundState.DIALBACK
 
     def _on_tls(self, ev: E.TlsEstablished) -> None:
         if self.state is not OutboundState.TLS_HANDSHAKE:
             raise RemoteProtocolError("policy-violation", "unexpected TLS handshake")
         self.secure = True
+        self.header_sent = False
+        c = self.config
+        if c.trust is not None:
+            self.peer_verified = certificate_valid_for(ev.chain_valid, ev.certificate,
+                                                       c.receiving)
+            if not self.peer_verified and not c.trust.dialback_allowed(c.receiving):
+                self._fail("remote-server-not-found",
+                           f"certificate not valid for {c.receiving}")
+                self._stream_error("policy-violation", "certificate not trusted")
+                return
         self.state = OutboundState.HEADER
         self._send(self._header())
 
@@ -164,14 +236,18 @@ class OutboundStream(StreamBase):
             raise RemoteProtocolError("invalid-from", "db:result for another domain pair")
         t = el.attrs.get("type")
         if t == "valid":
-            self.state = OutboundState.READY
-            self._finished = True
-            self._emit(A.CancelTimer("handshake"))
-            self._emit(A.StreamReady())
+            self.auth_method = "dialback"
+            self._ready()
         else:
             detail = "invalid key" if t == "invalid" else _db_error(el)
             self._fail("remote-server-not-found", f"dialback refused: {detail}")
             self._emit_close()
+
+    def _ready(self) -> None:
+        self.state = OutboundState.READY
+        self._finished = True
+        self._emit(A.CancelTimer("handshake"))
+        self._emit(A.StreamReady())
 
     def _verify_result(self, el: Element) -> None:
         c = self.config
@@ -187,6 +263,32 @@ class OutboundStream(StreamBase):
             self._emit(E.DialbackVerdict(c.receiving, c.originating, None,
                                          "remote-server-not-found"))
         self._emit_close()
+
+    def _stanza(self, kind: str, el: Element) -> None:
+        """A stanza from the remote on our bidi stream: only receiving -> originating."""
+        attrs = el.attrs
+        frm, to = attrs.get("from"), attrs.get("to")
+        if not frm or not to:
+            raise RemoteProtocolError("improper-addressing",
+                                      "stanzas between servers need 'from' and 'to'")
+        try:
+            frm_domain, to_domain = domain_of(frm), domain_of(to)
+        except InvalidJid:
+            raise RemoteProtocolError("improper-addressing", "malformed JID") from None
+        if frm_domain != self.config.receiving:
+            raise RemoteProtocolError("invalid-from",
+                                      f"{frm_domain} is not authenticated on this stream")
+        if to_domain != self.config.originating:
+            raise RemoteProtocolError("host-unknown",
+                                      f"this stream serves {self.config.originating} only")
+        stanza = Stanza(kind, el.raw, frm, to, attrs.get("type"), attrs.get("id"),
+                        el.child_ns, frm_domain, to_domain)
+        out = self._out
+        last = out[-1] if out else None
+        if type(last) is A.DeliverStanzas:
+            last.stanzas.append(stanza)
+        else:
+            out.append(A.DeliverStanzas([stanza]))
 
     # -- endings -------------------------------------------------------------------------
 
@@ -212,9 +314,12 @@ class OutboundStream(StreamBase):
         self._fail("remote-server-not-found", f"connection lost: {ev.reason}")
 
     def _on_other(self, ev: object) -> None:
-        if isinstance(ev, E.TimerFired) and not self._finished:
-            self._fail("remote-server-timeout", "no answer in time")
-            self._stream_error("connection-timeout")
+        if isinstance(ev, E.TimerFired):
+            if ev.name == "handshake" and not self._finished:
+                self._fail("remote-server-timeout", "no answer in time")
+                self._stream_error("connection-timeout")
+            else:
+                self._on_close_timer(ev)
 
     def abort(self, condition: str, text: str) -> list[A.Action]:
         """Give up on this stream (connection failed before it began, etc.)."""

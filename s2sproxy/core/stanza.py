@@ -49,6 +49,15 @@ class Stanza:
         return t != "error" and not (self.kind == "iq" and t == "result")
 
 
+def bounce_stanza(stanza: Stanza, condition: str, text: str = "") -> Stanza | None:
+    """The error stanza answering ``stanza``, ready to be routed back to its sender."""
+    raw = bounce(stanza, condition, text)
+    if raw is None:
+        return None
+    return Stanza(stanza.kind, raw, stanza.to, stanza.from_, "error", stanza.id, None,
+                  stanza.to_domain, stanza.from_domain)
+
+
 def bounce(stanza: Stanza, condition: str, text: str = "") -> bytes | None:
     """The error stanza that answers ``stanza`` (swapped addresses, same id), or None
     when ``stanza`` must not be answered with an error."""

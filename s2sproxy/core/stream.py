@@ -50,6 +50,7 @@ class StreamBase:
         self.header_sent = False
         self.secure = False
         self.peer_closed = False
+        self.local_closed = False
         self._old_parser: XmlStreamParser | None = None
         self._out: list[A.Action] = []
 
@@ -67,6 +68,10 @@ class StreamBase:
             elif isinstance(event, E.ConnectionLost):
                 self.state = self.closed_state
                 self._on_lost(event)
+            elif isinstance(event, E.TimerFired) and event.name == "close":
+                # The peer did not answer our </stream:stream> in time.
+                self._emit(A.CloseConnection())
+                self.state = self.closed_state
             else:
                 self._on_other(event)
         except RemoteProtocolError as e:
@@ -97,9 +102,13 @@ class StreamBase:
                 self._on_header(item)
             elif isinstance(item, StreamClosed):
                 self.peer_closed = True
-                self._send(b"</stream:stream>")
+                if not self.local_closed:
+                    self._send(b"</stream:stream>")
+                else:
+                    self._emit(A.CancelTimer("close"))
                 self._emit(A.CloseConnection())
                 self.state = self.closed_state
+                self._on_closed("")
                 return
             elif isinstance(item, ParseError):
                 raise RemoteProtocolError(item.condition, item.text)
@@ -160,16 +169,17 @@ class StreamBase:
         self.state = self.closed_state
         self._on_closed(condition)
 
-    def close(self) -> list[A.Action]:
-        """Close cleanly from our side (``</stream:stream>``)."""
-        if self.state is self.closed_state:
+    def close(self, wait: float = 10.0) -> list[A.Action]:
+        """Close cleanly from our side: ``</stream:stream>``, then wait up to ``wait``
+        seconds for the peer's before closing the connection (RFC 6120 section 4.4).
+        Stanzas the peer sent meanwhile are still handled."""
+        if self.state is self.closed_state or self.local_closed:
             return []
-        self.state = self.closed_state
-        out: list[A.Action] = []
-        if self.header_sent:
-            out.append(A.SendBytes(b"</stream:stream>"))
-        out.append(A.CloseConnection())
-        return out
+        if not self.header_sent:
+            self.state = self.closed_state
+            return [A.CloseConnection()]
+        self.local_closed = True
+        return [A.SendBytes(b"</stream:stream>"), A.SetTimer("close", wait)]
 
     # -- to be provided ------------------------------------------------------------
 
@@ -192,6 +202,9 @@ class StreamBase:
         pass
 
     def _on_closed(self, condition: str) -> None:
+        pass
+
+    def _on_close_timer(self, ev: E.TimerFired) -> None:
         pass
 
 

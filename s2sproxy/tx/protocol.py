@@ -62,7 +62,13 @@ class StreamProtocol(Protocol):
         self.timers.clear()
         text = reason.getErrorMessage() if reason is not None else ""
         self.run(self.stream.handle(E.ConnectionLost(text)))
-        self.owner.stream_lost(self)
+        self._gone()
+
+    def _gone(self) -> None:
+        """From the first CloseConnection on, nothing may be routed to this stream."""
+        if not self.closing:
+            self.closing = True
+            self.owner.stream_lost(self)
 
     # -- running actions -----------------------------------------------------------------
 
@@ -79,7 +85,7 @@ class StreamProtocol(Protocol):
                     log.info("{label} stream {peer} closed: {condition} {text}",
                              label=self.label, peer=self.peer, condition=a.condition,
                              text=a.text)
-                self.closing = True
+                self._gone()
                 self.transport.loseConnection()
             elif t is A.SetTimer:
                 self._cancel(a.name)

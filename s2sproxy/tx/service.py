@@ -1,29 +1,39 @@
-"""The proxy: listeners, the backend pool and the routing between streams.
+"""The proxy: listeners, outgoing connections, and the routing between streams.
 
-Flow of a stanza from a remote server (DESIGN.md): public stream -> core inbound
-machine (checks) -> ``DeliverStanzas`` -> the backend link for (remote, local) -> one
-plain dialback-authenticated stream to ejabberd's internal listener.
+Two routers (``core.routing``), one per direction:
+
+* ``to_backend``: (remote, local) pairs, each a dialback-authenticated plain stream to
+  ejabberd's internal listener, opened on demand.
+* ``to_remote``: (local, remote) pairs, each either the remote's own bidi stream to us
+  (preferred) or an outgoing stream of ours (SRV/XEP-0368, TLS, certificate check,
+  SASL EXTERNAL or dialback, bidi requested).
+
+A stanza goes to ``to_backend`` when its ``to`` domain is served, else to
+``to_remote``.  A bounce is a stanza too: it is routed back the other way.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
-from collections import deque
 from typing import Any
 
 from twisted.application import internet, service, strports
-from twisted.internet import defer
+from twisted.internet import defer, error as neterror
 from twisted.internet.protocol import ClientFactory, Factory
-from s2sproxy.logs import get_logger
+from twisted.internet.task import LoopingCall
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from s2sproxy.config import Settings
 from s2sproxy.core import actions as A
 from s2sproxy.core import events as E
+from s2sproxy.core import routing as R
 from s2sproxy.core.dialback import DialbackKeys
 from s2sproxy.core.inbound import InboundConfig, InboundStream, Role, TrustPolicy
 from s2sproxy.core.outbound import Mode, OutboundConfig, OutboundStream
-from s2sproxy.core.stanza import Stanza, bounce
+from s2sproxy.core.srv import Target
+from s2sproxy.core.stanza import Stanza, bounce_stanza
+from s2sproxy.logs import get_logger
 from s2sproxy.tx.backend_dns import make_factories
 from s2sproxy.tx.protocol import StreamProtocol
 from s2sproxy.tx.resolver import RemoteResolver
@@ -31,41 +41,39 @@ from s2sproxy.tx.tls import ClientCreator, ContextFactory, ServerContexts, Trust
 
 log = get_logger(__name__)
 
+TICK = 1.0   # seconds between router ticks (queue ages, idle streams)
+
 
 def new_stream_id() -> str:
     return secrets.token_urlsafe(12)
 
 
 class _OutboundFactory(ClientFactory):
-    """Builds the protocol for one outgoing connection; reports connect failures."""
+    """One outgoing connection attempt; ``connected`` fires with the protocol, or with
+    None (and ``reason`` set) when the TCP connection could not be made."""
 
     def __init__(self, proxy: "Proxy", stream: OutboundStream, label: str,
-                 on_connect_failed) -> None:
+                 router: R.Router | None = None, pair: R.Pair | None = None) -> None:
         self.proxy = proxy
         self.stream = stream
         self.label = label
-        self.on_connect_failed = on_connect_failed
-        self.proto: StreamProtocol | None = None
+        self.router = router
+        self.pair = pair
+        self.connected: defer.Deferred = defer.Deferred()
+        self.verdict: defer.Deferred = defer.Deferred()
+        self.reason = None
 
     def buildProtocol(self, addr):  # noqa: N802
-        self.proto = StreamProtocol(self.stream, self.proxy, self.proxy.reactor, self.label)
-        self.proto.factory = self
-        return self.proto
+        proto = StreamProtocol(self.stream, self.proxy, self.proxy.reactor, self.label)
+        proto.factory = self
+        if not self.connected.called:
+            self.connected.callback(proto)
+        return proto
 
     def clientConnectionFailed(self, connector, reason) -> None:  # noqa: N802
-        self.on_connect_failed(reason.getErrorMessage())
-
-
-class BackendLink:
-    """The stream to ejabberd for one (remote, local) pair and the stanzas waiting
-    for it while it authenticates."""
-
-    def __init__(self, pair: tuple[str, str]) -> None:
-        self.pair = pair
-        self.ready = False
-        self.proto: StreamProtocol | None = None
-        self.queue: deque[tuple[Stanza, float]] = deque()
-        self.timer = None
+        self.reason = reason
+        if not self.connected.called:
+            self.connected.callback(None)
 
 
 class Proxy(service.MultiService):
@@ -86,12 +94,18 @@ class Proxy(service.MultiService):
         self.backend_ctx = ServerContexts(settings.domains, alpn=False,
                                           extra=backend_identity)
         self.resolver = RemoteResolver(settings.remotes, settings.nameservers, reactor)
-        self.links: dict[tuple[str, str], BackendLink] = {}
-        self.bidi_streams: dict[str, set[StreamProtocol]] = {}
-        self.inbound: set[StreamProtocol] = set()
+        q = settings.queue
+        routers = dict(queue_limit=q.limit, max_age=q.max_age,
+                       idle_timeout=settings.idle_timeout, backoff_after=q.backoff_after,
+                       backoff_base=q.backoff_base, backoff_max=q.backoff_max)
+        self.to_backend = R.Router(**routers)
+        self.to_remote = R.Router(**routers)
+        self.streams: set[StreamProtocol] = set()
+        self._ticker = LoopingCall(self._tick)
+        self._ticker.clock = reactor
         self._build_listeners()
 
-    # -- listeners -----------------------------------------------------------------------
+    # -- lifecycle -----------------------------------------------------------------------
 
     def _inbound_factory(self, role: Role, direct_tls: bool) -> Factory:
         s = self.settings
@@ -99,13 +113,13 @@ class Proxy(service.MultiService):
                             new_stream_id=new_stream_id, max_size=s.max_stanza_size,
                             max_depth=s.max_depth, trust=self.policy,
                             starttls_available=True, direct_tls=direct_tls)
-        label = {Role.PUBLIC: "public", Role.BACKEND: "backend"}[role]
+        label = {Role.PUBLIC: "public", Role.BACKEND: "backend-in"}[role]
         proxy = self
 
         class F(Factory):
             def buildProtocol(self, addr):  # noqa: N802
                 p = StreamProtocol(InboundStream(cfg), proxy, proxy.reactor, label)
-                proxy.inbound.add(p)
+                proxy.streams.add(p)
                 return p
         return F()
 
@@ -121,43 +135,66 @@ class Proxy(service.MultiService):
         strports.service(s.backend.listen, self._inbound_factory(Role.BACKEND, False),
                          reactor=self.reactor).setServiceParent(self)
         tcp_f, udp_p = make_factories(s.backend.srv_target, s.backend.srv_port)
-        dns_addr = s.backend.dns_address
-        port = s.backend.dns_port
         # There is no "udp:" endpoint string in Twisted; the DNS responder is
         # configured by address and port instead.
-        internet.UDPServer(port, udp_p, interface=dns_addr,
+        internet.UDPServer(s.backend.dns_port, udp_p, interface=s.backend.dns_address,
                            reactor=self.reactor).setServiceParent(self)
-        internet.TCPServer(port, tcp_f, interface=dns_addr,
+        internet.TCPServer(s.backend.dns_port, tcp_f, interface=s.backend.dns_address,
                            reactor=self.reactor).setServiceParent(self)
 
+    def startService(self):  # noqa: N802
+        super().startService()
+        self._ticker.start(TICK, now=False)
+
     def stopService(self):  # noqa: N802
-        for p in list(self.inbound) + [lk.proto for lk in self.links.values() if lk.proto]:
+        if self._ticker.running:
+            self._ticker.stop()
+        for p in list(self.streams):
             p.close()
         return super().stopService()
+
+    def _tick(self) -> None:
+        now = self.reactor.seconds()
+        for router in (self.to_backend, self.to_remote):
+            self._run_ops(router, router.tick(now))
 
     # -- what StreamProtocol asks of its owner ------------------------------------------
 
     def start_tls(self, proto: StreamProtocol, server_name: str | None) -> None:
-        if isinstance(proto.stream, InboundStream):
-            ctxs = self.public_ctx if proto.stream.role is Role.PUBLIC else self.backend_ctx
+        st = proto.stream
+        if isinstance(st, InboundStream):
+            ctxs = self.public_ctx if st.role is Role.PUBLIC else self.backend_ctx
             proto.transport.startTLS(ContextFactory(ctxs.for_domain(server_name)))
         else:
-            proto.transport.startTLS(ClientCreator(server_name or ""))
+            proto.transport.startTLS(self._client_tls(proto.factory, server_name or "",
+                                                      alpn=False))
+
+    def _client_tls(self, factory: _OutboundFactory, server_name: str,
+                    alpn: bool) -> ClientCreator:
+        identity = None
+        if factory.label == "remote":
+            d = self.settings.domains.get(factory.stream.config.originating)
+            identity = (d.certificate, d.key) if d else None
+        return ClientCreator(server_name, alpn=alpn, identity=identity)
 
     def check_peer(self, proto: StreamProtocol) -> E.TlsEstablished:
         ok, cert = self.trust.check(proto.tls_connection())
         return E.TlsEstablished(ok, cert)
 
     def stream_lost(self, proto: StreamProtocol) -> None:
-        self.inbound.discard(proto)
-        for streams in self.bidi_streams.values():
-            streams.discard(proto)
-        self._backend_stream_lost(proto)
+        """The stream is closing or closed: no router may write to it any more."""
+        self.streams.discard(proto)
+        now = self.reactor.seconds()
+        for router in (self.to_backend, self.to_remote):
+            self._run_ops(router, router.stream_closed(proto, now))
 
     def stream_action(self, proto: StreamProtocol, a: Any) -> None:
         t = type(a)
         if t is A.DeliverStanzas:
-            self.deliver(a.stanzas)
+            factory = getattr(proto, "factory", None)
+            if factory is not None and factory.label == "remote":
+                self.to_remote.activity(factory.pair, self.reactor.seconds())
+            self.route(a.stanzas)
         elif t is A.Authenticated:
             st = proto.stream
             log.info("{label} stream authenticated: {originating} -> {receiving} "
@@ -166,179 +203,214 @@ class Proxy(service.MultiService):
                      method=a.method, tls=st.secure, bidi=st.bidi, sid=st.stream_id,
                      peer=proto.peer)
             if st.bidi:
-                self.bidi_streams.setdefault(a.originating, set()).add(proto)
+                self._attach_bidi(proto, a.originating, a.receiving)
         elif t is A.BidiNegotiated:
             st = proto.stream
             log.info("{label} stream bidi negotiated: stream={sid} peer={peer}",
                      label=proto.label, sid=st.stream_id, peer=proto.peer)
-            for origin in st.authenticated_from:
-                self.bidi_streams.setdefault(origin, set()).add(proto)
+            if isinstance(st, InboundStream):
+                for originating, receiving in st.authenticated:
+                    self._attach_bidi(proto, originating, receiving)
         elif t is A.VerifyDialback:
             defer.ensureDeferred(self.verify_dialback(proto, a))
         elif t is A.StreamReady:
-            self._link_ready(proto)
+            self._stream_ready(proto)
         elif t is A.StreamFailed:
-            self._link_failed(proto, a.condition, a.text)
+            f = proto.factory
+            log.warn("{label} stream {pair} failed: {condition} {text}", label=f.label,
+                     pair=" -> ".join(f.pair), condition=a.condition, text=a.text)
+            self._run_ops(f.router, f.router.stream_failed(f.pair, a.condition, a.text,
+                                                           self.reactor.seconds()))
         elif t is E.DialbackVerdict:
-            waiter = getattr(proto.factory, "verdict", None)
-            if waiter is not None and not waiter.called:
+            waiter = proto.factory.verdict
+            if not waiter.called:
                 waiter.callback(a)
         else:
             log.error("unhandled action {action!r}", action=a)
 
-    # -- dialback: asking the remote's authoritative server ------------------------------
+    def _attach_bidi(self, proto: StreamProtocol, originating: str, receiving: str) -> None:
+        """A remote's authenticated bidi stream carries our stanzas for it too."""
+        pair = (receiving, originating)
+        self._run_ops(self.to_remote, self.to_remote.stream_ready(
+            pair, proto, self.reactor.seconds(), borrowed=True))
 
-    async def verify_dialback(self, requester: StreamProtocol, req: A.VerifyDialback) -> None:
-        verdict = E.DialbackVerdict(req.originating, req.receiving, None,
-                                    "remote-server-not-found")
+    def _stream_ready(self, proto: StreamProtocol) -> None:
+        f = proto.factory
+        st = proto.stream
+        if f.label == "backend":
+            log.info("backend stream ready for {remote} -> {local} (dialback accepted by "
+                     "ejabberd, tls={tls})", remote=f.pair[0], local=f.pair[1],
+                     tls=st.secure)
+        else:
+            log.info("remote stream ready: {local} -> {remote} method={method} tls={tls} "
+                     "bidi={bidi} peer_certificate_valid={valid} peer={peer}",
+                     local=f.pair[0], remote=f.pair[1], method=st.auth_method,
+                     tls=st.secure, bidi=st.bidi, valid=st.peer_verified, peer=proto.peer)
+        self._run_ops(f.router, f.router.stream_ready(f.pair, proto, self.reactor.seconds()))
+
+    # -- routing -----------------------------------------------------------------------
+
+    def route(self, stanzas: list[Stanza]) -> None:
+        """Hand stanzas to the router of their direction, one batch per domain pair."""
+        batches: dict[R.Pair, list[Stanza]] = {}
+        for s in stanzas:
+            batches.setdefault((s.from_domain, s.to_domain), []).append(s)
+        now = self.reactor.seconds()
+        for pair, batch in batches.items():
+            router = self.to_backend if pair[1] in self.served else self.to_remote
+            self._run_ops(router, router.send(pair, batch, now))
+
+    def _run_ops(self, router: R.Router, ops: list[R.Op]) -> None:
+        for op in ops:
+            t = type(op)
+            if t is R.Write:
+                op.handle.transport.write(op.data)
+            elif t is R.Open:
+                if router is self.to_backend:
+                    self._open_backend(op.pair)
+                else:
+                    defer.ensureDeferred(self._open_remote(op.pair))
+            elif t is R.Close:
+                op.handle.close()
+            elif t is R.Bounce:
+                self.bounce(op.stanza, op.condition, op.text)
+
+    def bounce(self, stanza: Stanza, condition: str, text: str = "") -> None:
+        back = bounce_stanza(stanza, condition, text)
+        if back is None:
+            log.info("not bouncing {stanza} ({condition}): never an error for an error",
+                     stanza=repr(stanza), condition=condition)
+            return
+        log.info("bouncing {stanza} with {condition}: {text}", stanza=repr(stanza),
+                 condition=condition, text=text)
+        self.route([back])
+
+    # -- the backend leg ---------------------------------------------------------------
+
+    def _open_backend(self, pair: R.Pair) -> None:
+        remote, local = pair
+        b = self.settings.backend
+        cfg = OutboundConfig(Mode.ORIGINATE, remote, local, self.keys,
+                             self.settings.max_stanza_size, self.settings.max_depth,
+                             tls=b.tls, timeout=self.settings.auth_timeout)
+        factory = _OutboundFactory(self, OutboundStream(cfg), "backend", self.to_backend,
+                                   pair)
+        log.info("backend stream opening for {remote} -> {local}", remote=remote,
+                 local=local)
+        self.reactor.connectTCP(b.host, b.port, factory, timeout=self.settings.connect_timeout)
+
+        def connected(proto):
+            if proto is None:
+                self._connect_failed(factory, f"backend {b.host}:{b.port}")
+        factory.connected.addCallback(connected)
+
+    def _connect_failed(self, factory: _OutboundFactory, where: str) -> None:
+        reason = factory.reason
+        timeout = reason is not None and reason.check(neterror.TimeoutError)
+        condition = "remote-server-timeout" if timeout else "remote-server-not-found"
+        text = f"{where} unreachable: {reason.getErrorMessage() if reason else '?'}"
+        log.warn("{label} stream {pair} failed: {condition} {text}", label=factory.label,
+                 pair=" -> ".join(factory.pair), condition=condition, text=text)
+        self._run_ops(factory.router, factory.router.stream_failed(
+            factory.pair, condition, text, self.reactor.seconds()))
+
+    # -- outgoing streams to remote servers --------------------------------------------
+
+    async def _open_remote(self, pair: R.Pair) -> None:
+        local, remote = pair
+        s = self.settings
+        factory = None
+        tried = []
+        for target in await self._targets(remote):
+            for address in await self._addresses(target.host):
+                cfg = OutboundConfig(Mode.ORIGINATE, local, remote, self.keys,
+                                     s.max_stanza_size, s.max_depth, tls="required",
+                                     timeout=s.auth_timeout, direct_tls=target.direct_tls,
+                                     request_bidi=True, sasl_external=True,
+                                     trust=self.policy)
+                factory = _OutboundFactory(self, OutboundStream(cfg), "remote",
+                                           self.to_remote, pair)
+                log.info("remote connection to {host}:{port} ({kind}) for {local} -> "
+                         "{remote}", host=address, port=target.port, local=local,
+                         remote=remote, kind="direct TLS" if target.direct_tls else "STARTTLS")
+                self._connect(address, target.port, target.direct_tls, remote, factory)
+                if await factory.connected is not None:
+                    return      # the stream reports ready or failed from here on
+                tried.append(f"{address}:{target.port}")
+        if factory is None:
+            factory = _OutboundFactory(self, None, "remote", self.to_remote, pair)
+        self._connect_failed(factory, f"{remote} ({', '.join(tried) or 'no address'})")
+
+    async def _targets(self, domain: str) -> list[Target]:
         try:
-            targets = await self.resolver.resolve(req.originating)
+            return await self.resolver.resolve(domain)
         except Exception as e:  # noqa: BLE001 (the tx boundary)
-            log.warn("dialback: cannot resolve {domain}: {err}", domain=req.originating,
-                     err=repr(e))
-            targets = []
-        for target in targets:
-            cfg = OutboundConfig(Mode.VERIFY, req.receiving, req.originating, None,
-                                 self.settings.max_stanza_size, self.settings.max_depth,
-                                 verify_stream_id=req.stream_id, verify_key=req.key,
-                                 timeout=self.settings.auth_timeout)
-            stream = OutboundStream(cfg)
-            d: defer.Deferred = defer.Deferred()
-            factory = _OutboundFactory(self, stream, "verify",
-                                       lambda reason, d=d: d.called or d.callback(None))
-            factory.verdict = d
-            self._connect(target.host, target.port, target.direct_tls, req.originating,
-                          factory)
-            result = await d
-            if result is None or result.valid is None:
-                log.info("dialback: {host}:{port} for {domain} did not answer",
-                         host=target.host, port=target.port, domain=req.originating)
-                verdict = result or verdict
-                continue
-            verdict = result
-            break
-        log.info("dialback verification {originating} -> {receiving}: {verdict}",
-                 originating=req.originating, receiving=req.receiving,
-                 verdict={True: "valid", False: "invalid"}.get(verdict.valid,
-                                                               verdict.condition))
-        requester.run(requester.stream.handle(verdict))
+            log.warn("cannot resolve {domain}: {err}", domain=domain, err=repr(e))
+            return []
+
+    async def _addresses(self, host: str) -> list[str]:
+        """IP addresses for a target host, through our own resolver (never the
+        system's, so that a test or an operator's DNS choice holds)."""
+        try:
+            ipaddress.ip_address(host)
+            return [host]
+        except ValueError:
+            pass
+        try:
+            return [await self.resolver.dns.getHostByName(host)]
+        except Exception as e:  # noqa: BLE001
+            log.info("no address for {host}: {err}", host=host, err=type(e).__name__)
+            return []
 
     def _connect(self, host: str, port: int, direct_tls: bool, server_name: str,
-                 factory: ClientFactory) -> None:
+                 factory: _OutboundFactory) -> None:
         if direct_tls:
-            factory.stream.secure = True
-            wrapped = TLSMemoryBIOFactory(ClientCreator(server_name, alpn=True), True,
-                                          factory)
+            wrapped = TLSMemoryBIOFactory(self._client_tls(factory, server_name, alpn=True),
+                                          True, factory)
             self.reactor.connectTCP(host, port, wrapped,
                                     timeout=self.settings.connect_timeout)
         else:
             self.reactor.connectTCP(host, port, factory,
                                     timeout=self.settings.connect_timeout)
 
-    # -- the backend leg -------------------------------------------------------------------
+    # -- dialback: asking the authoritative server --------------------------------------
 
-    def deliver(self, stanzas: list[Stanza]) -> None:
-        """Send stanzas accepted from remotes to ejabberd, one write per link."""
-        batches: dict[tuple[str, str], list[Stanza]] = {}
-        for s in stanzas:
-            batches.setdefault((s.from_domain, s.to_domain), []).append(s)
-        now = self.reactor.seconds()
-        for pair, batch in batches.items():
-            link = self.links.get(pair)
-            if link is None:
-                link = self._open_link(pair)
-            if link.ready:
-                link.proto.transport.write(b"".join(s.raw for s in batch))
-                continue
-            limit = self.settings.backend.queue_limit
-            for s in batch:
-                if len(link.queue) >= limit:
-                    self.bounce(s, "resource-constraint", "too many stanzas waiting")
-                else:
-                    link.queue.append((s, now))
-
-    def _open_link(self, pair: tuple[str, str]) -> BackendLink:
-        remote, local = pair
-        b = self.settings.backend
-        link = self.links[pair] = BackendLink(pair)
-        cfg = OutboundConfig(Mode.ORIGINATE, remote, local, self.keys,
-                             self.settings.max_stanza_size, self.settings.max_depth,
-                             tls=b.tls, timeout=self.settings.auth_timeout)
-        factory = _OutboundFactory(self, OutboundStream(cfg), "backend",
-                                   lambda reason: self._link_down(
-                                       link, "remote-server-not-found",
-                                       f"backend {b.host}:{b.port} unreachable: {reason}"))
-        factory.link = link
-        link.timer = self.reactor.callLater(b.queue_timeout, self._link_down, link,
-                                            "remote-server-timeout",
-                                            "backend did not accept the stream in time")
-        self.reactor.connectTCP(b.host, b.port, factory, timeout=self.settings.connect_timeout)
-        log.info("backend stream opening for {remote} -> {local}", remote=remote,
-                 local=local)
-        return link
-
-    def _link_of(self, proto: StreamProtocol) -> BackendLink | None:
-        return getattr(getattr(proto, "factory", None), "link", None)
-
-    def _link_ready(self, proto: StreamProtocol) -> None:
-        link = self._link_of(proto)
-        if link is None:
-            return
-        link.proto = proto
-        link.ready = True
-        if link.timer is not None and link.timer.active():
-            link.timer.cancel()
-        waiting = [s for s, _ in link.queue]
-        link.queue.clear()
-        log.info("backend stream ready for {remote} -> {local} (dialback accepted by "
-                 "ejabberd, tls={tls}); flushing {n} stanza(s)", remote=link.pair[0],
-                 local=link.pair[1], tls=proto.stream.secure, n=len(waiting))
-        if waiting:
-            proto.transport.write(b"".join(s.raw for s in waiting))
-
-    def _link_failed(self, proto: StreamProtocol, condition: str, text: str) -> None:
-        link = self._link_of(proto)
-        if link is not None:
-            self._link_down(link, condition, text)
-
-    def _link_down(self, link: BackendLink, condition: str, text: str) -> None:
-        if self.links.get(link.pair) is link:
-            del self.links[link.pair]
-        if link.timer is not None and link.timer.active():
-            link.timer.cancel()
-        waiting = list(link.queue)
-        link.queue.clear()
-        if waiting or not link.ready:
-            log.warn("backend stream for {remote} -> {local} failed: {condition} {text}; "
-                     "bouncing {n} stanza(s)", remote=link.pair[0], local=link.pair[1],
-                     condition=condition, text=text, n=len(waiting))
-        for s, _ in waiting:
-            self.bounce(s, condition, text)
-        if link.proto is not None and not link.proto.closing:
-            link.proto.close()
-
-    def _backend_stream_lost(self, proto: StreamProtocol) -> None:
-        link = self._link_of(proto)
-        if link is not None and self.links.get(link.pair) is link:
-            self._link_down(link, "remote-server-not-found", "backend stream closed")
-
-    # -- bounces -------------------------------------------------------------------------
-
-    def bounce(self, stanza: Stanza, condition: str, text: str = "") -> None:
-        data = bounce(stanza, condition, text)
-        if data is None:
-            log.info("not bouncing {stanza} ({condition}): never an error for an error",
-                     stanza=repr(stanza), condition=condition)
-            return
-        remote = stanza.from_domain
-        for proto in self.bidi_streams.get(remote, ()):
-            if not proto.closing:
-                proto.transport.write(data)
-                log.info("bounced {stanza} with {condition}", stanza=repr(stanza),
-                         condition=condition)
-                return
-        # Without a bidi stream the bounce needs an outgoing stream to the remote,
-        # which the outbound issue (#3) adds.
-        log.warn("cannot bounce {stanza} with {condition}: no stream toward {remote}",
-                 stanza=repr(stanza), condition=condition, remote=remote)
-
+    async def verify_dialback(self, requester: StreamProtocol, req: A.VerifyDialback) -> None:
+        """Ask whether ``req.key`` was issued by ``req.originating``'s server: ejabberd
+        itself for keys ejabberd gave the backend listener, else the remote's
+        authoritative server found by SRV."""
+        s = self.settings
+        backend = isinstance(requester.stream, InboundStream) \
+            and requester.stream.role is Role.BACKEND
+        verdict = E.DialbackVerdict(req.originating, req.receiving, None,
+                                    "remote-server-not-found")
+        if backend and requester.peer.rsplit(":", 1)[0] in s.backend.trusted_addresses:
+            verdict = E.DialbackVerdict(req.originating, req.receiving, True)
+            targets: list[Target] = []
+        elif backend:
+            targets = [Target(s.backend.host, s.backend.port, False)]
+        else:
+            targets = await self._targets(req.originating)
+        for target in targets:
+            for address in await self._addresses(target.host):
+                cfg = OutboundConfig(Mode.VERIFY, req.receiving, req.originating, None,
+                                     s.max_stanza_size, s.max_depth,
+                                     tls=s.backend.tls if backend else "auto",
+                                     verify_stream_id=req.stream_id, verify_key=req.key,
+                                     timeout=s.auth_timeout, direct_tls=target.direct_tls)
+                factory = _OutboundFactory(self, OutboundStream(cfg), "verify")
+                self._connect(address, target.port, target.direct_tls, req.originating,
+                              factory)
+                if await factory.connected is None:
+                    continue
+                result = await factory.verdict
+                verdict = result
+                if result.valid is not None:
+                    break
+            if verdict.valid is not None:
+                break
+        log.info("dialback verification {originating} -> {receiving}: {verdict}",
+                 originating=req.originating, receiving=req.receiving,
+                 verdict={True: "valid", False: "invalid"}.get(verdict.valid,
+                                                               verdict.condition))
+        requester.run(requester.stream.handle(verdict))

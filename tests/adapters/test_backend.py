@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.error import ConnectionRefusedError
 from twisted.names import dns, error
+from twisted.python.failure import Failure
 
 from s2sproxy.config import parse
 from s2sproxy.core.stanza import Stanza
@@ -23,17 +25,18 @@ def proxy(tmp_path):
     settings = parse({
         "secret_file": "secret",
         "domain": [{"name": "local.example", "certificate": "l.crt", "key": "l.key"}],
-        "backend": {"queue_limit": 2, "queue_timeout": 5},
+        "queue": {"limit": 2, "max_age": 5},
         "dns": {"nameservers": ["127.0.0.1:1"]},
     }, base=tmp_path)
     reactor = MemoryReactorClock()
     p = Proxy(settings, reactor)
-    # a bidi stream from remote.example, where bounces go
-    bidi = type("P", (), {})()
-    bidi.closing = False
+    p._ticker.start(1.0, now=False)     # MemoryReactor has no UDP: only the ticker
+    # remote.example's bidi stream, where bounces to it go
+    bidi = type("P", (), {"close": lambda self: None})()
     bidi.transport = StringTransport()
-    p.bidi_streams["remote.example"] = {bidi}
-    return p, reactor, bidi.transport
+    p.to_remote.stream_ready(("local.example", "remote.example"), bidi, 0, borrowed=True)
+    yield p, reactor, bidi.transport
+    p._ticker.stop()
 
 
 def message(n: int, type_: str = "chat") -> Stanza:
@@ -44,40 +47,41 @@ def message(n: int, type_: str = "chat") -> Stanza:
 def test_backend_queue_over_limit_bounces_resource_constraint(proxy):
     """Beyond queue_limit, stanzas are bounced at once with resource-constraint."""
     p, reactor, bounces = proxy
-    p.deliver([message(1), message(2), message(3)])
+    p.route([message(1), message(2), message(3)])
     assert [c[:2] for c in reactor.tcpClients] == [("127.0.0.1", 15269)]
     assert bounces.value() == (
         b"<message from='romeo@local.example' to='juliet@remote.example/x' type='error' "
         b"id='m3'><error type='wait'><resource-constraint "
         b"xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/><text "
-        b"xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>too many stanzas waiting</text>"
+        b"xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>more than 2 stanzas waiting</text>"
         b"</error></message>")
 
 
 def test_backend_not_ready_in_time_bounces_remote_server_timeout(proxy):
-    """When the backend stream is not up within queue_timeout, every waiting stanza is
-    bounced with remote-server-timeout, except error stanzas; the next one retries."""
+    """A stanza waiting max_age for the backend stream is bounced with
+    remote-server-timeout (error stanzas are not); a later one waits on the same
+    connection attempt."""
     p, reactor, bounces = proxy
-    p.deliver([message(1), message(2, "error")])
-    reactor.advance(4.9)
+    p.route([message(1), message(2, "error")])
+    reactor.advance(4)
     assert bounces.value() == b""
-    reactor.advance(0.2)
+    reactor.advance(1)
     assert bounces.value().count(b"<remote-server-timeout ") == 1
     assert b"id='m1'" in bounces.value() and b"id='m2'" not in bounces.value()
-    assert p.links == {}
-    p.deliver([message(3)])
-    assert len(reactor.tcpClients) == 2
+    p.route([message(3)])
+    assert len(reactor.tcpClients) == 1
+    link = p.to_backend.links[("remote.example", "local.example")]
+    assert [s.id for s, _ in link.queue] == ["m3"]
 
 
 def test_backend_connection_refused_bounces_remote_server_not_found(proxy):
     """A refused connection to ejabberd bounces what waited with remote-server-not-found."""
     p, reactor, bounces = proxy
-    p.deliver([message(1)])
+    p.route([message(1)])
     factory = reactor.tcpClients[0][2]
-    factory.clientConnectionFailed(None, type("F", (), {
-        "getErrorMessage": lambda self: "Connection refused"})())
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
     assert b"<remote-server-not-found " in bounces.value()
-    assert p.links == {}
+    assert b"backend 127.0.0.1:15269 unreachable: Connection was refused" in bounces.value()
 
 
 @pytest.mark.parametrize("name, answered", [

@@ -90,6 +90,9 @@ def test_inbound_message_bounced_when_ejabberd_is_down(federation):
     assert err.from_.startswith("alice@local.test"), err
     assert "remote-server-not-found" in err.xml, err.xml
     log = proxy.log_text()
-    assert re.search(r"backend stream for remote\.test -> local\.test failed: "
-                     r"remote-server-not-found .*; bouncing 1 stanza", log), log[-3000:]
+    assert re.search(r"backend stream remote\.test -> local\.test failed: "
+                     r"remote-server-not-found backend 127\.0\.0\.1:15269 unreachable", log), \
+        log[-3000:]
+    assert len(re.findall(r"bouncing <Stanza message type=chat .* with "
+                          r"remote-server-not-found", log)) == 1, log[-3000:]
     print(f"\nbounce received by bob {elapsed:.2f}s after sending")

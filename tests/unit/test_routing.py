@@ -1,0 +1,138 @@
+"""The router: routing choices, queue limits and ages, bounces, back-off, idle close,
+and streams closing with stanzas waiting."""
+
+from __future__ import annotations
+
+from s2sproxy.core.routing import Bounce, Close, LinkState, Open, Router, Write
+from s2sproxy.core.stanza import Stanza
+
+PAIR = ("local.example", "remote.example")
+
+
+def st(n: int, type_: str = "chat") -> Stanza:
+    return Stanza("message", f"<m{n}/>".encode(), "romeo@local.example",
+                  "juliet@remote.example", type_, str(n), None, *PAIR)
+
+
+def router(**kw) -> Router:
+    args = dict(queue_limit=3, max_age=10, idle_timeout=60, backoff_after=2,
+                backoff_base=5, backoff_max=40)
+    args.update(kw)
+    return Router(**args)
+
+
+def test_router_first_stanza_opens_a_stream_and_waits():
+    """No link yet: the stanza waits and a stream is opened, once."""
+    r = router()
+    assert r.send(PAIR, [st(1)], 0) == [Open(PAIR)]
+    assert r.send(PAIR, [st(2)], 1) == []
+    assert r.links[PAIR].state is LinkState.CONNECTING
+
+
+def test_router_ready_flushes_queue_in_order_with_one_write():
+    """When the stream is ready, everything waiting goes out in one write, in order."""
+    r = router()
+    r.send(PAIR, [st(1), st(2)], 0)
+    assert r.stream_ready(PAIR, "s1", 1) == [Write("s1", b"<m1/><m2/>")]
+    assert r.send(PAIR, [st(3)], 2) == [Write("s1", b"<m3/>")]
+
+
+def test_router_queue_limit_bounces_resource_constraint():
+    """Beyond queue_limit the stanza is bounced at once."""
+    r = router()
+    ops = r.send(PAIR, [st(i) for i in range(5)], 0)
+    assert [type(o) for o in ops] == [Bounce, Bounce, Open]
+    assert [o.stanza.id for o in ops[:2]] == ["3", "4"]
+    assert ops[0].condition == "resource-constraint"
+
+
+def test_router_age_limit_bounces_remote_server_timeout():
+    """A stanza waiting max_age seconds is bounced with remote-server-timeout."""
+    r = router()
+    r.send(PAIR, [st(1)], 0)
+    r.send(PAIR, [st(2)], 5)
+    assert r.tick(9.9) == []
+    ops = r.tick(10)
+    assert [(type(o), o.stanza.id, o.condition, o.text) for o in ops] == \
+        [(Bounce, "1", "remote-server-timeout", "not delivered within 10 s")]
+    assert [s.id for s, _ in r.links[PAIR].queue] == ["2"]
+
+
+def test_router_failure_bounces_waiting_and_next_stanza_retries():
+    """A failed stream bounces what waited with its condition; the next stanza retries."""
+    r = router()
+    r.send(PAIR, [st(1), st(2)], 0)
+    ops = r.stream_failed(PAIR, "remote-server-not-found", "no such host", 1)
+    assert [(o.stanza.id, o.condition) for o in ops] == \
+        [("1", "remote-server-not-found"), ("2", "remote-server-not-found")]
+    assert r.send(PAIR, [st(3)], 2) == [Open(PAIR)]
+
+
+def test_router_repeated_failures_back_off_then_retry():
+    """After two failures in a row, stanzas bounce at once until the back-off ends."""
+    r = router()
+    r.send(PAIR, [st(1)], 0)
+    r.stream_failed(PAIR, "remote-server-not-found", "", 1)
+    r.tick(2)                                   # the failure is not forgotten
+    r.send(PAIR, [st(2)], 3)
+    r.stream_failed(PAIR, "remote-server-timeout", "", 4)
+    ops = r.send(PAIR, [st(3)], 5)
+    assert [(type(o), o.condition) for o in ops] == [(Bounce, "remote-server-timeout")]
+    assert r.send(PAIR, [st(4)], 9) == [Open(PAIR)]      # back-off of 5 s is over
+
+
+def test_router_back_off_grows_and_is_capped():
+    """Each further failure doubles the wait, up to backoff_max."""
+    r = router()
+    t = 0.0
+    waits = []
+    for _ in range(6):
+        r.send(PAIR, [st(1)], t)
+        r.stream_failed(PAIR, "remote-server-not-found", "", t)
+        waits.append(r.links[PAIR].retry_at - t if r.links[PAIR].state is LinkState.BACKOFF
+                     else 0)
+        t = r.links[PAIR].retry_at if waits[-1] else t + 1
+    assert waits == [0, 5, 10, 20, 40, 40]
+
+
+def test_router_stream_closed_with_waiting_stanzas_reopens():
+    """A stream that closes does not take waiting stanzas with it: a new one opens."""
+    r = router()
+    r.send(PAIR, [st(1)], 0)
+    r.stream_ready(PAIR, "s1", 1)
+    assert r.stream_closed("s1", 2) == []           # nothing waiting: nothing to do
+    assert r.send(PAIR, [st(2)], 3) == [Open(PAIR)]  # next stanza opens a new stream
+    assert r.stream_ready(PAIR, "s2", 4) == [Write("s2", b"<m2/>")]
+
+
+def test_router_prefers_remote_bidi_stream_over_ours():
+    """A borrowed bidi stream replaces ours, which is closed; ours never replaces it."""
+    r = router()
+    r.send(PAIR, [st(1)], 0)
+    r.stream_ready(PAIR, "ours", 1)
+    assert r.stream_ready(PAIR, "bidi", 2, borrowed=True) == [Close("ours")]
+    assert r.send(PAIR, [st(2)], 3) == [Write("bidi", b"<m2/>")]
+    assert r.stream_ready(PAIR, "ours2", 4) == [Close("ours2")]
+    assert r.ready_handle(PAIR) == "bidi"
+
+
+def test_router_closes_idle_stream_of_ours_but_not_borrowed():
+    """Our stream idle for idle_timeout is closed; a remote's bidi stream is not ours
+    to close."""
+    r = router()
+    r.stream_ready(PAIR, "ours", 0)
+    r.activity(PAIR, 30)
+    assert r.tick(89) == []
+    assert r.tick(90) == [Close("ours")]
+    other = ("local.example", "other.example")
+    r.stream_ready(other, "bidi", 0, borrowed=True)
+    assert r.tick(1000) == []
+
+
+def test_router_forgets_idle_links():
+    """Links with nothing queued, no stream and no recent failure are dropped."""
+    r = router()
+    r.send(PAIR, [st(1)], 0)
+    r.stream_ready(PAIR, "ours", 0)
+    r.tick(60)
+    assert PAIR not in r.links
