@@ -350,3 +350,49 @@ def test_inbound_backend_role_accepts_any_to_and_never_offers_bidi():
     assert actions == [A.SendBytes(our_header(REMOTE, LOCAL, "sid1")
                                    + b"<stream:features><dialback xmlns='urn:xmpp:features:"
                                      b"dialback'><errors/></dialback></stream:features>")]
+
+
+# -- the backend role: ejabberd's own outgoing streams ----------------------------------
+
+EJ_HEADER = HEADER.replace(b"to='local.example' from='remote.example'",
+                           b"to='remote.example' from='local.example'")
+
+
+def backend_stream():
+    s = inbound(Role.BACKEND)
+    s.config.starttls_available = False
+    s.handle(E.DataReceived(EJ_HEADER))
+    return s
+
+
+def test_inbound_backend_db_result_is_verified_with_ejabberd():
+    """ejabberd's db:result for a served domain asks for verification (the shell
+    sends db:verify to ejabberd's internal listener); valid authenticates the pair."""
+    s = backend_stream()
+    actions = s.handle(E.DataReceived(
+        f"<db:result from='{LOCAL}' to='{REMOTE}'>k3y</db:result>".encode()))
+    assert actions == [A.VerifyDialback(LOCAL, REMOTE, "sid1", "k3y")]
+    actions = merge(s.handle(E.DialbackVerdict(LOCAL, REMOTE, True)))
+    assert actions == [A.Authenticated(LOCAL, REMOTE, "dialback"),
+                       A.SendBytes(f"<db:result from='{REMOTE}' to='{LOCAL}' "
+                                   f"type='valid'/>".encode())]
+    msg = b"<message from='romeo@local.example' to='juliet@remote.example'/>"
+    assert merge(s.handle(E.DataReceived(msg))) == [("deliver", [msg])]
+
+
+def test_inbound_backend_db_result_for_unserved_domain_is_forbidden():
+    """The backend listener only speaks for served domains."""
+    s = backend_stream()
+    actions = merge(s.handle(E.DataReceived(
+        f"<db:result from='evil.example' to='{REMOTE}'>k</db:result>".encode())))
+    assert b"<forbidden xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>" in actions[0].data
+    assert not s.pending_dialback
+
+
+def test_inbound_backend_header_from_unserved_domain_is_invalid_from():
+    """A backend stream claiming a domain we do not serve is refused: invalid-from."""
+    s = inbound(Role.BACKEND)
+    actions = merge(s.handle(E.DataReceived(
+        EJ_HEADER.replace(b"from='local.example'", b"from='evil.example'"))))
+    assert actions[-1] == A.CloseConnection("invalid-from",
+                                            "evil.example is not served behind this proxy")

@@ -145,3 +145,128 @@ def test_outbound_stanza_on_unidirectional_stream_is_refused():
     actions = merge(s.handle(E.DataReceived(b"<message from='a@local.example' "
                                             b"to='b@remote.example'/>")))
     assert actions[-1].condition == "unsupported-stanza-type"
+
+
+# -- toward a remote server: EXTERNAL, dialback fallback, bidi, certificate policy ------
+
+from s2sproxy.core.inbound import TrustPolicy  # noqa: E402
+from tests.unit.helpers import certificate  # noqa: E402
+
+REMOTE_HEADER = PEER_HEADER.replace(b"from='local.example'", b"from='remote.example'")
+REMOTE_HEADER2 = REMOTE_HEADER.replace(b"ej1", b"ej2")
+REMOTE_HEADER3 = REMOTE_HEADER.replace(b"ej1", b"ej3")
+# What Prosody 0.12 offers an authenticated-by-certificate peer after TLS.
+PROSODY_FEATURES = (b"<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+                    b"<mechanism>EXTERNAL</mechanism></mechanisms>"
+                    b"<bidi xmlns='urn:xmpp:features:bidi'/>"
+                    b"<dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback>"
+                    b"</stream:features>")
+OUR_REMOTE_HEADER = (b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+                     b"xmlns:stream='http://etherx.jabber.org/streams' "
+                     b"xmlns:db='jabber:server:dialback' from='local.example' "
+                     b"to='remote.example' version='1.0' xml:lang='en'>")
+
+
+def to_remote(trust=None, direct_tls=False):
+    return OutboundStream(OutboundConfig(
+        Mode.ORIGINATE, LOCAL, REMOTE, KEYS, 20000, 16, tls="required", timeout=5,
+        request_bidi=True, sasl_external=True, trust=trust or TrustPolicy(),
+        direct_tls=direct_tls))
+
+
+def secured(s, tls_event):
+    """Drive ``s`` through STARTTLS; return the actions of the TLS event."""
+    s.start()
+    s.handle(E.DataReceived(REMOTE_HEADER + FEATURES_TLS))
+    s.handle(E.DataReceived(f"<proceed xmlns='{NS_TLS}'/>".encode()))
+    return s.handle(tls_event)
+
+
+def test_outbound_remote_requests_bidi_then_sasl_external():
+    """Toward a remote: bidi is requested when offered, then SASL EXTERNAL with our
+    domain as authzid; success restarts the stream and the next features make it ready."""
+    _ca, _ck, leaf, _k = certificate(REMOTE)
+    s = to_remote()
+    assert secured(s, E.TlsEstablished(True, leaf)) == [A.SendBytes(OUR_REMOTE_HEADER)]
+    assert s.peer_verified
+    actions = merge(s.handle(E.DataReceived(REMOTE_HEADER2 + PROSODY_FEATURES)))
+    assert actions == [A.SendBytes(b"<bidi xmlns='urn:xmpp:bidi'/>"), A.BidiNegotiated(),
+                       A.SendBytes(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' "
+                                   b"mechanism='EXTERNAL'>bG9jYWwuZXhhbXBsZQ==</auth>")]
+    actions = merge(s.handle(E.DataReceived(
+        b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>")))
+    assert actions == [A.SendBytes(OUR_REMOTE_HEADER)]
+    actions = merge(s.handle(E.DataReceived(REMOTE_HEADER3 + b"<stream:features/>")))
+    assert actions == [A.CancelTimer("handshake"), A.StreamReady()]
+    assert (s.auth_method, s.bidi) == ("external", True)
+
+
+def test_outbound_remote_external_failure_falls_back_to_dialback():
+    """When the remote refuses EXTERNAL, dialback is used on the same stream."""
+    s = to_remote()
+    secured(s, E.TlsEstablished(False, None))
+    s.handle(E.DataReceived(REMOTE_HEADER2 + PROSODY_FEATURES))
+    actions = merge(s.handle(E.DataReceived(
+        b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><not-authorized/></failure>")))
+    key = KEYS.key(REMOTE, LOCAL, "ej2")
+    assert actions == [A.SendBytes(f"<db:result from='{LOCAL}' to='{REMOTE}'>{key}"
+                                   f"</db:result>".encode())]
+    actions = merge(s.handle(E.DataReceived(
+        f"<db:result from='{REMOTE}' to='{LOCAL}' type='valid'/>".encode())))
+    assert actions == [A.CancelTimer("handshake"), A.StreamReady()]
+    assert s.auth_method == "dialback"
+
+
+def test_outbound_remote_untrusted_certificate_refused_for_secure_domain():
+    """A remote that must have a valid certificate and has none fails the stream."""
+    s = to_remote(trust=TrustPolicy(secure_domains=frozenset({REMOTE})))
+    actions = merge(secured(s, E.TlsEstablished(False, None)))
+    assert actions[0] == A.StreamFailed("remote-server-not-found",
+                                        f"certificate not valid for {REMOTE}")
+    assert actions[-1].condition == "policy-violation"
+
+
+def test_outbound_remote_stanzas_on_bidi_stream_are_delivered():
+    """On our bidi stream the remote's stanzas to our domain are delivered; one from
+    another domain is invalid-from."""
+    s = to_remote()
+    secured(s, E.TlsEstablished(False, None))
+    s.handle(E.DataReceived(REMOTE_HEADER2 + PROSODY_FEATURES))
+    s.handle(E.DataReceived(b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>"))
+    s.handle(E.DataReceived(f"<db:result from='{REMOTE}' to='{LOCAL}' type='valid'/>"
+                            .encode()))
+    msg = b"<message from='juliet@remote.example' to='romeo@local.example'/>"
+    assert merge(s.handle(E.DataReceived(msg))) == [("deliver", [msg])]
+    actions = merge(s.handle(E.DataReceived(
+        b"<message from='x@evil.example' to='romeo@local.example'/>")))
+    assert actions[-1].condition == "invalid-from"
+
+
+def test_outbound_direct_tls_sends_header_after_handshake():
+    """With Direct TLS nothing is sent before the handshake; then our header."""
+    s = to_remote(direct_tls=True)
+    assert s.start() == [A.SetTimer("handshake", 5)]
+    assert s.handle(E.TlsEstablished(False, None)) == [A.SendBytes(OUR_REMOTE_HEADER)]
+
+
+def test_outbound_clean_close_waits_for_peer():
+    """Our close sends </stream:stream> and waits for the peer's before closing."""
+    s = backend("never")
+    s.start()
+    s.handle(E.DataReceived(PEER_HEADER + FEATURES_PLAIN))
+    s.handle(E.DataReceived(f"<db:result from='{LOCAL}' to='{REMOTE}' type='valid'/>"
+                            .encode()))
+    assert s.close(wait=7) == [A.SendBytes(b"</stream:stream>"), A.SetTimer("close", 7)]
+    assert s.close() == []
+    assert merge(s.handle(E.DataReceived(b"</stream:stream>"))) == [
+        A.CancelTimer("close"), A.CloseConnection()]
+
+
+def test_outbound_clean_close_gives_up_after_timer():
+    """A peer that never answers our </stream:stream> is disconnected by the timer."""
+    s = backend("never")
+    s.start()
+    s.handle(E.DataReceived(PEER_HEADER + FEATURES_PLAIN))
+    s.close()
+    assert s.handle(E.TimerFired("close")) == [A.CloseConnection()]
+    assert s.state is OutboundState.CLOSED
