@@ -162,3 +162,19 @@ def test_twistd_exits_non_zero_with_one_line(conf, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "s2sproxy: configuration error: backend.port: must be a port number 1-65535, not 0"]
+
+
+def test_config_example_file_is_valid(conf, tmp_path):
+    """deploy/s2sproxy.example.toml, with a real certificate, loads: every key it shows
+    is a key s2sproxy knows, with a valid value."""
+    import pathlib
+    import tomllib
+    from s2sproxy.config import parse
+    example = pathlib.Path(__file__).resolve().parents[2] / "deploy" / "s2sproxy.example.toml"
+    data = tomllib.loads(example.read_text())
+    data["domain"] = [{"name": "local.example", "certificate": "local.crt",
+                       "key": "local.key"}]
+    data["secret_file"] = "secret"
+    s = parse(data, base=tmp_path)
+    assert (s.queue.limit, s.idle_timeout, s.backend.trusted_addresses) == \
+        (1000, 600.0, frozenset())
