@@ -136,3 +136,19 @@ def test_router_forgets_idle_links():
     r.stream_ready(PAIR, "ours", 0)
     r.tick(60)
     assert PAIR not in r.links
+
+
+def test_router_pairs_are_independent():
+    """Several local domains and several remotes: each pair has its own stream, queue
+    and failures; one failing pair does not touch the others."""
+    r = router()
+    a = ("one.example", "remote.example")
+    b = ("two.example", "remote.example")
+    c = ("one.example", "other.example")
+    assert [r.send(p, [st(1)], 0) for p in (a, b, c)] == [[Open(a)], [Open(b)], [Open(c)]]
+    r.stream_ready(a, "sa", 1)
+    assert [o.condition for o in r.stream_failed(b, "remote-server-not-found", "", 1)] == \
+        ["remote-server-not-found"]
+    assert r.send(a, [st(2)], 2) == [Write("sa", b"<m2/>")]
+    assert r.links[c].state is LinkState.CONNECTING
+    assert r.stream_ready(c, "sc", 3) == [Write("sc", b"<m1/>")]
