@@ -196,7 +196,8 @@ class OutboundStream(StreamBase):
             self._send(f"<bidi xmlns='{NS_BIDI}'/>".encode())
             self.bidi = True
             self._emit(A.BidiNegotiated())
-        mechanisms = [m.text for m in tree.iterfind(f"{{{NS_SASL}}}mechanisms/{{{NS_SASL}}}mechanism")]
+        mechanisms = [m.text for m in
+                      tree.iterfind(f"{{{NS_SASL}}}mechanisms/{{{NS_SASL}}}mechanism")]
         if c.sasl_external and self.secure and "EXTERNAL" in mechanisms \
                 and not self._external_failed:
             authzid = base64.b64encode(c.originating.encode()).decode()

@@ -37,7 +37,8 @@ from s2sproxy.logs import get_logger
 from s2sproxy.tx.backend_dns import make_factories
 from s2sproxy.tx.protocol import StreamProtocol
 from s2sproxy.tx.resolver import RemoteResolver
-from s2sproxy.tx.tls import ClientCreator, ContextFactory, ServerContexts, TrustStore
+from s2sproxy.tx.tls import (ClientContexts, ClientCreator, ContextFactory, ServerContexts,
+                             TrustStore)
 
 log = get_logger(__name__)
 
@@ -93,6 +94,7 @@ class Proxy(service.MultiService):
         backend_identity = (b.certificate, b.key) if b.certificate else None
         self.backend_ctx = ServerContexts(settings.domains, alpn=False,
                                           extra=backend_identity)
+        self.client_ctx = ClientContexts()
         self.resolver = RemoteResolver(settings.remotes, settings.nameservers, reactor)
         q = settings.queue
         routers = dict(queue_limit=q.limit, max_age=q.max_age,
@@ -175,7 +177,7 @@ class Proxy(service.MultiService):
         if factory.label == "remote":
             d = self.settings.domains.get(factory.stream.config.originating)
             identity = (d.certificate, d.key) if d else None
-        return ClientCreator(server_name, alpn=alpn, identity=identity)
+        return self.client_ctx.creator(server_name, alpn=alpn, identity=identity)
 
     def check_peer(self, proto: StreamProtocol) -> E.TlsEstablished:
         ok, cert = self.trust.check(proto.tls_connection())

@@ -110,26 +110,40 @@ class ContextFactory:
 
 @implementer(IOpenSSLClientConnectionCreator)
 class ClientCreator:
-    """IOpenSSLClientConnectionCreator: SNI and ALPN per connection, optional client
-    certificate (our served domain's, so that remotes may use SASL EXTERNAL later)."""
+    """IOpenSSLClientConnectionCreator: a shared context, SNI per connection."""
 
-    def __init__(self, server_name: str, alpn: bool = False,
-                 identity: tuple[Path, Path] | None = None) -> None:
-        ctx = _base_context()
-        ctx.set_verify(SSL.VERIFY_PEER, _accept_any)
-        if identity:
-            _load_identity(ctx, *identity)
-        if alpn:
-            ctx.set_alpn_protos([ALPN_XMPP_SERVER])
+    def __init__(self, ctx: SSL.Context, server_name: str) -> None:
         self._ctx = ctx
         self._name = server_name.encode("idna")
 
     def clientConnectionForTLS(self, tls_protocol: object) -> SSL.Connection:  # noqa: N802
         conn = SSL.Connection(self._ctx, None)
         conn.set_app_data(tls_protocol)
-        conn.set_tlsext_host_name(self._name)
+        if self._name:
+            conn.set_tlsext_host_name(self._name)
         conn.set_connect_state()
         return conn
+
+
+class ClientContexts:
+    """Client contexts, one per (identity, ALPN) and made once: the identity is our
+    served domain's certificate, presented so that remotes may use SASL EXTERNAL."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, SSL.Context] = {}
+
+    def creator(self, server_name: str, alpn: bool = False,
+                identity: tuple[Path, Path] | None = None) -> ClientCreator:
+        key = (identity, alpn)
+        ctx = self._cache.get(key)
+        if ctx is None:
+            ctx = self._cache[key] = _base_context()
+            ctx.set_verify(SSL.VERIFY_PEER, _accept_any)
+            if identity:
+                _load_identity(ctx, *identity)
+            if alpn:
+                ctx.set_alpn_protos([ALPN_XMPP_SERVER])
+        return ClientCreator(ctx, server_name)
 
 
 class TrustStore:
