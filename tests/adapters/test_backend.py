@@ -9,7 +9,13 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.names import dns, error
 from twisted.python.failure import Failure
 
+from twisted.internet import defer
+
 from s2sproxy.config import parse
+from s2sproxy.core import actions as A
+from s2sproxy.core import events as E
+from s2sproxy.core.dialback import DialbackKeys
+from s2sproxy.core.inbound import InboundConfig, InboundStream, Role
 from s2sproxy.core.stanza import Stanza
 from s2sproxy.tx.backend_dns import BackendSrvResolver
 from s2sproxy.tx.service import Proxy
@@ -103,3 +109,44 @@ def test_backend_dns_answers_only_xmpp_server_srv(name, answered):
             (dns.SRV, b"localhost", 15270)
     else:
         results[0].trap(error.DomainError)
+
+
+def _backend_requester(peer: str):
+    stream = InboundStream(InboundConfig(Role.BACKEND, frozenset({"local.example"}),
+                                         DialbackKeys(b"k" * 32), lambda: "sid", 10000, 16))
+    stream.handle(E.DataReceived(
+        b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/"
+        b"streams' xmlns:db='jabber:server:dialback' from='local.example' "
+        b"to='remote.example' version='1.0'><db:result from='local.example' "
+        b"to='remote.example'>key</db:result>"))
+    ran = []
+    requester = type("R", (), {"stream": stream, "peer": peer,
+                               "run": lambda self, actions: ran.extend(actions)})()
+    return requester, ran
+
+
+@pytest.mark.parametrize("peer, trusted", [("127.0.0.1:40000", True),
+                                           ("127.0.0.2:40000", False)])
+def test_backend_db_result_trusted_by_source_address(tmp_path, peer, trusted):
+    """With backend.trusted_addresses, ejabberd's db:result from that address is
+    accepted without a db:verify; from elsewhere, ejabberd is asked."""
+    ca, _ck, leaf, key = certificate("local.example")
+    (tmp_path / "l.crt").write_bytes(pem(leaf))
+    (tmp_path / "l.key").write_bytes(pem(key))
+    settings = parse({
+        "secret_file": "secret",
+        "domain": [{"name": "local.example", "certificate": "l.crt", "key": "l.key"}],
+        "backend": {"trusted_addresses": ["127.0.0.1"]},
+        "dns": {"nameservers": ["127.0.0.1:1"]},
+    }, base=tmp_path)
+    reactor = MemoryReactorClock()
+    p = Proxy(settings, reactor)
+    requester, ran = _backend_requester(peer)
+    defer.ensureDeferred(p.verify_dialback(
+        requester, A.VerifyDialback("local.example", "remote.example", "sid", "key")))
+    if trusted:
+        assert reactor.tcpClients == []
+        assert A.Authenticated("local.example", "remote.example", "dialback") in ran
+    else:
+        assert [c[:2] for c in reactor.tcpClients] == [("127.0.0.1", 15269)]
+        assert ran == []

@@ -124,6 +124,11 @@ def test_conversation_both_ways_over_one_bidi_connection(federation, first):
     sessions = [s for s in fed.prosody.s2s_sessions() if s["remote"] == "local.test"]
     assert [s["dir"] for s in sessions] == ["<->"], fed.prosody.s2s_show()
     assert seen["disco"] == [True, True], seen
+    # ejabberd's own outgoing stream was checked with ejabberd (db:verify to its
+    # internal listener) before anything it sent was relayed.
+    assert re.search(r"backend-in stream authenticated: local\.test -> remote\.test "
+                     r"method=dialback", log), log[-5000:]
+    assert "dialback verification local.test -> remote.test: valid" in log
     ej = fed.ejabberd.log_text()
     assert "Unexpected info" not in ej
     print(f"\n[{first} first] {MESSAGES} messages each way, pings {seen['pings']}, "
