@@ -89,6 +89,29 @@ class RemoteOverride:
 
 
 @dataclass(frozen=True)
+class PolicySettings:
+    actions: dict[str, str]
+    answer_pings: bool
+    iq_timeout: float
+    iq_max_pending: int
+    caps_cache: bool
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    whitespace: float       # send a space after this long without sending anything
+    ping: float             # send an XEP-0199 ping after this long without receiving
+    timeout: float          # ... and declare the peer dead if nothing comes back
+
+
+@dataclass(frozen=True)
+class Flags:
+    json_log: Path | None
+    quarantine: Path | None
+    quarantine_max_bytes: int
+
+
+@dataclass(frozen=True)
 class Settings:
     domains: dict[str, Domain]
     starttls_listeners: tuple[str, ...]
@@ -105,12 +128,16 @@ class Settings:
     auth_timeout: float
     idle_timeout: float
     nameservers: tuple[tuple[str, int], ...]
+    policy: PolicySettings
+    keepalive: Keepalive
+    flags: Flags
+    metrics_listen: str | None
     log_level: str
     source: Path = field(default=Path("."))
 
 
 _TOP_KEYS = {"secret_file", "domain", "public", "backend", "queue", "trust", "remote",
-             "limits", "timeouts", "dns", "log"}
+             "limits", "timeouts", "dns", "policy", "keepalive", "flags", "metrics", "log"}
 
 
 def load(path: str | os.PathLike) -> Settings:
@@ -148,7 +175,16 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
     limits = _table(data, "limits", {"max_stanza_size", "max_depth"})
     timeouts = _table(data, "timeouts", {"connect", "auth", "idle"})
     dns = _table(data, "dns", {"nameservers"})
+    policy = _policy(_table(data, "policy", {"actions", "answer_pings", "iq_timeout",
+                                             "iq_max_pending", "caps_cache"}))
+    ka = _table(data, "keepalive", {"whitespace", "ping", "timeout"})
+    flags = _table(data, "flags", {"json_log", "quarantine", "quarantine_max_bytes"})
+    metrics = _table(data, "metrics", {"listen"})
     log = _table(data, "log", {"level"})
+    metrics_listen = None
+    if "listen" in metrics:
+        metrics_listen = _str(metrics, "metrics.listen", "")
+        _check_server_endpoint(metrics_listen, "metrics.listen")
 
     secret_file = _path(data, "secret_file", base, "/var/lib/s2sproxy/dialback.secret")
     secret = _secret(secret_file)
@@ -174,6 +210,18 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
         idle_timeout=_number(timeouts, "timeouts.idle", 600.0),
         nameservers=tuple(_hostport(v, f"dns.nameservers[{i}]", 53)
                           for i, v in enumerate(_list(dns, "dns.nameservers", []))),
+        policy=policy,
+        keepalive=Keepalive(whitespace=_number(ka, "keepalive.whitespace", 60.0),
+                            ping=_number(ka, "keepalive.ping", 300.0),
+                            timeout=_number(ka, "keepalive.timeout", 60.0)),
+        flags=Flags(
+            json_log=_path(flags, "flags.json_log", base, "x") if "json_log" in flags
+            else None,
+            quarantine=_path(flags, "flags.quarantine", base, "x") if "quarantine" in flags
+            else None,
+            quarantine_max_bytes=_int(flags, "flags.quarantine_max_bytes", 10 * 1024 * 1024,
+                                      4096)),
+        metrics_listen=metrics_listen,
         log_level=level,
         source=source,
     )
@@ -286,6 +334,30 @@ def _remotes(value: Any) -> dict[str, RemoteOverride]:
             raise ConfigError(key, "needs starttls or direct_tls addresses")
         out[domain] = RemoteOverride(starttls, direct)
     return out
+
+
+def _policy(t: dict[str, Any]) -> PolicySettings:
+    from s2sproxy.policy.classify import REASONS  # noqa: PLC0415 (config -> policy only)
+    actions = {name: r.default for name, r in REASONS.items()}
+    given = t.get("actions", {})
+    if not isinstance(given, dict):
+        raise ConfigError("policy.actions", "must be a table of reason = action")
+    for reason, action in given.items():
+        key = f'policy.actions."{reason}"'
+        if reason not in REASONS:
+            raise ConfigError(key, f"unknown reason code (known: {', '.join(REASONS)})")
+        allowed = REASONS[reason].allowed
+        if action not in allowed:
+            raise ConfigError(key, f"must be one of {', '.join(sorted(allowed))}, "
+                                   f"not {action!r}")
+        actions[reason] = action
+    return PolicySettings(
+        actions=actions,
+        answer_pings=_bool(t, "policy.answer_pings", True),
+        iq_timeout=_number(t, "policy.iq_timeout", 120.0),
+        iq_max_pending=_int(t, "policy.iq_max_pending", 10000, 1),
+        caps_cache=_bool(t, "policy.caps_cache", False),
+    )
 
 
 def _secret(path: Path) -> bytes:

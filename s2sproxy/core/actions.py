@@ -80,6 +80,21 @@ class StreamFailed:
     text: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """Something unexpected, with its stable reason code and the action taken
+    (forward, drop, bounce, close).  ``raw`` is the offending element, if any."""
+    reason: str
+    action: str
+    detail: str = ""
+    kind: str = ""
+    type: str | None = None
+    id: str | None = None
+    from_: str | None = None
+    to: str | None = None
+    raw: bytes = b""
+
+
 Action = (SendBytes | StartTls | CloseConnection | Authenticated | BidiNegotiated
           | DeliverStanzas | VerifyDialback | SetTimer | CancelTimer | StreamReady
-          | StreamFailed)
+          | StreamFailed | Flag)

@@ -78,6 +78,7 @@ class InboundConfig:
     trust: TrustPolicy = field(default_factory=TrustPolicy)
     starttls_available: bool = True     # BACKEND: a certificate is configured
     direct_tls: bool = False
+    actions: dict[str, str] = field(default_factory=dict)   # policy.actions
 
 
 _SASL_AUTH = f"{NS_SASL} auth"
@@ -95,6 +96,7 @@ class InboundStream(StreamBase):
     def __init__(self, config: InboundConfig) -> None:
         super().__init__(config.max_size, config.max_depth)
         self.config = config
+        self.stream_actions = config.actions
         self.role = config.role
         self.state = (InboundState.TLS_HANDSHAKE if config.direct_tls
                       else InboundState.HEADER)
@@ -209,18 +211,19 @@ class InboundStream(StreamBase):
                     and self.config.starttls_available:
                 self._starttls(el)
             else:
-                raise RemoteProtocolError("unsupported-stanza-type",
-                                          f"unexpected element {name.split(' ')[1]!r}")
+                self._violation("not-a-stanza", "unsupported-stanza-type",
+                                f"unexpected element {name.split(' ')[1]!r}", el)
         elif self.state is InboundState.STARTTLS:
             if name == _STARTTLS:
                 self._starttls(el)
             elif name == STREAM_ERROR:
                 self._peer_error(el)
             elif kind is not None:
-                raise RemoteProtocolError("not-authorized", "stanza before authentication")
+                self._violation("before-auth", "not-authorized",
+                                "stanza before authentication", el)
             else:
-                raise RemoteProtocolError("policy-violation",
-                                          "STARTTLS is required before anything else")
+                self._violation("before-auth", "policy-violation",
+                                "STARTTLS is required before anything else", el)
         else:
             raise RemoteProtocolError("not-well-formed", "element before stream header")
 
@@ -369,25 +372,30 @@ class InboundStream(StreamBase):
 
     def _stanza(self, kind: str, el: Element) -> None:
         if not self.authenticated_from:
-            raise RemoteProtocolError("not-authorized", "stanza before authentication")
+            return self._violation("before-auth", "not-authorized",
+                                   "stanza before authentication", el)
         attrs = el.attrs
         frm = attrs.get("from")
         to = attrs.get("to")
         if not frm or not to:
-            raise RemoteProtocolError("improper-addressing",
-                                      "stanzas between servers need 'from' and 'to'")
+            return self._violation("improper-addressing", "improper-addressing",
+                                   "stanzas between servers need 'from' and 'to'", el)
         try:
             frm_domain = domain_of(frm)
             to_domain = domain_of(to)
         except InvalidJid:
-            raise RemoteProtocolError("improper-addressing", "malformed JID") from None
+            return self._violation("improper-addressing", "improper-addressing",
+                                   "malformed JID", el)
         if frm_domain not in self.authenticated_from:
-            raise RemoteProtocolError("invalid-from",
-                                      f"{frm_domain} is not authenticated on this stream")
+            return self._violation("invalid-from", "invalid-from",
+                                   f"{frm_domain} is not authenticated on this stream", el)
         if self.role is Role.PUBLIC and to_domain not in self.config.served:
-            raise RemoteProtocolError("host-unknown", f"{to_domain} is not served here")
+            return self._violation("host-unknown", "host-unknown",
+                                   f"{to_domain} is not served here", el)
+        if self.ping_ids and kind == "iq" and self._own_ping_answer(attrs):
+            return None     # the answer to our keepalive ping: consumed here
         stanza = Stanza(kind, el.raw, frm, to, attrs.get("type"), attrs.get("id"),
-                        el.child_ns, frm_domain, to_domain)
+                        el.child_ns, frm_domain, to_domain, el.children)
         out = self._out
         last = out[-1] if out else None
         if type(last) is A.DeliverStanzas:

@@ -77,6 +77,7 @@ class OutboundConfig:
     request_bidi: bool = False
     sasl_external: bool = False  # we present a certificate for ``originating``
     trust: TrustPolicy | None = None   # None: the peer's certificate is not checked
+    actions: dict | None = None        # policy.actions (reason -> close | drop)
 
 
 _PEER_CLOSE_WAIT = 10.0
@@ -88,6 +89,7 @@ class OutboundStream(StreamBase):
     def __init__(self, config: OutboundConfig) -> None:
         super().__init__(config.max_size, config.max_depth)
         self.config = config
+        self.stream_actions = config.actions or {}
         self.state = (OutboundState.TLS_HANDSHAKE if config.direct_tls
                       else OutboundState.HEADER)
         self.stream_id = ""
@@ -164,8 +166,9 @@ class OutboundStream(StreamBase):
                 and self.config.mode is Mode.VERIFY:
             self._verify_result(el)
         elif st is OutboundState.READY:
-            raise RemoteProtocolError("unsupported-stanza-type",
-                                      "stanza on a unidirectional outgoing stream")
+            self._violation("not-a-stanza", "unsupported-stanza-type",
+                            "stanza on a unidirectional outgoing stream"
+                            if name in STANZA_NAMES else "unexpected element", el)
         else:
             raise RemoteProtocolError("unsupported-stanza-type",
                                       f"unexpected {name.split(' ')[1]!r} in state {st.value}")
@@ -270,20 +273,23 @@ class OutboundStream(StreamBase):
         attrs = el.attrs
         frm, to = attrs.get("from"), attrs.get("to")
         if not frm or not to:
-            raise RemoteProtocolError("improper-addressing",
-                                      "stanzas between servers need 'from' and 'to'")
+            return self._violation("improper-addressing", "improper-addressing",
+                                   "stanzas between servers need 'from' and 'to'", el)
         try:
             frm_domain, to_domain = domain_of(frm), domain_of(to)
         except InvalidJid:
-            raise RemoteProtocolError("improper-addressing", "malformed JID") from None
+            return self._violation("improper-addressing", "improper-addressing",
+                                   "malformed JID", el)
         if frm_domain != self.config.receiving:
-            raise RemoteProtocolError("invalid-from",
-                                      f"{frm_domain} is not authenticated on this stream")
+            return self._violation("invalid-from", "invalid-from",
+                                   f"{frm_domain} is not authenticated on this stream", el)
         if to_domain != self.config.originating:
-            raise RemoteProtocolError("host-unknown",
-                                      f"this stream serves {self.config.originating} only")
+            return self._violation("host-unknown", "host-unknown",
+                                   f"this stream serves {self.config.originating} only", el)
+        if self.ping_ids and kind == "iq" and self._own_ping_answer(attrs):
+            return None     # the answer to our keepalive ping: consumed here
         stanza = Stanza(kind, el.raw, frm, to, attrs.get("type"), attrs.get("id"),
-                        el.child_ns, frm_domain, to_domain)
+                        el.child_ns, frm_domain, to_domain, el.children)
         out = self._out
         last = out[-1] if out else None
         if type(last) is A.DeliverStanzas:

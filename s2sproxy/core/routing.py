@@ -184,6 +184,11 @@ class Router:
                     ops.append(Open(link.pair))
         return ops
 
+    def pairs_of(self, handle: Hashable) -> list[Pair]:
+        """The pairs a ready stream carries."""
+        return [p for p, link in self.links.items()
+                if link.handle is handle and link.state is LinkState.READY]
+
     def ready_handle(self, pair: Pair) -> Any:
         link = self.links.get(pair)
         return link.handle if link is not None and link.state is LinkState.READY else None

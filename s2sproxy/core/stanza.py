@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lxml import etree
+
 from s2sproxy.core.serialize import escape as xml_escape
 from s2sproxy.core.xmlstream import NS_SERVER
 
@@ -24,11 +26,12 @@ class Stanza:
     """A message, presence or iq with its original bytes (``raw``)."""
 
     __slots__ = ("kind", "raw", "from_", "to", "type", "id", "child_ns", "from_domain",
-                 "to_domain")
+                 "to_domain", "children")
 
     def __init__(self, kind: str, raw: bytes, from_: str, to: str, type_: str | None,
                  id_: str | None, child_ns: str | None, from_domain: str = "",
-                 to_domain: str = "") -> None:
+                 to_domain: str = "", children: int = 0) -> None:
+        self.children = children
         self.from_domain = from_domain
         self.to_domain = to_domain
         self.kind = kind
@@ -47,6 +50,17 @@ class Stanza:
         """Never an error for an error (RFC 6120 section 8.3.1), nor for an iq result."""
         t = self.type
         return t != "error" and not (self.kind == "iq" and t == "result")
+
+
+_TREE_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+
+
+def stanza_tree(stanza: Stanza) -> etree._Element:
+    """The stanza as an lxml tree, for the few checks that read content.  Its bytes
+    are self-contained (the framer declared any stream-header prefix it uses), so a
+    synthetic root with the default namespace is all it needs."""
+    return etree.fromstring(b"<s xmlns='jabber:server'>" + stanza.raw + b"</s>",
+                            _TREE_PARSER)[0]
 
 
 def bounce_stanza(stanza: Stanza, condition: str, text: str = "") -> Stanza | None:

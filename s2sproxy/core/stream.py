@@ -37,11 +37,20 @@ DB_RESULT = f"{NS_DIALBACK} result"
 DB_VERIFY = f"{NS_DIALBACK} verify"
 
 
+# Parse errors by policy reason; these always close the stream (the parser cannot
+# resynchronise after them).
+_PARSE_REASONS = {"restricted-xml": "restricted-xml", "policy-violation": "oversize",
+                  "not-well-formed": "malformed-xml", "unsupported-encoding": "malformed-xml"}
+_ALWAYS_CLOSE = frozenset({"restricted-xml", "oversize", "malformed-xml", "before-auth"})
+
+
 class StreamBase:
     """Parser management, headers, stream errors.  Subclasses implement
     ``_on_header``, ``_on_element``, ``_on_tls`` and set ``self.state``."""
 
     closed_state: object
+    #: reason code -> "close" | "drop", from the configuration (policy.actions)
+    stream_actions: dict[str, str] = {}
 
     def __init__(self, max_size: int, max_depth: int) -> None:
         self.max_size = max_size
@@ -51,6 +60,8 @@ class StreamBase:
         self.secure = False
         self.peer_closed = False
         self.local_closed = False
+        self.ping_ids: set[str] = set()
+        self._ping_seq = 0
         self._old_parser: XmlStreamParser | None = None
         self._out: list[A.Action] = []
 
@@ -111,9 +122,26 @@ class StreamBase:
                 self._on_closed("")
                 return
             elif isinstance(item, ParseError):
-                raise RemoteProtocolError(item.condition, item.text)
+                self._violation(_PARSE_REASONS.get(item.condition, "malformed-xml"),
+                                item.condition, item.text)
 
     # -- helpers for subclasses ----------------------------------------------------
+
+    def _violation(self, reason: str, condition: str, text: str,
+                   el: Element | None = None) -> None:
+        """Flag an unexpected element with ``reason``; then close the stream with
+        ``condition`` (the default), or drop the element if so configured."""
+        action = "close" if reason in _ALWAYS_CLOSE \
+            else self.stream_actions.get(reason, "close")
+        if el is not None:
+            a = el.attrs
+            self._emit(A.Flag(reason, action, text, el.name.rsplit(" ", 1)[-1],
+                              a.get("type"), a.get("id"), a.get("from"), a.get("to"),
+                              el.raw))
+        else:
+            self._emit(A.Flag(reason, action, text))
+        if action == "close":
+            raise RemoteProtocolError(condition, text)
 
     def _send(self, data: bytes) -> None:
         out = self._out
@@ -168,6 +196,33 @@ class StreamBase:
         self._emit(A.CloseConnection(condition, text))
         self.state = self.closed_state
         self._on_closed(condition)
+
+    def ping(self, frm: str, to: str) -> list[A.Action]:
+        """An XEP-0199 ping of our own; its answer is consumed by this stream."""
+        self._ping_seq += 1
+        pid = f"s2sproxy-ping-{self._ping_seq}"
+        if len(self.ping_ids) >= 4:          # unanswered ones are not kept forever
+            self.ping_ids.pop()
+        self.ping_ids.add(pid)
+        return [A.SendBytes(f"<iq type='get' id='{pid}' from='{xml_escape(frm)}' "
+                            f"to='{xml_escape(to)}'><ping xmlns='urn:xmpp:ping'/></iq>"
+                            .encode())]
+
+    def _own_ping_answer(self, attrs: dict[str, str]) -> bool:
+        pid = attrs.get("id")
+        if pid in self.ping_ids and attrs.get("type") in ("result", "error"):
+            self.ping_ids.discard(pid)
+            return True
+        return False
+
+    def fail(self, condition: str, text: str = "") -> list[A.Action]:
+        """End the stream from our side with a stream error (e.g. a dead peer)."""
+        if self.state is self.closed_state:
+            return []
+        out = self._out = []
+        self._stream_error(condition, text)
+        self._out = []
+        return out
 
     def close(self, wait: float = 10.0) -> list[A.Action]:
         """Close cleanly from our side: ``</stream:stream>``, then wait up to ``wait``

@@ -94,10 +94,11 @@ class Element:
     namespace prefix that only the stream header declared.
     """
 
-    __slots__ = ("name", "attrs", "raw", "end", "child_ns", "_root_decls")
+    __slots__ = ("name", "attrs", "raw", "end", "child_ns", "children", "_root_decls")
 
     def __init__(self, name: str, attrs: dict[str, str], raw: bytes, end: int,
-                 child_ns: str | None, root_decls: bytes) -> None:
+                 child_ns: str | None, root_decls: bytes, children: int = 0) -> None:
+        self.children = children
         self.name = name
         self.attrs = attrs
         self.raw = raw
@@ -155,6 +156,7 @@ class XmlStreamParser:
         self._el_name = ""
         self._el_attrs: dict[str, str] = {}
         self._el_child_ns: str | None = None
+        self._el_children = 0
         self._root_prefixes: list[tuple[bytes, bytes]] = []   # (b"db:", b" xmlns:db='...'")
 
     @property
@@ -251,6 +253,7 @@ class XmlStreamParser:
             self._el_name = name
             self._el_attrs = attrs
             self._el_child_ns = None
+            self._el_children = 0
             if self._el_start > self._consumed:
                 gap = self._buf[self._consumed - self._base:self._el_start - self._base]
                 if not gap.isspace():
@@ -258,8 +261,10 @@ class XmlStreamParser:
             if self._base + len(self._buf) - self._el_start > self.max_size:
                 raise _Abort("policy-violation", f"stanza larger than {self.max_size} bytes")
         elif depth > 2:
-            if depth == 3 and self._el_child_ns is None:
-                self._el_child_ns = name.split(" ", 1)[0]
+            if depth == 3:
+                self._el_children += 1
+                if self._el_child_ns is None:
+                    self._el_child_ns = name.split(" ", 1)[0]
             if depth > self.max_depth + 1:
                 raise _Abort("policy-violation", f"elements nested deeper than "
                                                  f"{self.max_depth}")
@@ -310,7 +315,8 @@ class XmlStreamParser:
                     raw = self._self_contained(raw)
                     break
             self._items.append(Element(self._el_name, self._el_attrs, raw, end,
-                                       self._el_child_ns, self._root_decls))
+                                       self._el_child_ns, self._root_decls,
+                                       self._el_children))
             self._consumed = end
             self._el_start = -1
         elif depth == 1:

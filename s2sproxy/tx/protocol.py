@@ -39,6 +39,10 @@ class StreamProtocol(Protocol):
         self.timers: dict[str, IDelayedCall] = {}
         self.peer = ""
         self.closing = False
+        now = clock.seconds()
+        self.last_rx = now          # keepalive bookkeeping (see Proxy._keepalive)
+        self.last_tx = now
+        self.ping_sent_at: float | None = None
 
     # -- Twisted callbacks -----------------------------------------------------------
 
@@ -50,7 +54,13 @@ class StreamProtocol(Protocol):
             self.run(start())
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.last_rx = self.clock.seconds()
         self.run(self.stream.handle(E.DataReceived(data)))
+
+    def write(self, data: bytes) -> None:
+        if not self.closing:
+            self.last_tx = self.clock.seconds()
+            self.transport.write(data)
 
     def handshakeCompleted(self) -> None:  # noqa: N802
         self.run(self.stream.handle(self.owner.check_peer(self)))
@@ -76,8 +86,7 @@ class StreamProtocol(Protocol):
         for a in actions:
             t = type(a)
             if t is A.SendBytes:
-                if not self.closing:
-                    self.transport.write(a.data)
+                self.write(a.data)
             elif t is A.StartTls:
                 self.owner.start_tls(self, a.server_name)
             elif t is A.CloseConnection:

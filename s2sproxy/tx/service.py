@@ -29,12 +29,16 @@ from s2sproxy.core import actions as A
 from s2sproxy.core import events as E
 from s2sproxy.core import routing as R
 from s2sproxy.core.dialback import DialbackKeys
-from s2sproxy.core.inbound import InboundConfig, InboundStream, Role, TrustPolicy
-from s2sproxy.core.outbound import Mode, OutboundConfig, OutboundStream
+from s2sproxy.core.inbound import (InboundConfig, InboundState, InboundStream, Role,
+                                   TrustPolicy)
+from s2sproxy.core.outbound import Mode, OutboundConfig, OutboundState, OutboundStream
 from s2sproxy.core.srv import Target
 from s2sproxy.core.stanza import Stanza, bounce_stanza
 from s2sproxy.logs import get_logger
+from s2sproxy.metrics import Metrics
+from s2sproxy.policy.classify import BOUNCE, CLOSE, FORWARD, Policy, PolicyConfig
 from s2sproxy.tx.backend_dns import make_factories
+from s2sproxy.tx.flags import FlagRecorder
 from s2sproxy.tx.protocol import StreamProtocol
 from s2sproxy.tx.resolver import RemoteResolver
 from s2sproxy.tx.tls import (ClientContexts, ClientCreator, ContextFactory, ServerContexts,
@@ -67,6 +71,7 @@ class _OutboundFactory(ClientFactory):
     def buildProtocol(self, addr):  # noqa: N802
         proto = StreamProtocol(self.stream, self.proxy, self.proxy.reactor, self.label)
         proto.factory = self
+        self.proxy.streams.add(proto)
         if not self.connected.called:
             self.connected.callback(proto)
         return proto
@@ -84,9 +89,9 @@ class Proxy(service.MultiService):
         self.reactor = reactor
         self.keys = DialbackKeys(settings.secret)
         self.trust = TrustStore(settings.trust)
-        self.policy = TrustPolicy(settings.trust.require_valid_certificates,
-                                  settings.trust.secure_domains,
-                                  settings.trust.insecure_domains)
+        self.trust_policy = TrustPolicy(settings.trust.require_valid_certificates,
+                                        settings.trust.secure_domains,
+                                        settings.trust.insecure_domains)
         self.served = frozenset(settings.domains)
         self.public_ctx = ServerContexts(settings.domains, alpn=False)
         self.direct_ctx = ServerContexts(settings.domains, alpn=True)
@@ -103,6 +108,14 @@ class Proxy(service.MultiService):
         self.to_backend = R.Router(**routers)
         self.to_remote = R.Router(**routers)
         self.streams: set[StreamProtocol] = set()
+        p = settings.policy
+        self.policy = Policy(PolicyConfig(dict(p.actions), p.answer_pings, p.iq_timeout,
+                                          p.iq_max_pending, p.caps_cache), self.served)
+        self.stream_actions = dict(p.actions)
+        self.metrics = Metrics()
+        f = settings.flags
+        self.flags = FlagRecorder(self.metrics, f.json_log, f.quarantine,
+                                  f.quarantine_max_bytes)
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = reactor
         self._build_listeners()
@@ -113,8 +126,9 @@ class Proxy(service.MultiService):
         s = self.settings
         cfg = InboundConfig(role=role, served=self.served, keys=self.keys,
                             new_stream_id=new_stream_id, max_size=s.max_stanza_size,
-                            max_depth=s.max_depth, trust=self.policy,
-                            starttls_available=True, direct_tls=direct_tls)
+                            max_depth=s.max_depth, trust=self.trust_policy,
+                            starttls_available=True, direct_tls=direct_tls,
+                            actions=self.stream_actions)
         label = {Role.PUBLIC: "public", Role.BACKEND: "backend-in"}[role]
         proxy = self
 
@@ -143,6 +157,14 @@ class Proxy(service.MultiService):
                            reactor=self.reactor).setServiceParent(self)
         internet.TCPServer(s.backend.dns_port, tcp_f, interface=s.backend.dns_address,
                            reactor=self.reactor).setServiceParent(self)
+        if s.metrics_listen:
+            from prometheus_client.twisted import MetricsResource
+            from twisted.web.resource import Resource
+            from twisted.web.server import Site
+            root = Resource()
+            root.putChild(b"metrics", MetricsResource(registry=self.metrics.registry))
+            strports.service(s.metrics_listen, Site(root),
+                             reactor=self.reactor).setServiceParent(self)
 
     def startService(self):  # noqa: N802
         super().startService()
@@ -159,6 +181,48 @@ class Proxy(service.MultiService):
         now = self.reactor.seconds()
         for router in (self.to_backend, self.to_remote):
             self._run_ops(router, router.tick(now))
+        expired = self.policy.expired(now)
+        if expired:
+            self.metrics.iq_timeouts.inc(len(expired))
+            self._answer_unanswered(expired, "no answer in time")
+        self._keepalive(now)
+        self.metrics.pending_iqs.set(len(self.policy.iqs))
+
+    def _answer_unanswered(self, requests: list[Stanza], why: str) -> None:
+        for req in requests:
+            log.info("iq {id} from {requester} to {responder} unanswered ({why}): "
+                     "remote-server-timeout", id=req.id, requester=req.from_,
+                     responder=req.to, why=why)
+            self.bounce(req, "remote-server-timeout", why)
+
+    def _keepalive(self, now: float) -> None:
+        """Whitespace after ``keepalive.whitespace`` of silence from us; on streams that
+        can carry our stanzas, an XEP-0199 ping after ``keepalive.ping`` of silence
+        from the peer, and the stream ended if nothing at all comes back within
+        ``keepalive.timeout``."""
+        ka = self.settings.keepalive
+        for proto in list(self.streams):
+            st = proto.stream
+            if proto.closing or st.local_closed or \
+                    st.state not in (InboundState.OPEN, OutboundState.READY):
+                continue
+            if now - proto.last_tx >= ka.whitespace:
+                proto.write(b" ")
+            ends = _ping_ends(st)
+            if ends is None:
+                continue
+            if proto.ping_sent_at is not None and proto.last_rx > proto.ping_sent_at:
+                proto.ping_sent_at = None
+            if proto.ping_sent_at is None:
+                if now - proto.last_rx >= ka.ping:
+                    proto.ping_sent_at = now
+                    proto.run(st.ping(*ends))
+            elif now - proto.ping_sent_at >= ka.timeout:
+                log.warn("{label} stream {peer} to {remote} dead: no answer to a keepalive "
+                         "ping in {timeout:g} s", label=proto.label, peer=proto.peer,
+                         remote=ends[1], timeout=ka.timeout)
+                self.metrics.dead_peers.labels(ends[1]).inc()
+                proto.run(st.fail("connection-timeout", "no answer to keepalive ping"))
 
     # -- what StreamProtocol asks of its owner ------------------------------------------
 
@@ -187,8 +251,12 @@ class Proxy(service.MultiService):
         """The stream is closing or closed: no router may write to it any more."""
         self.streams.discard(proto)
         now = self.reactor.seconds()
+        carried = [pair for router in (self.to_backend, self.to_remote)
+                   for pair in router.pairs_of(proto)]
         for router in (self.to_backend, self.to_remote):
             self._run_ops(router, router.stream_closed(proto, now))
+        for pair in carried:
+            self._answer_unanswered(self.policy.stream_died(pair), "stream closed")
 
     def stream_action(self, proto: StreamProtocol, a: Any) -> None:
         t = type(a)
@@ -196,7 +264,9 @@ class Proxy(service.MultiService):
             factory = getattr(proto, "factory", None)
             if factory is not None and factory.label == "remote":
                 self.to_remote.activity(factory.pair, self.reactor.seconds())
-            self.route(a.stanzas)
+            self.route(a.stanzas, proto)
+        elif t is A.Flag:
+            self._flag(a, proto)
         elif t is A.Authenticated:
             st = proto.stream
             log.info("{label} stream authenticated: {originating} -> {receiving} "
@@ -252,21 +322,77 @@ class Proxy(service.MultiService):
 
     # -- routing -----------------------------------------------------------------------
 
-    def route(self, stanzas: list[Stanza]) -> None:
-        """Hand stanzas to the router of their direction, one batch per domain pair."""
+    def route(self, stanzas: list[Stanza], source: StreamProtocol | None = None) -> None:
+        """Classify stanzas (policy) and hand those to forward to the router of their
+        direction, one batch per domain pair."""
+        now = self.reactor.seconds()
+        check = self.policy.check
+        passed = []
+        for s in stanzas:
+            outcome = check(s, now)
+            if outcome is None or self._apply(s, outcome, source):
+                passed.append(s)
+        self._send(passed, now)
+
+    def send_generated(self, stanzas: list[Stanza]) -> None:
+        """Stanzas s2sproxy wrote itself (answers, bounces): not classified, but an iq
+        answer still settles the request it answers."""
+        for s in stanzas:
+            if s.kind == "iq" and s.type in ("result", "error"):
+                self.policy.iqs.response(s)
+        self._send(stanzas, self.reactor.seconds())
+
+    def _send(self, stanzas: list[Stanza], now: float) -> None:
         batches: dict[R.Pair, list[Stanza]] = {}
         for s in stanzas:
             batches.setdefault((s.from_domain, s.to_domain), []).append(s)
-        now = self.reactor.seconds()
         for pair, batch in batches.items():
-            router = self.to_backend if pair[1] in self.served else self.to_remote
+            inbound = pair[1] in self.served
+            router = self.to_backend if inbound else self.to_remote
+            self.metrics.stanzas.labels("inbound" if inbound else "outbound").inc(len(batch))
             self._run_ops(router, router.send(pair, batch, now))
+
+    def _apply(self, s: Stanza, outcome, source: StreamProtocol | None) -> bool:
+        """Run a policy outcome; True when the stanza is still to be forwarded."""
+        if outcome.replies:
+            self.metrics.pings_answered.labels(s.from_domain).inc()
+            log.debug("answered {stanza} here", stanza=repr(s))
+            self.send_generated(outcome.replies)
+        u = outcome.unexpected
+        if u is None:
+            return outcome.forward
+        self._flag(A.Flag(u.reason, u.action, u.detail, s.kind, s.type, s.id, s.from_, s.to,
+                          s.raw), source, s)
+        if u.action == BOUNCE:
+            self.bounce(s, u.condition, u.detail)
+        elif u.action == CLOSE and source is not None:
+            source.run(source.stream.fail(u.condition, u.detail))
+        return u.action == FORWARD
+
+    def _flag(self, flag: A.Flag, proto: StreamProtocol | None,
+              stanza: Stanza | None = None) -> None:
+        """Record a flag with its direction ("inbound": from a remote server toward
+        ejabberd) and peer (the remote domain concerned)."""
+        st = proto.stream if proto is not None else None
+        if stanza is not None:
+            inbound = stanza.to_domain in self.served
+            peer = stanza.from_domain if inbound else stanza.to_domain
+        elif isinstance(st, InboundStream):
+            inbound = st.role is Role.PUBLIC
+            peer = st.remote_domain if inbound else st.local_domain
+        elif isinstance(st, OutboundStream):
+            inbound = proto.factory.label == "remote"
+            peer = st.config.receiving if inbound else st.config.originating
+        else:
+            inbound, peer = False, ""
+        self.flags.record(flag, getattr(st, "stream_id", ""), peer,
+                          "inbound" if inbound else "outbound")
 
     def _run_ops(self, router: R.Router, ops: list[R.Op]) -> None:
         for op in ops:
             t = type(op)
             if t is R.Write:
-                op.handle.transport.write(op.data)
+                op.handle.write(op.data)
             elif t is R.Open:
                 if router is self.to_backend:
                     self._open_backend(op.pair)
@@ -285,7 +411,8 @@ class Proxy(service.MultiService):
             return
         log.info("bouncing {stanza} with {condition}: {text}", stanza=repr(stanza),
                  condition=condition, text=text)
-        self.route([back])
+        self.metrics.bounces.labels(condition).inc()
+        self.send_generated([back])
 
     # -- the backend leg ---------------------------------------------------------------
 
@@ -294,7 +421,8 @@ class Proxy(service.MultiService):
         b = self.settings.backend
         cfg = OutboundConfig(Mode.ORIGINATE, remote, local, self.keys,
                              self.settings.max_stanza_size, self.settings.max_depth,
-                             tls=b.tls, timeout=self.settings.auth_timeout)
+                             tls=b.tls, timeout=self.settings.auth_timeout,
+                             actions=self.stream_actions)
         factory = _OutboundFactory(self, OutboundStream(cfg), "backend", self.to_backend,
                                    pair)
         log.info("backend stream opening for {remote} -> {local}", remote=remote,
@@ -329,7 +457,7 @@ class Proxy(service.MultiService):
                                      s.max_stanza_size, s.max_depth, tls="required",
                                      timeout=s.auth_timeout, direct_tls=target.direct_tls,
                                      request_bidi=True, sasl_external=True,
-                                     trust=self.policy)
+                                     trust=self.trust_policy, actions=self.stream_actions)
                 factory = _OutboundFactory(self, OutboundStream(cfg), "remote",
                                            self.to_remote, pair)
                 log.info("remote connection to {host}:{port} ({kind}) for {local} -> "
@@ -416,3 +544,14 @@ class Proxy(service.MultiService):
                  verdict={True: "valid", False: "invalid"}.get(verdict.valid,
                                                                verdict.condition))
         requester.run(requester.stream.handle(verdict))
+
+
+def _ping_ends(st) -> tuple[str, str] | None:
+    """(from, to) for a keepalive ping on a stream that can carry our stanzas: our own
+    outgoing streams, and a remote's bidi stream; None for one-way inbound streams."""
+    if isinstance(st, OutboundStream):
+        return st.config.originating, st.config.receiving
+    if st.role is Role.PUBLIC and st.bidi and st.authenticated:
+        originating, receiving = next(iter(st.authenticated))
+        return receiving, originating
+    return None

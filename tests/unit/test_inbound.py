@@ -56,6 +56,13 @@ def error_close(condition, text, header=b""):
             A.CloseConnection(condition, text)]
 
 
+def flagged(actions, reason, action="close"):
+    """Assert exactly one Flag with ``reason`` and ``action``; return the other actions."""
+    flags = [a for a in actions if isinstance(a, A.Flag)]
+    assert [(f.reason, f.action) for f in flags] == [(reason, action)], flags
+    return [a for a in actions if not isinstance(a, A.Flag)]
+
+
 def test_inbound_header_gets_header_and_required_starttls():
     """A remote's stream header is answered with ours and STARTTLS as required feature."""
     actions, s = run([], HEADER)
@@ -96,14 +103,15 @@ def test_inbound_after_tls_offers_dialback_and_bidi_but_not_external_without_cer
 def test_inbound_stanza_before_tls_is_not_authorized():
     """A stanza before STARTTLS ends the stream with not-authorized."""
     actions, s = run([E.DataReceived(HEADER)], MESSAGE)
-    assert actions == error_close("not-authorized", "stanza before authentication")
+    assert flagged(actions, "before-auth") == error_close("not-authorized",
+                                                          "stanza before authentication")
 
 
 def test_inbound_dialback_before_tls_is_policy_violation():
     """Dialback before STARTTLS on the public listener is refused: TLS is required."""
     actions, s = run([E.DataReceived(HEADER)], DB_RESULT)
-    assert actions == error_close("policy-violation",
-                                  "STARTTLS is required before anything else")
+    assert flagged(actions, "before-auth") == error_close(
+        "policy-violation", "STARTTLS is required before anything else")
 
 
 def test_inbound_dialback_result_asks_authoritative_server():
@@ -189,29 +197,31 @@ def test_inbound_authenticated_stanzas_are_delivered_as_original_bytes():
 def test_inbound_stanza_before_authentication_is_not_authorized():
     """After TLS but before authentication, a stanza gets not-authorized."""
     actions, s = run(SECURE, MESSAGE)
-    assert actions == error_close("not-authorized", "stanza before authentication")
+    assert flagged(actions, "before-auth") == error_close("not-authorized",
+                                                          "stanza before authentication")
 
 
 def test_inbound_stanza_from_unauthenticated_domain_is_invalid_from():
     """A stanza whose 'from' domain was not authenticated on this stream: invalid-from."""
     data = MESSAGE.replace(b"remote.example/balcony", b"evil.example")
     actions, s = run(DIALBACK_OK, data)
-    assert actions == error_close("invalid-from",
-                                  "evil.example is not authenticated on this stream")
+    assert flagged(actions, "invalid-from") == error_close(
+        "invalid-from", "evil.example is not authenticated on this stream")
 
 
 def test_inbound_stanza_to_unserved_domain_is_host_unknown():
     """A stanza to a domain we do not serve: host-unknown."""
     data = MESSAGE.replace(b"romeo@local.example", b"x@elsewhere.example")
     actions, s = run(DIALBACK_OK, data)
-    assert actions == error_close("host-unknown", "elsewhere.example is not served here")
+    assert flagged(actions, "host-unknown") == error_close(
+        "host-unknown", "elsewhere.example is not served here")
 
 
 def test_inbound_stanza_without_addresses_is_improper_addressing():
     """Server-to-server stanzas need both from and to."""
     actions, s = run(DIALBACK_OK, b"<message to='romeo@local.example'/>")
-    assert actions == error_close("improper-addressing",
-                                  "stanzas between servers need 'from' and 'to'")
+    assert flagged(actions, "improper-addressing") == error_close(
+        "improper-addressing", "stanzas between servers need 'from' and 'to'")
 
 
 def test_inbound_header_for_unserved_domain_is_host_unknown():
@@ -396,3 +406,40 @@ def test_inbound_backend_header_from_unserved_domain_is_invalid_from():
         EJ_HEADER.replace(b"from='local.example'", b"from='evil.example'"))))
     assert actions[-1] == A.CloseConnection("invalid-from",
                                             "evil.example is not served behind this proxy")
+
+
+def test_inbound_own_ping_answer_is_consumed_not_delivered():
+    """Our keepalive ping goes out on the stream; its result never reaches the router,
+    while other stanzas still do."""
+    s = inbound()
+    for ev in DIALBACK_OK:
+        s.handle(ev)
+    assert s.ping(LOCAL, REMOTE) == [A.SendBytes(
+        b"<iq type='get' id='s2sproxy-ping-1' from='local.example' to='remote.example'>"
+        b"<ping xmlns='urn:xmpp:ping'/></iq>")]
+    answer = b"<iq type='result' id='s2sproxy-ping-1' from='remote.example' " \
+             b"to='local.example'/>"
+    assert merge(s.handle(E.DataReceived(answer + MESSAGE))) == [("deliver", [MESSAGE])]
+    assert s.ping_ids == set()
+
+
+def test_inbound_invalid_from_can_be_dropped_instead_of_closing():
+    """With policy.actions invalid-from = drop, the spoofed stanza is flagged and
+    dropped; the stream and the stanzas after it are undisturbed."""
+    s = inbound()
+    s.stream_actions = {"invalid-from": "drop"}
+    for ev in DIALBACK_OK:
+        s.handle(ev)
+    spoofed = MESSAGE.replace(b"remote.example/balcony", b"evil.example")
+    actions = merge(s.handle(E.DataReceived(spoofed + MESSAGE)))
+    assert flagged(actions, "invalid-from", "drop") == [("deliver", [MESSAGE])]
+    assert s.state is InboundState.OPEN
+
+
+def test_inbound_fail_sends_stream_error():
+    """A dead peer's stream is ended with connection-timeout."""
+    s = inbound()
+    for ev in DIALBACK_OK:
+        s.handle(ev)
+    assert s.fail("connection-timeout", "no answer") == error_close("connection-timeout",
+                                                                    "no answer")

@@ -1,0 +1,38 @@
+"""Counters with stable names (Prometheus text format at ``metrics.listen``).
+
+prometheus-client is used rather than hand-written exposition: it gets the format,
+escaping and label handling right.  Each ``Metrics`` has its own registry, so that
+tests (and several proxies in one process) do not share counts.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.flags = Counter("s2sproxy_flags", "Unexpected stanzas by reason code, "
+                             "peer domain and action taken",
+                             ["reason", "peer", "action"], registry=r)
+        self.pings_answered = Counter("s2sproxy_pings_answered",
+                                      "XEP-0199 pings to a served domain answered by "
+                                      "s2sproxy itself", ["peer"], registry=r)
+        self.stanzas = Counter("s2sproxy_stanzas", "Stanzas routed, by direction",
+                               ["direction"], registry=r)
+        self.bounces = Counter("s2sproxy_bounces", "Error stanzas generated for "
+                               "undeliverable stanzas, by condition", ["condition"],
+                               registry=r)
+        self.iq_timeouts = Counter("s2sproxy_iq_timeouts", "iq requests answered with "
+                                   "remote-server-timeout by s2sproxy", registry=r)
+        self.dead_peers = Counter("s2sproxy_dead_peers", "Streams closed because the peer "
+                                  "did not answer a keepalive ping", ["peer"], registry=r)
+        self.streams = Gauge("s2sproxy_streams", "Open streams, by kind", ["kind"],
+                             registry=r)
+        self.pending_iqs = Gauge("s2sproxy_pending_iqs", "iq requests awaiting an answer",
+                                 registry=r)
+
+    def value(self, name: str, **labels: str) -> float:
+        v = self.registry.get_sample_value(name, labels or None)
+        return v or 0.0
