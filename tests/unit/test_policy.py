@@ -1,0 +1,268 @@
+"""The stanza policy: every reason code with its actions, ping answering, the iq
+tracker (match, timeout, stream loss, bound) and XEP-0115 verification strings."""
+
+from __future__ import annotations
+
+import pytest
+from lxml import etree
+
+from s2sproxy.core.stanza import Stanza
+from s2sproxy.policy.caps import InvalidDisco, verification_string
+from s2sproxy.policy.classify import (BOUNCE, DEFAULT_ACTIONS, DROP, FORWARD, REASONS,
+                                      Policy, PolicyConfig)
+from s2sproxy.policy.iq_tracker import IqTracker
+
+LOCAL, REMOTE = "local.example", "remote.example"
+
+
+def stanza(kind="iq", type_="get", id_="q1", frm=f"juliet@{REMOTE}/balcony",
+           to=f"romeo@{LOCAL}/orchard", child_ns="jabber:iq:version", children=1,
+           raw=None) -> Stanza:
+    raw = raw or f"<{kind} type='{type_}' id='{id_}' from='{frm}' to='{to}'/>".encode()
+    return Stanza(kind, raw, frm, to, type_, id_, child_ns, frm.split("@")[-1].split("/")[0],
+                  to.split("@")[-1].split("/")[0], children)
+
+
+def policy(**kw) -> Policy:
+    actions = dict(DEFAULT_ACTIONS)
+    actions.update(kw.pop("actions", {}))
+    return Policy(PolicyConfig(actions=actions, **kw), frozenset({LOCAL}))
+
+
+def answer(req: Stanza, type_="result", frm=None) -> Stanza:
+    return stanza("iq", type_, req.id, frm or req.to, req.from_, None, 0)
+
+
+# -- normal traffic is forwarded without a flag ------------------------------------------
+
+@pytest.mark.parametrize("s", [
+    stanza("message", "chat", child_ns="jabber:client"),
+    stanza("message", None),
+    stanza("presence", None),
+    stanza("presence", "subscribe"),
+    stanza("presence", "unavailable"),
+    stanza("iq", "set", child_ns="http://jabber.org/protocol/pubsub"),
+])
+def test_policy_normal_stanzas_are_forwarded_quietly(s):
+    """Messages, presence and requests need no action: check() returns None."""
+    assert policy().check(s, 0) is None
+
+
+def test_policy_answer_to_relayed_request_is_expected():
+    """A result that answers a relayed request is forwarded, and settles it."""
+    p = policy()
+    req = stanza()
+    assert p.check(req, 0) is None
+    assert p.check(answer(req), 1) is None
+    assert len(p.iqs) == 0
+
+
+# -- reason codes raised here, each with its default and the other allowed actions ----
+
+def test_policy_unsolicited_result_is_dropped_by_default():
+    """An iq result matching no request: unsolicited-iq-response, dropped."""
+    out = policy().check(answer(stanza()), 0)
+    assert (out.forward, out.unexpected.reason, out.unexpected.action) == \
+        (False, "unsolicited-iq-response", DROP)
+
+
+def test_policy_unsolicited_result_from_another_domain_is_not_a_match():
+    """An answer must come from the requested domain."""
+    p = policy()
+    req = stanza()
+    p.check(req, 0)
+    out = p.check(answer(req, frm="mallory@evil.example"), 1)
+    assert out.unexpected.reason == "unsolicited-iq-response"
+    assert len(p.iqs) == 1
+
+
+@pytest.mark.parametrize("children", [0, 2])
+def test_policy_iq_without_exactly_one_child_is_bounced(children):
+    """RFC 6120 8.2.3: a get/set carries exactly one child; default bounce bad-request."""
+    out = policy().check(stanza(children=children), 0)
+    assert (out.forward, out.unexpected.reason, out.unexpected.action,
+            out.unexpected.condition) == (False, "iq-child-count", BOUNCE, "bad-request")
+
+
+@pytest.mark.parametrize("kind, type_", [("message", "shout"), ("presence", "available"),
+                                         ("iq", "query"), ("iq", None)])
+def test_policy_unknown_type_is_forwarded_and_flagged(kind, type_):
+    """An undefined type attribute is flagged and (by default) forwarded."""
+    out = policy().check(stanza(kind, type_), 0)
+    assert (out.forward, out.unexpected.reason, out.unexpected.action) == \
+        (True, "unknown-type", FORWARD)
+
+
+@pytest.mark.parametrize("reason, action, forward", [
+    ("unknown-type", DROP, False), ("unknown-type", BOUNCE, False),
+    ("iq-child-count", FORWARD, True), ("unsolicited-iq-response", FORWARD, True),
+])
+def test_policy_configured_action_is_applied(reason, action, forward):
+    """The action configured for a reason replaces its default."""
+    s = {"unknown-type": stanza("message", "shout"),
+         "iq-child-count": stanza(children=0),
+         "unsolicited-iq-response": answer(stanza())}[reason]
+    out = policy(actions={reason: action}).check(s, 0)
+    assert (out.forward, out.unexpected.reason, out.unexpected.action) == \
+        (forward, reason, action)
+
+
+def test_policy_reason_table_defaults_are_allowed_actions():
+    """Every default is one of its reason's allowed actions (config validates the rest)."""
+    assert all(r.default in r.allowed for r in REASONS.values())
+
+
+# -- answered here ---------------------------------------------------------------------
+
+def test_policy_ping_to_served_domain_is_answered_here():
+    """An XEP-0199 ping to a served bare domain gets a result from s2sproxy and is not
+    forwarded (yax.im's keepalive:<time> ids included)."""
+    ping = stanza(id_="keepalive:1732000000", to=LOCAL, child_ns="urn:xmpp:ping")
+    p = policy()
+    out = p.check(ping, 0)
+    assert out.forward is False and out.unexpected is None
+    (reply,) = out.replies
+    assert reply.raw == (b"<iq from='local.example' to='juliet@remote.example/balcony' "
+                         b"type='result' id='keepalive:1732000000'></iq>")
+    assert (reply.from_domain, reply.to_domain) == (LOCAL, REMOTE)
+    assert p.pings_answered == 1
+
+
+def test_policy_ping_forwarded_when_configured_or_not_to_domain():
+    """answer_pings = false forwards domain pings; pings to users are always forwarded
+    (and tracked)."""
+    domain_ping = stanza(to=LOCAL, child_ns="urn:xmpp:ping")
+    assert policy(answer_pings=False).check(domain_ping, 0) is None
+    p = policy()
+    assert p.check(stanza(child_ns="urn:xmpp:ping"), 0) is None
+    assert len(p.iqs) == 1
+
+
+# -- the iq tracker ----------------------------------------------------------------------
+
+def test_iq_tracker_timeout_returns_requests_in_order():
+    """Requests unanswered by their deadline come back, oldest first, once."""
+    t = IqTracker(timeout=10, max_entries=100)
+    t.request(stanza(id_="a"), 0)
+    t.request(stanza(id_="b"), 5)
+    assert t.expire(9.9) == []
+    assert [p.request.id for p in t.expire(10)] == ["a"]
+    assert [p.request.id for p in t.expire(20)] == ["b"]
+    assert t.expire(30) == []
+
+
+def test_iq_tracker_stream_loss_returns_requests_of_that_pair():
+    """When the stream of a pair dies, that pair's requests come back."""
+    t = IqTracker(timeout=10, max_entries=100)
+    t.request(stanza(id_="a"), 0)
+    t.request(stanza(id_="b", frm=f"romeo@{LOCAL}/o", to=f"juliet@{REMOTE}/b"), 0)
+    assert [p.request.id for p in t.fail_pair((REMOTE, LOCAL))] == ["a"]
+    assert len(t) == 1
+
+
+def test_iq_tracker_is_bounded():
+    """Beyond max_entries the oldest request is forgotten and counted."""
+    t = IqTracker(timeout=10, max_entries=3)
+    for i in range(5):
+        t.request(stanza(id_=str(i)), 0)
+    assert len(t) == 3 and t.evicted == 2
+    assert t.response(answer(stanza(id_="0"))) is None
+    assert t.response(answer(stanza(id_="4"))) is not None
+
+
+def test_policy_expired_requests_are_returned_for_timeout_errors():
+    """Policy.expired gives the requests to answer with remote-server-timeout."""
+    p = policy(iq_timeout=5)
+    p.check(stanza(id_="slow"), 0)
+    assert [s.id for s in p.expired(5)] == ["slow"]
+
+
+# -- XEP-0115 ----------------------------------------------------------------------------
+
+SIMPLE = """<query xmlns='http://jabber.org/protocol/disco#info'
+  node='http://code.google.com/p/exodus#QgayPKawpkPSDYmwT/WM94uAlu0='>
+  <identity category='client' name='Exodus 0.9.1' type='pc'/>
+  <feature var='http://jabber.org/protocol/caps'/>
+  <feature var='http://jabber.org/protocol/disco#info'/>
+  <feature var='http://jabber.org/protocol/disco#items'/>
+  <feature var='http://jabber.org/protocol/muc'/>
+</query>"""
+
+COMPLEX = """<query xmlns='http://jabber.org/protocol/disco#info'
+  node='http://psi-im.org#q07IKJEyjvHSyhy//CH0CxmKi8w='>
+  <identity xml:lang='en' category='client' name='Psi 0.11' type='pc'/>
+  <identity xml:lang='el' category='client' name='\u03a8 0.11' type='pc'/>
+  <feature var='http://jabber.org/protocol/caps'/>
+  <feature var='http://jabber.org/protocol/disco#info'/>
+  <feature var='http://jabber.org/protocol/disco#items'/>
+  <feature var='http://jabber.org/protocol/muc'/>
+  <x xmlns='jabber:x:data' type='result'>
+    <field var='FORM_TYPE' type='hidden'><value>urn:xmpp:dataforms:softwareinfo</value></field>
+    <field var='ip_version' type='text-multi'><value>ipv4</value><value>ipv6</value></field>
+    <field var='os'><value>Mac</value></field>
+    <field var='os_version'><value>10.5.1</value></field>
+    <field var='software'><value>Psi</value></field>
+    <field var='software_version'><value>0.11</value></field>
+  </x>
+</query>"""
+
+
+def test_caps_verification_string_xep_0115_examples():
+    """Sections 5.2 and 5.3 of XEP-0115 give these verification strings."""
+    assert verification_string(etree.fromstring(SIMPLE)) == "QgayPKawpkPSDYmwT/WM94uAlu0="
+    assert verification_string(etree.fromstring(COMPLEX.encode())) == \
+        "q07IKJEyjvHSyhy//CH0CxmKi8w="
+
+
+def test_caps_duplicate_feature_is_invalid():
+    """Section 5.4: duplicate identities or features make the result invalid."""
+    dup = SIMPLE.replace("</query>", "<feature var='http://jabber.org/protocol/muc'/></query>")
+    with pytest.raises(InvalidDisco):
+        verification_string(etree.fromstring(dup))
+
+
+def _caps_exchange(p: Policy, query: str, ver: str):
+    node = "http://code.google.com/p/exodus"
+    presence = stanza("presence", None, raw=(
+        f"<presence from='juliet@{REMOTE}/balcony' to='romeo@{LOCAL}'><c xmlns='http://"
+        f"jabber.org/protocol/caps' hash='sha-1' node='{node}' ver='{ver}'/></presence>"
+    ).encode())
+    assert p.check(presence, 0) is None
+    get = stanza("iq", "get", "d1", frm=f"romeo@{LOCAL}/orchard",
+                 to=f"juliet@{REMOTE}/balcony", child_ns="http://jabber.org/protocol/disco#info",
+                 raw=(f"<iq type='get' id='d1'><query xmlns='http://jabber.org/protocol/"
+                      f"disco#info' node='{node}#{ver}'/></iq>").encode())
+    assert p.check(get, 0) is None
+    result = stanza("iq", "result", "d1", frm=f"juliet@{REMOTE}/balcony",
+                    to=f"romeo@{LOCAL}/orchard", child_ns="http://jabber.org/protocol/disco#info",
+                    raw=f"<iq type='result' id='d1'>{query}</iq>".encode())
+    return p.check(result, 1)
+
+
+def test_policy_caps_result_matching_announced_ver_is_expected():
+    """A disco#info result whose hash is the announced ver passes quietly."""
+    assert _caps_exchange(policy(), SIMPLE, "QgayPKawpkPSDYmwT/WM94uAlu0=") is None
+
+
+def test_policy_caps_result_not_matching_announced_ver_is_flagged():
+    """A result whose hash differs from the announced ver: caps-hash-mismatch."""
+    out = _caps_exchange(policy(), SIMPLE, "AAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+    assert (out.forward, out.unexpected.reason) == (True, "caps-hash-mismatch")
+
+
+def test_policy_caps_cache_answers_verified_node():
+    """With caps_cache on, a later disco#info for a verified node#ver is answered here."""
+    p = policy(caps_cache=True)
+    ver = "QgayPKawpkPSDYmwT/WM94uAlu0="
+    assert _caps_exchange(p, SIMPLE, ver) is None
+    again = stanza("iq", "get", "d2", frm=f"romeo@{LOCAL}/other",
+                   to=f"juliet@{REMOTE}/balcony", child_ns="http://jabber.org/protocol/disco#info",
+                   raw=(f"<iq type='get' id='d2'><query xmlns='http://jabber.org/protocol/"
+                        f"disco#info' node='http://code.google.com/p/exodus#{ver}'/></iq>")
+                   .encode())
+    out = p.check(again, 2)
+    assert out.forward is False and len(out.replies) == 1
+    reply = out.replies[0].raw
+    assert reply.startswith(b"<iq from='juliet@remote.example/balcony' "
+                            b"to='romeo@local.example/other' type='result' id='d2'><query")
+    assert b"Exodus 0.9.1" in reply
