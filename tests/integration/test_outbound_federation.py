@@ -26,6 +26,26 @@ pytestmark = pytest.mark.integration
 MESSAGES = 3          # each way
 
 
+def metrics(port: int) -> dict[str, float]:
+    """s2sproxy's /metrics as {'name{labels}': value}."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    out = {}
+    for line in text.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def proxy_with_metrics(fed, **kw):
+    port = harness.free_port()
+    extra = kw.pop("extra_toml", "")
+    proxy = fed.start_proxy(extra_toml=f'[metrics]\nlisten = "tcp:{port}:interface=127.0.0.1"'
+                                       f"\n{extra}", **kw)
+    return proxy, port
+
+
 async def wait_until(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -107,10 +127,11 @@ def test_conversation_both_ways_over_one_bidi_connection(federation, first):
     bidi connection between Prosody and s2sproxy, started from either side."""
     t0 = time.monotonic()
     fed = federation(via_proxy=True, bidi=True)
-    proxy = fed.start_proxy()
+    proxy, port = proxy_with_metrics(fed)
     seen = harness.run_async(lambda: conversation(fed.run, first), 120)
     s2s_ping = fed.prosody.shell("xmpp:ping('remote.test', 'local.test')")
     elapsed = time.monotonic() - t0
+    m = metrics(port)
 
     assert len(seen["alice"]) == MESSAGES and len(seen["bob"]) == MESSAGES, seen
     assert len(seen["pings"]) == 4 and all(r is not None for r in seen["pings"].values())
@@ -131,8 +152,9 @@ def test_conversation_both_ways_over_one_bidi_connection(federation, first):
     assert "dialback verification local.test -> remote.test: valid" in log
     ej = fed.ejabberd.log_text()
     assert "Unexpected info" not in ej
+    routed = {k: v for k, v in m.items() if k.startswith("s2sproxy_stanzas_total")}
     print(f"\n[{first} first] {MESSAGES} messages each way, pings {seen['pings']}, "
-          f"s2s ping: {s2s_ping.strip()}; {elapsed:.1f}s")
+          f"s2s ping: {s2s_ping.strip()}; stanzas routed {routed}, flags 0; {elapsed:.1f}s")
 
 
 def test_conversation_without_bidi_uses_two_connections(federation):
@@ -143,7 +165,12 @@ def test_conversation_without_bidi_uses_two_connections(federation):
     assert len(seen["alice"]) == MESSAGES and len(seen["bob"]) == MESSAGES
     assert all(r is not None for r in seen["pings"].values())
     assert seen["disco"] == [True, True], seen
+    # Normal traffic raises no flag at all, and the pings to the served domain (bob's
+    # and Prosody's server-to-server ping) were answered by s2sproxy, not ejabberd.
+    assert not [k for k in m if k.startswith("s2sproxy_flags_total")], m
+    assert m['s2sproxy_pings_answered_total{peer="remote.test"}'] == 2, m
     log = proxy.log_text()
+    assert " flag " not in log
     assert connections_between(log) == {"inbound": 1, "outbound": 1, "bidi": 0}, log[-5000:]
     dirs = sorted(s["dir"] for s in fed.prosody.s2s_sessions() if s["remote"] == "local.test")
     assert dirs == ["-->", "<--"], fed.prosody.s2s_show()
