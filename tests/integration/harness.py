@@ -34,6 +34,7 @@ import datetime
 import ipaddress
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -1393,3 +1394,121 @@ def start_federation(run: RunDir, *, via_proxy: bool = True, bidi: bool = True,
         fed.stop()
         raise
     return fed
+
+
+# -- a raw s2s peer ---------------------------------------------------------------------
+
+class RawPeer:
+    """A minimal remote server speaking raw s2s to s2sproxy's public listener: STARTTLS,
+    SASL EXTERNAL with a certificate from the run's CA, bidi; then it sends whatever
+    bytes a test gives it and collects what comes back (a reader thread).  For policy
+    tests, where a real server would never send the unexpected stanzas."""
+
+    HEADER = ("<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+              "xmlns:stream='http://etherx.jabber.org/streams' "
+              "xmlns:db='jabber:server:dialback' from='{frm}' to='{to}' version='1.0'>")
+
+    def __init__(self, run: RunDir, domain: str = "raw.test", to: str = LOCAL_DOMAIN,
+                 address: tuple[str, int] = (PROXY_IP, PROXY_STARTTLS_PORT)) -> None:
+        import ssl
+        self.domain, self.to = domain, to
+        d = run.path / "rawpeer"
+        d.mkdir(exist_ok=True)
+        run.ca.issue(domain).write(d / "peer.crt", d / "peer.key")
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.ctx.check_hostname = False
+        self.ctx.verify_mode = ssl.CERT_NONE
+        self.ctx.load_cert_chain(d / "peer.crt", d / "peer.key")
+        self.address = address
+        self.sock = None
+        self.received = b""
+        self.closed = False
+        self._lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+
+    def _read_until(self, marker: bytes, timeout: float = 10) -> bytes:
+        deadline = time.monotonic() + timeout
+        data = b""
+        while marker not in data:
+            if time.monotonic() > deadline:
+                raise HarnessError(f"raw peer: no {marker!r} in {data[-300:]!r}")
+            self.sock.settimeout(max(0.1, deadline - time.monotonic()))
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise HarnessError(f"raw peer: closed while waiting for {marker!r}: {data!r}")
+            data += chunk
+        return data
+
+    def open(self, bidi: bool = True, tls: bool = True) -> "RawPeer":
+        """Connect and authenticate (unless ``tls`` is False: then only the header)."""
+        self.sock = socket.create_connection(self.address, timeout=10)
+        self.sock.sendall(self.HEADER.format(frm=self.domain, to=self.to).encode())
+        self._read_until(b"</stream:features>")
+        if not tls:
+            return self
+        self.sock.sendall(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        self._read_until(b"<proceed")
+        self.sock = self.ctx.wrap_socket(self.sock, server_hostname=self.to)
+        self.sock.sendall(self.HEADER.format(frm=self.domain, to=self.to).encode())
+        features = self._read_until(b"</stream:features>")
+        if b"EXTERNAL" not in features:
+            raise HarnessError(f"raw peer: EXTERNAL not offered: {features!r}")
+        if bidi:
+            self.sock.sendall(b"<bidi xmlns='urn:xmpp:bidi'/>")
+        self.sock.sendall(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' "
+                          b"mechanism='EXTERNAL'>=</auth>")
+        self._read_until(b"<success")
+        self.sock.sendall(self.HEADER.format(frm=self.domain, to=self.to).encode())
+        self._read_until(b"</stream:features>")
+        self._reader = threading.Thread(target=self._read_loop, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read_loop(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.closed:
+            try:
+                chunk = self.sock.recv(65536)
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            with self._lock:
+                self.received += chunk
+            # Answer s2sproxy's keepalive pings, as a live server would.
+            for pid in re.findall(rb"<iq type='get' id='(s2sproxy-ping-\d+)'", chunk):
+                self.sock.sendall(b"<iq type='result' id='" + pid + b"' from='"
+                                  + self.domain.encode() + b"' to='" + self.to.encode()
+                                  + b"'/>")
+        self.closed = True
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def wait_for(self, needle: bytes, timeout: float = 10) -> bytes:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if needle in self.received:
+                    return self.received
+            if self.closed:
+                break
+            time.sleep(0.05)
+        raise HarnessError(f"raw peer: {needle!r} not received; got {self.received[-500:]!r}")
+
+    def stop_reading(self) -> None:
+        """Play dead: stop reading and never answer again (the socket stays open)."""
+        self.closed = True
+        if self._reader is not None:
+            self._reader.join(2)
+
+    def close(self) -> None:
+        self.closed = True
+        if self._reader is not None:
+            self._reader.join(2)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
