@@ -178,3 +178,24 @@ def test_config_example_file_is_valid(conf, tmp_path):
     s = parse(data, base=tmp_path)
     assert (s.queue.limit, s.idle_timeout, s.backend.trusted_addresses) == \
         (1000, 600.0, frozenset())
+
+
+def test_config_policy_action_not_allowed_for_reason(conf):
+    """An action a reason does not allow is refused, naming the choices."""
+    assert error_of(conf('[policy.actions]\n"invalid-from" = "forward"\n')) == \
+        'policy.actions."invalid-from": must be one of close, drop, not \'forward\''
+
+
+def test_config_policy_unknown_reason(conf):
+    assert error_of(conf('[policy.actions]\n"spam" = "drop"\n')).startswith(
+        'policy.actions."spam": unknown reason code (known: unsolicited-iq-response')
+
+
+def test_readme_documents_every_reason_and_config_key():
+    """Each reason code and each config section appears in README.md."""
+    import pathlib
+    from s2sproxy.config import _TOP_KEYS
+    from s2sproxy.policy.classify import REASONS
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert all(f"`{name}`" in readme for name in REASONS)
+    assert all(key in readme for key in _TOP_KEYS)
