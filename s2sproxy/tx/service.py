@@ -36,7 +36,8 @@ from s2sproxy.core.srv import Target
 from s2sproxy.core.stanza import Stanza, bounce_stanza
 from s2sproxy.logs import get_logger
 from s2sproxy.metrics import Metrics
-from s2sproxy.policy.classify import BOUNCE, CLOSE, FORWARD, Policy, PolicyConfig
+from s2sproxy.policy.classify import (BOUNCE, CLOSE, FORWARD, NS_PING, Policy,
+                                      PolicyConfig)
 from s2sproxy.tx.backend_dns import make_factories
 from s2sproxy.tx.flags import FlagRecorder
 from s2sproxy.tx.protocol import StreamProtocol
@@ -355,7 +356,8 @@ class Proxy(service.MultiService):
     def _apply(self, s: Stanza, outcome, source: StreamProtocol | None) -> bool:
         """Run a policy outcome; True when the stanza is still to be forwarded."""
         if outcome.replies:
-            self.metrics.pings_answered.labels(s.from_domain).inc()
+            if s.child_ns == NS_PING:
+                self.metrics.pings_answered.labels(s.from_domain).inc()
             log.debug("answered {stanza} here", stanza=repr(s))
             self.send_generated(outcome.replies)
         u = outcome.unexpected
