@@ -32,9 +32,9 @@ from s2sproxy.core import events as E
 from s2sproxy.core.dialback import DialbackKeys
 from s2sproxy.core.errors import RemoteProtocolError
 from s2sproxy.core.identity import certificate_valid_for
-from s2sproxy.core.jid import InvalidJid, domain_of, nameprep_domain
+from s2sproxy.core.jid import InvalidJid, nameprep_domain
 from s2sproxy.core.serialize import escape as xml_escape
-from s2sproxy.core.stanza import STANZA_NAMES, Stanza
+from s2sproxy.core.stanza import STANZA_NAMES
 from s2sproxy.core.stream import (DB_RESULT, DB_VERIFY, NS_BIDI, NS_BIDI_FEATURE,
                                   NS_DIALBACK_FEATURE, NS_SASL, NS_TLS, STREAM_ERROR,
                                   NewStreamId, StreamBase, peer_stream_error)
@@ -374,31 +374,11 @@ class InboundStream(StreamBase):
         if not self.authenticated_from:
             return self._violation("before-auth", "not-authorized",
                                    "stanza before authentication", el)
-        attrs = el.attrs
-        frm = attrs.get("from")
-        to = attrs.get("to")
-        if not frm or not to:
-            return self._violation("improper-addressing", "improper-addressing",
-                                   "stanzas between servers need 'from' and 'to'", el)
-        try:
-            frm_domain = domain_of(frm)
-            to_domain = domain_of(to)
-        except InvalidJid:
-            return self._violation("improper-addressing", "improper-addressing",
-                                   "malformed JID", el)
+        return super()._stanza(kind, el)
+
+    def _stanza_refused(self, frm_domain: str, to_domain: str) -> tuple[str, str] | None:
         if frm_domain not in self.authenticated_from:
-            return self._violation("invalid-from", "invalid-from",
-                                   f"{frm_domain} is not authenticated on this stream", el)
+            return "invalid-from", f"{frm_domain} is not authenticated on this stream"
         if self.role is Role.PUBLIC and to_domain not in self.config.served:
-            return self._violation("host-unknown", "host-unknown",
-                                   f"{to_domain} is not served here", el)
-        if self.ping_ids and kind == "iq" and self._own_ping_answer(attrs):
-            return None     # the answer to our keepalive ping: consumed here
-        stanza = Stanza(kind, el.raw, frm, to, attrs.get("type"), attrs.get("id"),
-                        el.child_ns, frm_domain, to_domain, el.children)
-        out = self._out
-        last = out[-1] if out else None
-        if type(last) is A.DeliverStanzas:
-            last.stanzas.append(stanza)      # one action per read batch
-        else:
-            out.append(A.DeliverStanzas([stanza]))
+            return "host-unknown", f"{to_domain} is not served here"
+        return None

@@ -36,9 +36,8 @@ from s2sproxy.core.dialback import DialbackKeys
 from s2sproxy.core.errors import RemoteProtocolError
 from s2sproxy.core.identity import certificate_valid_for
 from s2sproxy.core.inbound import TrustPolicy
-from s2sproxy.core.jid import InvalidJid, domain_of
 from s2sproxy.core.serialize import escape as xml_escape
-from s2sproxy.core.stanza import STANZA_NAMES, Stanza
+from s2sproxy.core.stanza import STANZA_NAMES
 from s2sproxy.core.stream import (DB_RESULT, DB_VERIFY, FEATURES, NS_BIDI, NS_BIDI_FEATURE,
                                   NS_SASL, NS_TLS, STREAM_ERROR, StreamBase,
                                   peer_stream_error)
@@ -268,34 +267,13 @@ class OutboundStream(StreamBase):
                                          "remote-server-not-found"))
         self._emit_close()
 
-    def _stanza(self, kind: str, el: Element) -> None:
-        """A stanza from the remote on our bidi stream: only receiving -> originating."""
-        attrs = el.attrs
-        frm, to = attrs.get("from"), attrs.get("to")
-        if not frm or not to:
-            return self._violation("improper-addressing", "improper-addressing",
-                                   "stanzas between servers need 'from' and 'to'", el)
-        try:
-            frm_domain, to_domain = domain_of(frm), domain_of(to)
-        except InvalidJid:
-            return self._violation("improper-addressing", "improper-addressing",
-                                   "malformed JID", el)
+    def _stanza_refused(self, frm_domain: str, to_domain: str) -> tuple[str, str] | None:
+        """On our bidi stream the remote may send only receiving -> originating."""
         if frm_domain != self.config.receiving:
-            return self._violation("invalid-from", "invalid-from",
-                                   f"{frm_domain} is not authenticated on this stream", el)
+            return "invalid-from", f"{frm_domain} is not authenticated on this stream"
         if to_domain != self.config.originating:
-            return self._violation("host-unknown", "host-unknown",
-                                   f"this stream serves {self.config.originating} only", el)
-        if self.ping_ids and kind == "iq" and self._own_ping_answer(attrs):
-            return None     # the answer to our keepalive ping: consumed here
-        stanza = Stanza(kind, el.raw, frm, to, attrs.get("type"), attrs.get("id"),
-                        el.child_ns, frm_domain, to_domain, el.children)
-        out = self._out
-        last = out[-1] if out else None
-        if type(last) is A.DeliverStanzas:
-            last.stanzas.append(stanza)
-        else:
-            out.append(A.DeliverStanzas([stanza]))
+            return "host-unknown", f"this stream serves {self.config.originating} only"
+        return None
 
     # -- endings -------------------------------------------------------------------------
 

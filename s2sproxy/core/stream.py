@@ -19,6 +19,8 @@ from typing import Callable
 from s2sproxy.core import actions as A
 from s2sproxy.core import events as E
 from s2sproxy.core.errors import RemoteProtocolError, stream_error_bytes
+from s2sproxy.core.jid import InvalidJid, domain_of
+from s2sproxy.core.stanza import Stanza
 from s2sproxy.core.serialize import escape as xml_escape
 from s2sproxy.core.xmlstream import (NS_SERVER, NS_STREAMS, Element, ParseError,
                                      StreamClosed, StreamOpened, XmlStreamParser)
@@ -196,6 +198,38 @@ class StreamBase:
         self._emit(A.CloseConnection(condition, text))
         self.state = self.closed_state
         self._on_closed(condition)
+
+    def _stanza(self, kind: str, el: Element) -> None:
+        """Check a stanza's addressing, then deliver it (one DeliverStanzas per read
+        batch), unless it answers our own keepalive ping."""
+        attrs = el.attrs
+        frm, to = attrs.get("from"), attrs.get("to")
+        if not frm or not to:
+            return self._violation("improper-addressing", "improper-addressing",
+                                   "stanzas between servers need 'from' and 'to'", el)
+        try:
+            frm_domain, to_domain = domain_of(frm), domain_of(to)
+        except InvalidJid:
+            return self._violation("improper-addressing", "improper-addressing",
+                                   "malformed JID", el)
+        refused = self._stanza_refused(frm_domain, to_domain)
+        if refused is not None:
+            return self._violation(refused[0], refused[0], refused[1], el)
+        if self.ping_ids and kind == "iq" and self._own_ping_answer(attrs):
+            return None     # the answer to our keepalive ping: consumed here
+        stanza = Stanza(kind, el.raw, frm, to, attrs.get("type"), attrs.get("id"),
+                        el.child_ns, frm_domain, to_domain, el.children)
+        out = self._out
+        last = out[-1] if out else None
+        if type(last) is A.DeliverStanzas:
+            last.stanzas.append(stanza)
+        else:
+            out.append(A.DeliverStanzas([stanza]))
+
+    def _stanza_refused(self, frm_domain: str, to_domain: str) -> tuple[str, str] | None:
+        """(reason, text) when this stream may not carry a stanza between these
+        domains; None when it may."""
+        raise NotImplementedError
 
     def ping(self, frm: str, to: str) -> list[A.Action]:
         """An XEP-0199 ping of our own; its answer is consumed by this stream."""

@@ -23,19 +23,22 @@ from tests.unit.test_config import pem
 from tests.unit.helpers import certificate
 
 
-@pytest.fixture
-def proxy(tmp_path):
-    ca, _ck, leaf, key = certificate("local.example")
+def settings(tmp_path, **tables):
+    """Settings for local.example with a test certificate, plus ``tables``."""
+    _ca, _ck, leaf, key = certificate("local.example")
     (tmp_path / "l.crt").write_bytes(pem(leaf))
     (tmp_path / "l.key").write_bytes(pem(key))
-    settings = parse({
+    return parse(dict({
         "secret_file": "secret",
         "domain": [{"name": "local.example", "certificate": "l.crt", "key": "l.key"}],
-        "queue": {"limit": 2, "max_age": 5},
         "dns": {"nameservers": ["127.0.0.1:1"]},
-    }, base=tmp_path)
+    }, **tables), base=tmp_path)
+
+
+@pytest.fixture
+def proxy(tmp_path):
     reactor = MemoryReactorClock()
-    p = Proxy(settings, reactor)
+    p = Proxy(settings(tmp_path, queue={"limit": 2, "max_age": 5}), reactor)
     p._ticker.start(1.0, now=False)     # MemoryReactor has no UDP: only the ticker
     # remote.example's bidi stream, where bounces to it go
     bidi = type("P", (), {"close": lambda self: None,
@@ -131,17 +134,8 @@ def _backend_requester(peer: str):
 def test_backend_db_result_trusted_by_source_address(tmp_path, peer, trusted):
     """With backend.trusted_addresses, ejabberd's db:result from that address is
     accepted without a db:verify; from elsewhere, ejabberd is asked."""
-    ca, _ck, leaf, key = certificate("local.example")
-    (tmp_path / "l.crt").write_bytes(pem(leaf))
-    (tmp_path / "l.key").write_bytes(pem(key))
-    settings = parse({
-        "secret_file": "secret",
-        "domain": [{"name": "local.example", "certificate": "l.crt", "key": "l.key"}],
-        "backend": {"trusted_addresses": ["127.0.0.1"]},
-        "dns": {"nameservers": ["127.0.0.1:1"]},
-    }, base=tmp_path)
     reactor = MemoryReactorClock()
-    p = Proxy(settings, reactor)
+    p = Proxy(settings(tmp_path, backend={"trusted_addresses": ["127.0.0.1"]}), reactor)
     requester, ran = _backend_requester(peer)
     defer.ensureDeferred(p.verify_dialback(
         requester, A.VerifyDialback("local.example", "remote.example", "sid", "key")))
