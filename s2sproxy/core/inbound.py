@@ -79,6 +79,8 @@ class InboundConfig:
     starttls_available: bool = True     # BACKEND: a certificate is configured
     direct_tls: bool = False
     actions: dict[str, str] = field(default_factory=dict)   # policy.actions
+    auth_timeout: float = 30.0       # from the first header to an authenticated pair
+    max_pending_dialback: int = 8    # db:result verifications in flight per stream
 
 
 _SASL_AUTH = f"{NS_SASL} auth"
@@ -87,7 +89,7 @@ _BIDI = f"{NS_BIDI} bidi"
 _PROCEED = f"<proceed xmlns='{NS_TLS}'/>".encode()
 _DB_ERROR_TYPES = {"item-not-found": "cancel", "remote-server-not-found": "cancel",
                    "remote-server-timeout": "wait", "forbidden": "auth",
-                   "not-authorized": "auth"}
+                   "not-authorized": "auth", "resource-constraint": "wait"}
 
 
 class InboundStream(StreamBase):
@@ -137,6 +139,9 @@ class InboundStream(StreamBase):
             raise RemoteProtocolError("host-unknown", "'to' changed on stream restart")
         if self.remote_domain and frm and frm != self.remote_domain:
             raise RemoteProtocolError("invalid-from", "'from' changed on stream restart")
+        if not self.local_domain and not self.authenticated:
+            # A stream that never authenticates must not hold a connection forever.
+            self._emit(A.SetTimer("auth", self.config.auth_timeout))
         self.local_domain = to
         self.remote_domain = frm or self.remote_domain
         self._send(self._header_bytes(to or None, self.remote_domain or None,
@@ -175,7 +180,7 @@ class InboundStream(StreamBase):
         if self.state is InboundState.TLS_HANDSHAKE:
             # Plaintext between <starttls/> and the handshake (or before a Direct TLS
             # handshake completed) is never parsed.
-            raise RemoteProtocolError("policy-violation", "data pipelined after <starttls/>")
+            raise RemoteProtocolError("policy-violation", "data pipelined after STARTTLS")
         super()._data(data)
 
     def _on_tls(self, ev: E.TlsEstablished) -> None:
@@ -212,7 +217,7 @@ class InboundStream(StreamBase):
                 self._starttls(el)
             else:
                 self._violation("not-a-stanza", "unsupported-stanza-type",
-                                f"unexpected element {name.split(' ')[1]!r}", el)
+                                f"unexpected element {name.rsplit(' ', 1)[-1]!r}", el)
         elif self.state is InboundState.STARTTLS:
             if name == _STARTTLS:
                 self._starttls(el)
@@ -229,7 +234,7 @@ class InboundStream(StreamBase):
 
     def _starttls(self, el: Element) -> None:
         if self.parser.leftover(el.end).strip():
-            raise RemoteProtocolError("policy-violation", "data pipelined after <starttls/>")
+            raise RemoteProtocolError("policy-violation", "data pipelined after STARTTLS")
         self._send(_PROCEED)
         self._emit(A.StartTls(self.local_domain or None))
         self._restart(tls=True)
@@ -320,11 +325,17 @@ class InboundStream(StreamBase):
                 return
         if pair in self.pending_dialback:
             return
+        if len(self.pending_dialback) >= self.config.max_pending_dialback:
+            self._db_result_reply(to, frm, "error", "resource-constraint",
+                                  "too many dialback requests in flight on this stream")
+            return
         self.pending_dialback[pair] = key
         self._emit(A.VerifyDialback(frm, to, self.stream_id, key))
 
     def _on_other(self, ev: object) -> None:
-        if isinstance(ev, E.DialbackVerdict):
+        if isinstance(ev, E.TimerFired) and ev.name == "auth" and not self.authenticated:
+            self._stream_error("connection-timeout", "not authenticated in time")
+        elif isinstance(ev, E.DialbackVerdict):
             pair = (ev.originating, ev.receiving)
             if self.pending_dialback.pop(pair, None) is None:
                 return
@@ -363,6 +374,8 @@ class InboundStream(StreamBase):
                    .encode())
 
     def _authenticate(self, originating: str, receiving: str, method: str) -> None:
+        if not self.authenticated:
+            self._emit(A.CancelTimer("auth"))
         self.authenticated.add((originating, receiving))
         self.authenticated_from.add(originating)
         self.auth_method = self.auth_method or method
@@ -377,8 +390,10 @@ class InboundStream(StreamBase):
         return super()._stanza(kind, el)
 
     def _stanza_refused(self, frm_domain: str, to_domain: str) -> tuple[str, str] | None:
-        if frm_domain not in self.authenticated_from:
-            return "invalid-from", f"{frm_domain} is not authenticated on this stream"
+        """XEP-0220: stanzas are accepted per authenticated (from, to) domain pair."""
+        if (frm_domain, to_domain) in self.authenticated:
+            return None
         if self.role is Role.PUBLIC and to_domain not in self.config.served:
             return "host-unknown", f"{to_domain} is not served here"
-        return None
+        return "invalid-from", (f"{frm_domain} is not authenticated for {to_domain} "
+                                f"on this stream")

@@ -170,7 +170,7 @@ class OutboundStream(StreamBase):
                             if name in STANZA_NAMES else "unexpected element", el)
         else:
             raise RemoteProtocolError("unsupported-stanza-type",
-                                      f"unexpected {name.split(' ')[1]!r} in state {st.value}")
+                                      f"unexpected {name.rsplit(' ', 1)[-1]!r} in state {st.value}")
 
     def _features(self, el: Element) -> None:
         tree = el.tree()
@@ -303,16 +303,6 @@ class OutboundStream(StreamBase):
             if ev.name == "handshake" and not self._finished:
                 self._fail("remote-server-timeout", "no answer in time")
                 self._stream_error("connection-timeout")
-            else:
-                self._on_close_timer(ev)
-
-    def abort(self, condition: str, text: str) -> list[A.Action]:
-        """Give up on this stream (connection failed before it began, etc.)."""
-        self._out = out = []
-        self._fail(condition, text)
-        self.state = OutboundState.CLOSED
-        self._out = []
-        return out
 
 
 def _db_error(el: Element) -> str:

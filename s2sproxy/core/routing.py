@@ -209,6 +209,8 @@ class Router:
                 ops.append(Close(link.handle))
                 link.state = LinkState.IDLE
                 link.handle = None
+            if link.state is LinkState.BACKOFF and now >= link.retry_at:
+                link.state = LinkState.IDLE
             # Failures are remembered for backoff_max, so that back-off can build up.
             forgettable = not link.failures or now - link.failed_at >= self.backoff_max
             if link.state is LinkState.IDLE and not q and forgettable:

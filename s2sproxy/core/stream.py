@@ -60,11 +60,11 @@ class StreamBase:
         self.parser = XmlStreamParser(max_size, max_depth)
         self.header_sent = False
         self.secure = False
-        self.peer_closed = False
         self.local_closed = False
         self.ping_ids: set[str] = set()
         self._ping_seq = 0
         self._old_parser: XmlStreamParser | None = None
+        self._tls_restart = False
         self._out: list[A.Action] = []
 
     # -- the entry point -----------------------------------------------------------
@@ -104,17 +104,23 @@ class StreamBase:
                     return
                 if self._old_parser is not None:
                     # The element just handled restarted the stream: what the old
-                    # parser made of the bytes after it is void; the new one reads them.
+                    # parser made of the bytes after it is void.  After SASL the new
+                    # parser reads them; after STARTTLS they were sent in the clear
+                    # and are never parsed (whitespace is dropped, anything else is
+                    # a protocol error).
                     leftover = self._old_parser.leftover(item.end)
                     self._old_parser = None
-                    if leftover:
+                    if self._tls_restart:
+                        if leftover.strip():
+                            raise RemoteProtocolError("policy-violation",
+                                                      "data pipelined after STARTTLS")
+                    elif leftover:
                         self._data(leftover)
                     return
             elif isinstance(item, StreamOpened):
                 self._check_header(item)
                 self._on_header(item)
             elif isinstance(item, StreamClosed):
-                self.peer_closed = True
                 if not self.local_closed:
                     self._send(b"</stream:stream>")
                 else:
@@ -160,12 +166,13 @@ class StreamBase:
         header expected.  Before a STARTTLS handshake completes our old header still
         stands (``tls=True``): the TLS handshake itself resets it."""
         self._old_parser = self.parser
+        self._tls_restart = tls
         self.parser = XmlStreamParser(self.max_size, self.max_depth)
         if not tls:
             self.header_sent = False
 
     def _check_header(self, h: StreamOpened) -> None:
-        if h.name.split(" ")[0] != NS_STREAMS or h.name.split(" ")[1] != "stream":
+        if h.name != STREAM_NAME:
             raise RemoteProtocolError("invalid-namespace",
                                       "the stream element must be qualified by "
                                       f"{NS_STREAMS}")
@@ -291,9 +298,6 @@ class StreamBase:
         pass
 
     def _on_closed(self, condition: str) -> None:
-        pass
-
-    def _on_close_timer(self, ev: E.TimerFired) -> None:
         pass
 
 

@@ -51,6 +51,8 @@ _ENCODING_CODES = {
     pyexpat.errors.codes[_ERR.XML_ERROR_INCORRECT_ENCODING],
 }
 _QNAME = re.compile(rb"[^\s/>]+")
+# A stream header is a few hundred bytes; XML declaration and header together get 8 KiB.
+MAX_HEADER_SIZE = 8192
 _TAG_CLOSE = frozenset(b"> \t\r\n")
 _TAG_END = re.compile(rb"""<[^'">]*(?:(?:"[^"]*"|'[^']*')[^'">]*)*>""")
 
@@ -159,10 +161,6 @@ class XmlStreamParser:
         self._el_children = 0
         self._root_prefixes: list[tuple[bytes, bytes]] = []   # (b"db:", b" xmlns:db='...'")
 
-    @property
-    def in_stream(self) -> bool:
-        return self._depth >= 1
-
     def feed(self, data: bytes) -> list[Item]:
         if self._failed is not None:
             return [self._failed]
@@ -211,7 +209,12 @@ class XmlStreamParser:
                 self._consumed = self._base      # what was dropped was whitespace
 
     def _check_size(self) -> None:
-        if self._el_start >= 0:
+        if self._depth == 0:
+            # Before the stream header is complete nothing is consumed: bound it.
+            if len(self._buf) > MAX_HEADER_SIZE:
+                self._fail("policy-violation",
+                           f"stream header larger than {MAX_HEADER_SIZE} bytes")
+        elif self._el_start >= 0:
             if self._base + len(self._buf) - self._el_start > self.max_size:
                 self._fail("policy-violation", f"stanza larger than {self.max_size} bytes")
         elif self._depth >= 1:
@@ -258,8 +261,6 @@ class XmlStreamParser:
                 gap = self._buf[self._consumed - self._base:self._el_start - self._base]
                 if not gap.isspace():
                     raise _Abort("not-well-formed", "text between top-level elements")
-            if self._base + len(self._buf) - self._el_start > self.max_size:
-                raise _Abort("policy-violation", f"stanza larger than {self.max_size} bytes")
         elif depth > 2:
             if depth == 3:
                 self._el_children += 1
@@ -335,7 +336,9 @@ class XmlStreamParser:
         top = _TAG_END.match(raw)
         head = raw[:top.end()] if top else raw
         at = 1 + len(_QNAME.match(raw, 1).group())
-        decls = b"".join(decl for prefix, decl in self._root_prefixes
-                         if prefix in raw and b"xmlns:" + prefix[:-1] + b"=" not in head)
+        decls = b"".join(
+            decl for prefix, decl in self._root_prefixes
+            if prefix in raw and not re.search(rb"xmlns:" + re.escape(prefix[:-1]) + rb"\s*=",
+                                               head))
         return raw[:at] + decls + raw[at:]
 

@@ -66,7 +66,8 @@ def flagged(actions, reason, action="close"):
 def test_inbound_header_gets_header_and_required_starttls():
     """A remote's stream header is answered with ours and STARTTLS as required feature."""
     actions, s = run([], HEADER)
-    assert actions == [A.SendBytes(our_header(LOCAL, REMOTE, "sid1") + FEATURES_TLS)]
+    assert actions == [A.SetTimer("auth", 30.0),
+                       A.SendBytes(our_header(LOCAL, REMOTE, "sid1") + FEATURES_TLS)]
     assert s.state is InboundState.STARTTLS
 
 
@@ -84,13 +85,13 @@ def test_inbound_bytes_pipelined_after_starttls_are_policy_violation():
     s = inbound()
     s.handle(E.DataReceived(HEADER))
     actions = merge(s.handle(E.DataReceived(STARTTLS + b"<message/>")))
-    assert actions == error_close("policy-violation", "data pipelined after <starttls/>")
+    assert actions == error_close("policy-violation", "data pipelined after STARTTLS")
     assert s.state is InboundState.CLOSED
     s = inbound()
     s.handle(E.DataReceived(HEADER))
     s.handle(E.DataReceived(STARTTLS))
     actions = merge(s.handle(E.DataReceived(b"<message/>")))
-    assert actions == error_close("policy-violation", "data pipelined after <starttls/>")
+    assert actions == error_close("policy-violation", "data pipelined after STARTTLS")
 
 
 def test_inbound_after_tls_offers_dialback_and_bidi_but_not_external_without_cert():
@@ -123,7 +124,7 @@ def test_inbound_dialback_result_asks_authoritative_server():
 def test_inbound_dialback_valid_verdict_authenticates():
     """A valid verdict authenticates the pair and answers db:result type='valid'."""
     actions, s = run(DIALBACK_OK)
-    assert actions == [A.Authenticated(REMOTE, LOCAL, "dialback"),
+    assert actions == [A.CancelTimer("auth"), A.Authenticated(REMOTE, LOCAL, "dialback"),
                        A.SendBytes(f"<db:result from='{LOCAL}' to='{REMOTE}' "
                                    f"type='valid'/>".encode())]
     assert (REMOTE, LOCAL) in s.authenticated
@@ -206,7 +207,7 @@ def test_inbound_stanza_from_unauthenticated_domain_is_invalid_from():
     data = MESSAGE.replace(b"remote.example/balcony", b"evil.example")
     actions, s = run(DIALBACK_OK, data)
     assert flagged(actions, "invalid-from") == error_close(
-        "invalid-from", "evil.example is not authenticated on this stream")
+        "invalid-from", "evil.example is not authenticated for local.example on this stream")
 
 
 def test_inbound_stanza_to_unserved_domain_is_host_unknown():
@@ -292,7 +293,7 @@ def test_inbound_sasl_external_with_valid_certificate_succeeds_and_restarts():
     assert actions == [A.SendBytes(our_header(LOCAL, REMOTE, "sid2") + FEATURES_EXTERNAL)]
     auth = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
     actions, s = run(PRE_TLS + [tls, E.DataReceived(HEADER)], auth + HEADER)
-    assert actions == [A.Authenticated(REMOTE, LOCAL, "external"),
+    assert actions == [A.CancelTimer("auth"), A.Authenticated(REMOTE, LOCAL, "external"),
                        A.SendBytes(b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>"
                                    + our_header(LOCAL, REMOTE, "sid3")
                                    + b"<stream:features><dialback xmlns='urn:xmpp:"
@@ -306,7 +307,7 @@ def test_inbound_sasl_external_certificate_without_clientauth_is_accepted():
     _ca, _ck, leaf, _k = certificate(REMOTE, client_auth=False)
     auth = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
     actions, s = run(PRE_TLS + [E.TlsEstablished(True, leaf), E.DataReceived(HEADER)], auth)
-    assert actions[0] == A.Authenticated(REMOTE, LOCAL, "external")
+    assert actions[1] == A.Authenticated(REMOTE, LOCAL, "external")
 
 
 def test_inbound_sasl_external_for_another_domain_fails():
@@ -334,13 +335,14 @@ def test_inbound_dialback_with_valid_certificate_needs_no_callback():
     _ca, _ck, leaf, _k = certificate(REMOTE)
     actions, s = run(PRE_TLS + [E.TlsEstablished(True, leaf), E.DataReceived(HEADER)],
                      DB_RESULT)
-    assert actions[0] == A.Authenticated(REMOTE, LOCAL, "dialback")
+    assert actions[1] == A.Authenticated(REMOTE, LOCAL, "dialback")
 
 
 def test_inbound_direct_tls_starts_with_handshake():
     """On a Direct TLS listener the first event is the handshake; no STARTTLS offered."""
     actions, s = run([TLS_NO_CERT], HEADER, direct_tls=True)
-    assert actions == [A.SendBytes(our_header(LOCAL, REMOTE, "sid1") + FEATURES_DB_BIDI)]
+    assert actions == [A.SetTimer("auth", 30.0),
+                       A.SendBytes(our_header(LOCAL, REMOTE, "sid1") + FEATURES_DB_BIDI)]
 
 
 def test_inbound_peer_closing_stream_is_answered_and_closed():
@@ -357,7 +359,7 @@ def test_inbound_backend_role_accepts_any_to_and_never_offers_bidi():
     s = inbound(Role.BACKEND)
     s.config.starttls_available = False
     actions = merge(s.handle(E.DataReceived(hdr)))
-    assert actions == [A.SendBytes(our_header(REMOTE, LOCAL, "sid1")
+    assert actions == [A.SetTimer("auth", 30.0), A.SendBytes(our_header(REMOTE, LOCAL, "sid1")
                                    + b"<stream:features><dialback xmlns='urn:xmpp:features:"
                                      b"dialback'><errors/></dialback></stream:features>")]
 
@@ -383,7 +385,7 @@ def test_inbound_backend_db_result_is_verified_with_ejabberd():
         f"<db:result from='{LOCAL}' to='{REMOTE}'>k3y</db:result>".encode()))
     assert actions == [A.VerifyDialback(LOCAL, REMOTE, "sid1", "k3y")]
     actions = merge(s.handle(E.DialbackVerdict(LOCAL, REMOTE, True)))
-    assert actions == [A.Authenticated(LOCAL, REMOTE, "dialback"),
+    assert actions == [A.CancelTimer("auth"), A.Authenticated(LOCAL, REMOTE, "dialback"),
                        A.SendBytes(f"<db:result from='{REMOTE}' to='{LOCAL}' "
                                    f"type='valid'/>".encode())]
     msg = b"<message from='romeo@local.example' to='juliet@remote.example'/>"
@@ -443,3 +445,48 @@ def test_inbound_fail_sends_stream_error():
         s.handle(ev)
     assert s.fail("connection-timeout", "no answer") == error_close("connection-timeout",
                                                                     "no answer")
+
+
+def test_inbound_stream_not_authenticated_in_time_is_closed():
+    """A stream that never authenticates is closed with connection-timeout."""
+    actions, s = run(SECURE + [E.TimerFired("auth")])
+    assert actions == error_close("connection-timeout", "not authenticated in time")
+
+
+def test_inbound_dialback_requests_in_flight_are_bounded():
+    """More than max_pending_dialback verifications on one stream: resource-constraint."""
+    s = inbound()
+    for ev in SECURE:
+        s.handle(ev)
+    out = []
+    for i in range(10):
+        out += s.handle(E.DataReceived(
+            f"<db:result from='r{i}.example' to='{LOCAL}'>k</db:result>".encode()))
+    assert len([a for a in out if isinstance(a, A.VerifyDialback)]) == 8
+    assert sum(b"<resource-constraint " in a.data for a in out
+               if isinstance(a, A.SendBytes)) == 2
+
+
+def test_inbound_stanza_for_unauthenticated_pair_is_invalid_from():
+    """Authenticated for (remote, local) only: a stanza to another served domain is
+    refused (XEP-0220 authenticates domain pairs)."""
+    data = MESSAGE.replace(b"romeo@local.example", b"romeo@other.example")
+    actions, s = run(DIALBACK_OK, data)
+    assert flagged(actions, "invalid-from") == error_close(
+        "invalid-from", "remote.example is not authenticated for other.example on this stream")
+
+
+def test_inbound_unqualified_element_is_not_a_stanza():
+    """An element in no namespace is refused like any other non-stanza."""
+    actions, s = run(DIALBACK_OK, b"<foo xmlns=''/>")
+    assert flagged(actions, "not-a-stanza") == error_close("unsupported-stanza-type",
+                                                           "unexpected element 'foo'")
+
+
+def test_inbound_whitespace_after_starttls_is_dropped_not_parsed():
+    """Whitespace after <starttls/> in the same read is harmless and never parsed."""
+    s = inbound()
+    s.handle(E.DataReceived(HEADER))
+    actions = merge(s.handle(E.DataReceived(STARTTLS + b"\n ")))
+    assert actions == [A.SendBytes(f"<proceed xmlns='{NS_TLS}'/>".encode()),
+                       A.StartTls(LOCAL)]

@@ -97,3 +97,25 @@ def test_framer_other_encoding_is_unsupported_encoding():
     """XMPP is UTF-8 only (RFC 6120 section 11.6)."""
     items = parse([b"<?xml version='1.0' encoding='ISO-8859-1'?>" + HEADER])
     assert items[-1].condition == "unsupported-encoding"
+
+
+def test_framer_unbounded_header_is_policy_violation():
+    """Bytes before the stream header completes are bounded too (8 KiB)."""
+    items = parse([b"<stream:stream xmlns='jabber:server' " + b"a='b' " * 3000])
+    assert items[-1] == ParseError("policy-violation", "stream header larger than 8192 bytes")
+
+
+def test_framer_size_limit_is_per_stanza_not_per_read():
+    """Many small stanzas in one large read are not mistaken for one big stanza."""
+    many = b"<message to='b'><body>hi</body></message>" * 1000
+    items = parse([HEADER + many], max_size=10000)
+    assert len([i for i in items if isinstance(i, Element)]) == 1000
+
+
+def test_framer_prefix_declared_with_spaces_is_not_declared_twice():
+    """A stanza declaring a root prefix itself (even as xmlns:db = '...') keeps its own
+    declaration and gets no duplicate."""
+    raw = b"<presence from='a@r' to='b@l' xmlns:db = 'urn:x:y'><db:c/></presence>"
+    (el,) = [i for i in parse([HEADER + raw]) if isinstance(i, Element)]
+    assert el.raw.count(b"xmlns:db") == 1
+    assert el.tree()[0].tag == "{urn:x:y}c"      # well-formed, own binding kept
