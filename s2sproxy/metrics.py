@@ -32,6 +32,9 @@ class Metrics:
                              registry=r)
         self.pending_iqs = Gauge("s2sproxy_pending_iqs", "iq requests awaiting an answer",
                                  registry=r)
+        self.iq_evicted = Gauge("s2sproxy_iq_evicted", "iq requests forgotten because "
+                                "policy.iq_max_pending was reached (since start)",
+                                registry=r)
 
     def value(self, name: str, **labels: str) -> float:
         v = self.registry.get_sample_value(name, labels or None)

@@ -28,10 +28,6 @@ class RemoteProtocolError(Exception):
         self.text = text
 
 
-class LocalProtocolError(Exception):
-    """We broke the protocol (a bug): log it, send internal-server-error, close."""
-
-
 def stream_error_bytes(condition: str, text: str = "") -> bytes:
     """``<stream:error>`` followed by the closing stream tag."""
     body = f"<{condition} xmlns='{NS_STREAM_ERRORS}'/>"

@@ -61,8 +61,8 @@ class StreamBase:
         self.header_sent = False
         self.secure = False
         self.local_closed = False
-        self.ping_ids: set[str] = set()
-        self._ping_seq = 0
+        self.ping_ids: dict[str, None] = {}    # ordered: the oldest goes first
+        self.bidi = False
         self._old_parser: XmlStreamParser | None = None
         self._tls_restart = False
         self._out: list[A.Action] = []
@@ -238,13 +238,12 @@ class StreamBase:
         domains; None when it may."""
         raise NotImplementedError
 
-    def ping(self, frm: str, to: str) -> list[A.Action]:
-        """An XEP-0199 ping of our own; its answer is consumed by this stream."""
-        self._ping_seq += 1
-        pid = f"s2sproxy-ping-{self._ping_seq}"
-        if len(self.ping_ids) >= 4:          # unanswered ones are not kept forever
-            self.ping_ids.pop()
-        self.ping_ids.add(pid)
+    def ping(self, frm: str, to: str, pid: str) -> list[A.Action]:
+        """An XEP-0199 ping of our own with id ``pid``; an answer arriving on this
+        stream is consumed here (one arriving elsewhere is the shell's business)."""
+        self.ping_ids[pid] = None
+        while len(self.ping_ids) > 4:         # unanswered ones are not kept forever
+            del self.ping_ids[next(iter(self.ping_ids))]
         return [A.SendBytes(f"<iq type='get' id='{pid}' from='{xml_escape(frm)}' "
                             f"to='{xml_escape(to)}'><ping xmlns='urn:xmpp:ping'/></iq>"
                             .encode())]
@@ -252,7 +251,7 @@ class StreamBase:
     def _own_ping_answer(self, attrs: dict[str, str]) -> bool:
         pid = attrs.get("id")
         if pid in self.ping_ids and attrs.get("type") in ("result", "error"):
-            self.ping_ids.discard(pid)
+            del self.ping_ids[pid]
             return True
         return False
 

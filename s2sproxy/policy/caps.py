@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from collections import OrderedDict
 
 from lxml import etree
@@ -61,15 +62,43 @@ def verification_string(query: etree._Element, algo: str = "sha-1") -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
+_C_TAG = re.compile(rb"""<c\s[^>]*xmlns\s*=\s*(['"])http://jabber\.org/protocol/caps\1[^>]*>""")
+_ATTR = re.compile(rb"""\s(node|ver|hash)\s*=\s*(['"])(.*?)\2""", re.S)
+_ENTITIES = {"&lt;": "<", "&gt;": ">", "&quot;": '"', "&apos;": "'", "&amp;": "&"}
+
+
+def _unescape(value: bytes) -> str:
+    text = value.decode("utf-8")
+    if "&" in text:
+        text = re.sub(r"&(lt|gt|quot|apos|amp|#x?[0-9a-fA-F]+);", _entity, text)
+    return text
+
+
+def _entity(m: re.Match) -> str:
+    e = m.group(0)
+    if e in _ENTITIES:
+        return _ENTITIES[e]
+    return chr(int(e[3:-1], 16) if e[2] in "xX" else int(e[2:-1]))
+
+
 def presence_caps(raw: bytes, tree_of) -> tuple[str, str, str] | None:
-    """(node, ver, hash) announced by a presence, or None.  ``tree_of`` parses the
-    stanza only when its bytes mention the caps namespace at all."""
+    """(node, ver, hash) announced by a presence, or None.
+
+    Nearly every client presence carries caps, so the usual ``<c xmlns='...caps'
+    hash=.. node=.. ver=../>`` is read with a regular expression from the already
+    well-formed bytes; only an unusual spelling (a prefixed element) falls back to
+    ``tree_of()``, an lxml parse."""
     if _CAPS_BYTES not in raw:
         return None
-    c = tree_of().find(f"{{{NS_CAPS}}}c")
-    if c is None or not c.get("node") or not c.get("ver") or not c.get("hash"):
+    m = _C_TAG.search(raw)
+    if m is not None:
+        attrs = {k.decode(): _unescape(v) for k, _q, v in _ATTR.findall(m.group(0))}
+    else:
+        c = tree_of().find(f"{{{NS_CAPS}}}c")
+        attrs = dict(c.attrib) if c is not None else {}
+    if not attrs.get("node") or not attrs.get("ver") or not attrs.get("hash"):
         return None     # legacy caps (no 'hash') cannot be verified
-    return c.get("node"), c.get("ver"), c.get("hash").lower()
+    return attrs["node"], attrs["ver"], attrs["hash"].lower()
 
 
 class AnnouncedCaps:

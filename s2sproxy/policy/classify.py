@@ -35,8 +35,10 @@ class Reason:
 
 
 REASONS: dict[str, Reason] = {
+    # Forwarded by default: a request relayed by another s2sproxy instance (scale-out),
+    # before a restart, or evicted from a full tracker has a legitimate answer too.
     "unsolicited-iq-response": Reason(
-        DROP, frozenset({FORWARD, DROP, CLOSE}), "undefined-condition",
+        FORWARD, frozenset({FORWARD, DROP, CLOSE}), "undefined-condition",
         "an iq result or error that answers no request relayed by s2sproxy"),
     "iq-child-count": Reason(
         BOUNCE, frozenset({FORWARD, DROP, BOUNCE, CLOSE}), "bad-request",
@@ -116,7 +118,6 @@ class Policy:
         self.iqs = IqTracker(config.iq_timeout, config.iq_max_pending)
         self.announced = AnnouncedCaps()
         self.cache = CapsCache() if config.caps_cache else None
-        self.pings_answered = 0
 
     def unexpected(self, reason: str, detail: str = "") -> Unexpected:
         spec = REASONS[reason]
@@ -147,7 +148,6 @@ class Policy:
             return Outcome(u.action == FORWARD, unexpected=u)
         if s.child_ns == NS_PING and s.type == "get" and self.config.answer_pings \
                 and s.to in self.served:
-            self.pings_answered += 1
             return Outcome(False, replies=[_result(s)])
         node = None
         if s.child_ns == NS_DISCO_INFO and s.type == "get":

@@ -43,6 +43,7 @@ class StreamProtocol(Protocol):
         self.last_rx = now          # keepalive bookkeeping (see Proxy._keepalive)
         self.last_tx = now
         self.ping_sent_at: float | None = None
+        self.ping_id: str | None = None
 
     # -- Twisted callbacks -----------------------------------------------------------
 
@@ -55,7 +56,21 @@ class StreamProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         self.last_rx = self.clock.seconds()
-        self.run(self.stream.handle(E.DataReceived(data)))
+        self.handle(E.DataReceived(data))
+
+    def handle(self, event: object) -> None:
+        """Feed the core one event and run its actions.  This is the tx boundary: a bug
+        of ours (an exception here) ends this connection only, with
+        internal-server-error and a logged traceback (LocalProtocolError in STYLE)."""
+        try:
+            self.run(self.stream.handle(event))
+        except Exception:  # noqa: BLE001
+            log.failure("{label} stream {peer}: internal error", label=self.label,
+                        peer=self.peer)
+            try:
+                self.run(self.stream.fail("internal-server-error"))
+            except Exception:  # noqa: BLE001
+                self.transport.abortConnection()
 
     def write(self, data: bytes) -> None:
         if not self.closing:
@@ -63,7 +78,7 @@ class StreamProtocol(Protocol):
             self.transport.write(data)
 
     def handshakeCompleted(self) -> None:  # noqa: N802
-        self.run(self.stream.handle(self.owner.check_peer(self)))
+        self.handle(self.owner.check_peer(self))
 
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
         for call in self.timers.values():
@@ -71,7 +86,7 @@ class StreamProtocol(Protocol):
                 call.cancel()
         self.timers.clear()
         text = reason.getErrorMessage() if reason is not None else ""
-        self.run(self.stream.handle(E.ConnectionLost(text)))
+        self.handle(E.ConnectionLost(text))
         self._gone()
 
     def _gone(self) -> None:
@@ -111,7 +126,7 @@ class StreamProtocol(Protocol):
 
     def _fire(self, name: str) -> None:
         self.timers.pop(name, None)
-        self.run(self.stream.handle(E.TimerFired(name)))
+        self.handle(E.TimerFired(name))
 
     def close(self) -> None:
         self.run(self.stream.close())

@@ -117,6 +117,8 @@ class Proxy(service.MultiService):
         f = settings.flags
         self.flags = FlagRecorder(self.metrics, f.json_log, f.quarantine,
                                   f.quarantine_max_bytes)
+        self.own_pings: dict[str, StreamProtocol] = {}   # keepalive ping id -> stream
+        self._ping_seq = 0
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = reactor
         self._build_listeners()
@@ -129,7 +131,7 @@ class Proxy(service.MultiService):
                             new_stream_id=new_stream_id, max_size=s.max_stanza_size,
                             max_depth=s.max_depth, trust=self.trust_policy,
                             starttls_available=True, direct_tls=direct_tls,
-                            actions=self.stream_actions)
+                            actions=self.stream_actions, auth_timeout=s.auth_timeout)
         label = {Role.PUBLIC: "public", Role.BACKEND: "backend-in"}[role]
         proxy = self
 
@@ -188,6 +190,7 @@ class Proxy(service.MultiService):
             self._answer_unanswered(expired, "no answer in time")
         self._keepalive(now)
         self.metrics.pending_iqs.set(len(self.policy.iqs))
+        self.metrics.iq_evicted.set(self.policy.iqs.evicted)
 
     def _answer_unanswered(self, requests: list[Stanza], why: str) -> None:
         for req in requests:
@@ -197,9 +200,11 @@ class Proxy(service.MultiService):
             self.bounce(req, "remote-server-timeout", why)
 
     def _keepalive(self, now: float) -> None:
-        """Whitespace after ``keepalive.whitespace`` of silence from us; on streams that
-        can carry our stanzas, an XEP-0199 ping after ``keepalive.ping`` of silence
-        from the peer, and the stream ended if nothing at all comes back within
+        """Whitespace after ``keepalive.whitespace`` of silence from us.  On our own
+        streams and on remotes' bidi streams, an XEP-0199 ping of ours after
+        ``keepalive.ping`` of silence from the peer; the stream is ended if neither
+        the answer (on whatever stream it comes: on one-way streams it comes on the
+        peer's own stream) nor any other byte on this stream arrives within
         ``keepalive.timeout``."""
         ka = self.settings.keepalive
         for proto in list(self.streams):
@@ -213,17 +218,24 @@ class Proxy(service.MultiService):
             if ends is None:
                 continue
             if proto.ping_sent_at is not None and proto.last_rx > proto.ping_sent_at:
-                proto.ping_sent_at = None
+                self._ping_answered(proto)
             if proto.ping_sent_at is None:
                 if now - proto.last_rx >= ka.ping:
-                    proto.ping_sent_at = now
-                    proto.run(st.ping(*ends))
+                    self._ping_seq += 1
+                    pid = f"s2sproxy-ping-{self._ping_seq}"
+                    self.own_pings[pid] = proto
+                    proto.ping_id, proto.ping_sent_at = pid, now
+                    proto.run(st.ping(*ends, pid))
             elif now - proto.ping_sent_at >= ka.timeout:
                 log.warn("{label} stream {peer} to {remote} dead: no answer to a keepalive "
                          "ping in {timeout:g} s", label=proto.label, peer=proto.peer,
                          remote=ends[1], timeout=ka.timeout)
                 self.metrics.dead_peers.labels(ends[1]).inc()
                 proto.run(st.fail("connection-timeout", "no answer to keepalive ping"))
+
+    def _ping_answered(self, proto: StreamProtocol) -> None:
+        self.own_pings.pop(getattr(proto, "ping_id", None), None)
+        proto.ping_sent_at = None
 
     # -- what StreamProtocol asks of its owner ------------------------------------------
 
@@ -251,9 +263,12 @@ class Proxy(service.MultiService):
     def stream_lost(self, proto: StreamProtocol) -> None:
         """The stream is closing or closed: no router may write to it any more."""
         self.streams.discard(proto)
+        self._ping_answered(proto)
         now = self.reactor.seconds()
+        # Answers to requests sent over a bidi stream come back on it: they are lost
+        # with it.  Over a one-way stream they come on the peer's own stream.
         carried = [pair for router in (self.to_backend, self.to_remote)
-                   for pair in router.pairs_of(proto)]
+                   for pair in router.pairs_of(proto)] if proto.stream.bidi else []
         for router in (self.to_backend, self.to_remote):
             self._run_ops(router, router.stream_closed(proto, now))
         for pair in carried:
@@ -328,8 +343,12 @@ class Proxy(service.MultiService):
         direction, one batch per domain pair."""
         now = self.reactor.seconds()
         check = self.policy.check
+        own_pings = self.own_pings
         passed = []
         for s in stanzas:
+            if own_pings and s.kind == "iq" and s.id in own_pings:
+                self._ping_answered(own_pings[s.id])    # consumed, never forwarded
+                continue
             outcome = check(s, now)
             if outcome is None or self._apply(s, outcome, source):
                 passed.append(s)
@@ -545,7 +564,7 @@ class Proxy(service.MultiService):
                  originating=req.originating, receiving=req.receiving,
                  verdict={True: "valid", False: "invalid"}.get(verdict.valid,
                                                                verdict.condition))
-        requester.run(requester.stream.handle(verdict))
+        requester.handle(verdict)
 
 
 def _ping_ends(st) -> tuple[str, str] | None:

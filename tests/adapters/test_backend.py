@@ -125,7 +125,7 @@ def _backend_requester(peer: str):
         b"to='remote.example'>key</db:result>"))
     ran = []
     requester = type("R", (), {"stream": stream, "peer": peer,
-                               "run": lambda self, actions: ran.extend(actions)})()
+                               "handle": lambda self, ev: ran.extend(stream.handle(ev))})()
     return requester, ran
 
 
@@ -145,3 +145,61 @@ def test_backend_db_result_trusted_by_source_address(tmp_path, peer, trusted):
     else:
         assert [c[:2] for c in reactor.tcpClients] == [("127.0.0.1", 15269)]
         assert ran == []
+
+
+def _ready_backend_stream(p: Proxy, reactor) -> tuple:
+    """A real backend StreamProtocol driven to READY over a StringTransport."""
+    from s2sproxy.core.outbound import Mode, OutboundConfig, OutboundStream
+    from s2sproxy.tx.service import _OutboundFactory
+    pair = ("remote.example", "local.example")
+    stream = OutboundStream(OutboundConfig(Mode.ORIGINATE, *pair, p.keys, 10000, 16,
+                                           tls="never"))
+    factory = _OutboundFactory(p, stream, "backend", p.to_backend, pair)
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(
+        b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/"
+        b"streams' xmlns:db='jabber:server:dialback' id='e1' version='1.0'>"
+        b"<stream:features/><db:result from='local.example' to='remote.example' "
+        b"type='valid'/>")
+    assert p.to_backend.ready_handle(pair) is proto
+    transport.clear()
+    return proto, transport
+
+
+def test_backend_keepalive_ping_answered_on_another_stream_keeps_link(tmp_path):
+    """ejabberd answers our keepalive ping on its own outgoing stream: the answer is
+    consumed there (never forwarded, never flagged) and the backend link stays up."""
+    reactor = MemoryReactorClock()
+    p = Proxy(settings(tmp_path, keepalive={"whitespace": 1000, "ping": 10,
+                                            "timeout": 5}), reactor)
+    proto, transport = _ready_backend_stream(p, reactor)
+    reactor.advance(10)
+    p._keepalive(reactor.seconds())
+    sent = transport.value()
+    assert sent.startswith(b"<iq type='get' id='s2sproxy-ping-1' from='remote.example' "
+                           b"to='local.example'><ping xmlns='urn:xmpp:ping'/></iq>")
+    answer = Stanza("iq", b"<iq/>", "local.example", "remote.example", "result",
+                    "s2sproxy-ping-1", None, "local.example", "remote.example")
+    p.route([answer])
+    assert p.flags.count == 0 and p.own_pings == {}
+    reactor.advance(6)
+    p._keepalive(reactor.seconds())
+    assert not proto.closing
+
+
+def test_backend_keepalive_ping_unanswered_ends_stream(tmp_path):
+    """No answer to the keepalive ping within keepalive.timeout: connection-timeout."""
+    reactor = MemoryReactorClock()
+    p = Proxy(settings(tmp_path, keepalive={"whitespace": 1000, "ping": 10,
+                                            "timeout": 5}), reactor)
+    proto, transport = _ready_backend_stream(p, reactor)
+    reactor.advance(10)
+    p._keepalive(reactor.seconds())
+    reactor.advance(5)
+    p._keepalive(reactor.seconds())
+    assert b"<connection-timeout xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" \
+        in transport.value()
+    assert proto.closing
+    assert p.to_backend.ready_handle(("remote.example", "local.example")) is None

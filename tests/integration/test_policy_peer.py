@@ -66,14 +66,14 @@ def proxied(federation):
 
 
 def test_each_unexpected_stanza_is_flagged_and_handled_as_configured(proxied):
-    """Unsolicited result (drop), iq without child (bounce bad-request), unknown type
+    """Unsolicited result (forward), iq without child (bounce bad-request), unknown type
     (forward), spoofed from / unserved to / not a stanza / no from (drop, as configured
     here), caps hash mismatch (forward): each flagged, the stream undisturbed."""
     fed = proxied
     raw = harness.RawPeer(fed.run).open(bidi=True)
     cases = [
         (f"<iq type='result' id='u1' from='{EVE}' to='alice@local.test/it'/>",
-         "unsolicited-iq-response", "drop"),
+         "unsolicited-iq-response", "forward"),
         (f"<iq type='get' id='c1' from='{EVE}' to='alice@local.test/it'/>",
          "iq-child-count", "bounce"),
         (f"<message type='shout' from='{EVE}' to='alice@local.test'><body>shout</body>"

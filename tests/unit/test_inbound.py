@@ -416,13 +416,13 @@ def test_inbound_own_ping_answer_is_consumed_not_delivered():
     s = inbound()
     for ev in DIALBACK_OK:
         s.handle(ev)
-    assert s.ping(LOCAL, REMOTE) == [A.SendBytes(
+    assert s.ping(LOCAL, REMOTE, "s2sproxy-ping-1") == [A.SendBytes(
         b"<iq type='get' id='s2sproxy-ping-1' from='local.example' to='remote.example'>"
         b"<ping xmlns='urn:xmpp:ping'/></iq>")]
     answer = b"<iq type='result' id='s2sproxy-ping-1' from='remote.example' " \
              b"to='local.example'/>"
     assert merge(s.handle(E.DataReceived(answer + MESSAGE))) == [("deliver", [MESSAGE])]
-    assert s.ping_ids == set()
+    assert s.ping_ids == {}
 
 
 def test_inbound_invalid_from_can_be_dropped_instead_of_closing():
