@@ -92,10 +92,25 @@ def presence_caps(raw: bytes, tree_of) -> tuple[str, str, str] | None:
         return None
     m = _C_TAG.search(raw)
     if m is not None:
-        attrs = {k.decode(): _unescape(v) for k, _q, v in _ATTR.findall(m.group(0))}
+        tag = m.group(0)
+        known = _TAG_CACHE.get(tag)
+        if known is not None:
+            return known or None
+        attrs = {k.decode(): _unescape(v) for k, _q, v in _ATTR.findall(tag)}
+        if len(_TAG_CACHE) >= 4096:
+            _TAG_CACHE.clear()
+        _TAG_CACHE[tag] = _announced(attrs) or ()
+        return _TAG_CACHE[tag] or None
     else:
         c = tree_of().find(f"{{{NS_CAPS}}}c")
-        attrs = dict(c.attrib) if c is not None else {}
+        return _announced(dict(c.attrib) if c is not None else {})
+
+
+# The same few <c/> tags come back in presence after presence: remember their reading.
+_TAG_CACHE: dict[bytes, tuple] = {}
+
+
+def _announced(attrs: dict[str, str]) -> tuple[str, str, str] | None:
     if not attrs.get("node") or not attrs.get("ver") or not attrs.get("hash"):
         return None     # legacy caps (no 'hash') cannot be verified
     return attrs["node"], attrs["ver"], attrs["hash"].lower()
@@ -110,8 +125,10 @@ class AnnouncedCaps:
 
     def add(self, node: str, ver: str, algo: str) -> None:
         key = f"{node}#{ver}"
+        if self._seen.get(key) == algo:
+            self._seen.move_to_end(key)
+            return
         self._seen[key] = algo
-        self._seen.move_to_end(key)
         while len(self._seen) > self.max_entries:
             self._seen.popitem(last=False)
 
