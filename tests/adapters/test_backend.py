@@ -168,15 +168,22 @@ def _ready_backend_stream(p: Proxy, reactor) -> tuple:
     return proto, transport
 
 
-def test_backend_keepalive_ping_answered_on_another_stream_keeps_link(tmp_path):
-    """ejabberd answers our keepalive ping on its own outgoing stream: the answer is
-    consumed there (never forwarded, never flagged) and the backend link stays up."""
+def _pinged_backend(tmp_path):
+    """A ready backend stream that has just sent its keepalive ping (ping after 10 s
+    of silence, 5 s to answer)."""
     reactor = MemoryReactorClock()
     p = Proxy(settings(tmp_path, keepalive={"whitespace": 1000, "ping": 10,
                                             "timeout": 5}), reactor)
     proto, transport = _ready_backend_stream(p, reactor)
     reactor.advance(10)
     p._keepalive(reactor.seconds())
+    return p, reactor, proto, transport
+
+
+def test_backend_keepalive_ping_answered_on_another_stream_keeps_link(tmp_path):
+    """ejabberd answers our keepalive ping on its own outgoing stream: the answer is
+    consumed there (never forwarded, never flagged) and the backend link stays up."""
+    p, reactor, proto, transport = _pinged_backend(tmp_path)
     sent = transport.value()
     assert sent.startswith(b"<iq type='get' id='s2sproxy-ping-1' from='remote.example' "
                            b"to='local.example'><ping xmlns='urn:xmpp:ping'/></iq>")
@@ -191,12 +198,7 @@ def test_backend_keepalive_ping_answered_on_another_stream_keeps_link(tmp_path):
 
 def test_backend_keepalive_ping_unanswered_ends_stream(tmp_path):
     """No answer to the keepalive ping within keepalive.timeout: connection-timeout."""
-    reactor = MemoryReactorClock()
-    p = Proxy(settings(tmp_path, keepalive={"whitespace": 1000, "ping": 10,
-                                            "timeout": 5}), reactor)
-    proto, transport = _ready_backend_stream(p, reactor)
-    reactor.advance(10)
-    p._keepalive(reactor.seconds())
+    p, reactor, proto, transport = _pinged_backend(tmp_path)
     reactor.advance(5)
     p._keepalive(reactor.seconds())
     assert b"<connection-timeout xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" \
