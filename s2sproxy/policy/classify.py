@@ -30,8 +30,10 @@ NS_PING = "urn:xmpp:ping"
 class Reason:
     default: str
     allowed: frozenset[str]
-    condition: str          # stanza error (bounce) or stream error (close)
+    condition: str          # stanza error (bounce), or stream error (close)
     description: str
+    # The stream error for ``close`` when ``condition`` is a stanza error condition.
+    stream_condition: str = ""
 
 
 REASONS: dict[str, Reason] = {
@@ -42,13 +44,15 @@ REASONS: dict[str, Reason] = {
         "an iq result or error that answers no request relayed by s2sproxy"),
     "iq-child-count": Reason(
         BOUNCE, frozenset({FORWARD, DROP, BOUNCE, CLOSE}), "bad-request",
-        "an iq get/set without exactly one child element (RFC 6120 section 8.2.3)"),
+        "an iq get/set without exactly one child element (RFC 6120 section 8.2.3)",
+        "policy-violation"),
     "unknown-type": Reason(
         FORWARD, frozenset({FORWARD, DROP, BOUNCE, CLOSE}), "bad-request",
-        "a stanza whose type attribute RFC 6120/6121 does not define"),
+        "a stanza whose type attribute RFC 6120/6121 does not define", "policy-violation"),
     "caps-hash-mismatch": Reason(
         FORWARD, frozenset({FORWARD, DROP}), "not-acceptable",
-        "a disco#info result whose XEP-0115 hash differs from the announced ver"),
+        "a disco#info result whose XEP-0115 hash differs from the announced ver",
+        "policy-violation"),
     "invalid-from": Reason(
         CLOSE, frozenset({DROP, CLOSE}), "invalid-from",
         "a stanza whose from domain is not authenticated on its stream"),
@@ -90,8 +94,9 @@ TYPES = {
 class Unexpected:
     reason: str
     action: str
-    condition: str
+    condition: str          # the stanza error of a bounce
     detail: str = ""
+    stream_condition: str = ""   # the stream error of a close
 
 
 @dataclass
@@ -121,7 +126,8 @@ class Policy:
 
     def unexpected(self, reason: str, detail: str = "") -> Unexpected:
         spec = REASONS[reason]
-        return Unexpected(reason, self.config.actions[reason], spec.condition, detail)
+        return Unexpected(reason, self.config.actions[reason], spec.condition, detail,
+                          spec.stream_condition or spec.condition)
 
     def check(self, s: Stanza, now: float) -> Outcome | None:
         """None: forward as expected.  The stanza is parsed into a tree only when a

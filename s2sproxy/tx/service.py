@@ -352,6 +352,8 @@ class Proxy(service.MultiService):
             outcome = check(s, now)
             if outcome is None or self._apply(s, outcome, source):
                 passed.append(s)
+            elif source is not None and source.closing:
+                break       # a policy close: the rest of the read is not processed
         self._send(passed, now)
 
     def send_generated(self, stanzas: list[Stanza]) -> None:
@@ -387,7 +389,7 @@ class Proxy(service.MultiService):
         if u.action == BOUNCE:
             self.bounce(s, u.condition, u.detail)
         elif u.action == CLOSE and source is not None:
-            source.run(source.stream.fail(u.condition, u.detail))
+            source.run(source.stream.fail(u.stream_condition, u.detail))
         return u.action == FORWARD
 
     def _flag(self, flag: A.Flag, proto: StreamProtocol | None,

@@ -8,8 +8,8 @@ from lxml import etree
 
 from s2sproxy.core.stanza import Stanza
 from s2sproxy.policy.caps import InvalidDisco, verification_string
-from s2sproxy.policy.classify import (BOUNCE, DEFAULT_ACTIONS, DROP, FORWARD, REASONS,
-                                      Policy, PolicyConfig)
+from s2sproxy.policy.classify import (BOUNCE, CLOSE, DEFAULT_ACTIONS, DROP, FORWARD,
+                                      REASONS, Policy, PolicyConfig)
 from s2sproxy.policy.iq_tracker import IqTracker
 
 LOCAL, REMOTE = "local.example", "remote.example"
@@ -281,3 +281,13 @@ def test_caps_announced_in_presence_read_in_any_spelling(c):
     s = stanza("presence", None, raw=b"<presence from='a@r' to='b@l'><priority>1</priority>"
                + c + b"</presence>")
     assert presence_caps(s.raw, lambda: stanza_tree(s)) == ("n&x", "v/1=", "sha-1")
+
+
+def test_policy_every_close_is_a_stream_error_condition():
+    """A reason that may close names an RFC 6120 section 4.9.3 stream condition for it
+    (bad-request is a stanza error: its close is policy-violation)."""
+    from s2sproxy.core.errors import STREAM_CONDITIONS
+    for name, r in REASONS.items():
+        if CLOSE in r.allowed:
+            u = policy(actions={name: CLOSE}).unexpected(name)
+            assert u.stream_condition in STREAM_CONDITIONS, name
