@@ -71,6 +71,8 @@ class Queue:
     backoff_after: int
     backoff_base: float
     backoff_max: float
+    max_bytes: int           # bytes waiting per domain pair
+    max_total_bytes: int     # bytes waiting in all queues together
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,10 @@ class Settings:
     secret_file: Path
     max_stanza_size: int
     max_depth: int
+    pre_auth_max_stanza_size: int
+    pre_auth_max_elements: int
+    max_unauthenticated: int
+    max_unauthenticated_per_source: int
     connect_timeout: float
     auth_timeout: float
     idle_timeout: float
@@ -167,12 +173,16 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
         "host", "port", "tls", "listen", "srv_target", "srv_port", "dns_address",
         "dns_port", "certificate", "key", "trusted_addresses"}), base, domains)
     queue = _queue(_table(data, "queue", {"limit", "max_age", "backoff_after",
-                                          "backoff_base", "backoff_max"}))
+                                          "backoff_base", "backoff_max", "max_bytes",
+                                          "max_total_bytes"}))
     trust = _trust(_table(data, "trust", {
         "system_cas", "ca_file", "require_valid_certificates", "secure_domains",
         "insecure_domains"}), base)
     remotes = _remotes(data.get("remote", {}))
-    limits = _table(data, "limits", {"max_stanza_size", "max_depth"})
+    limits = _table(data, "limits", {"max_stanza_size", "max_depth",
+                                     "pre_auth_max_stanza_size", "pre_auth_max_elements",
+                                     "max_unauthenticated",
+                                     "max_unauthenticated_per_source"})
     timeouts = _table(data, "timeouts", {"connect", "auth", "idle"})
     dns = _table(data, "dns", {"nameservers"})
     policy = _policy(_table(data, "policy", {"actions", "answer_pings", "iq_timeout",
@@ -205,6 +215,11 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
         secret_file=secret_file,
         max_stanza_size=_int(limits, "limits.max_stanza_size", DEFAULT_MAX_STANZA_SIZE, 10000),
         max_depth=_int(limits, "limits.max_depth", DEFAULT_MAX_DEPTH, 4),
+        pre_auth_max_stanza_size=_int(limits, "limits.pre_auth_max_stanza_size", 8192, 1024),
+        pre_auth_max_elements=_int(limits, "limits.pre_auth_max_elements", 32, 4),
+        max_unauthenticated=_int(limits, "limits.max_unauthenticated", 1024, 1),
+        max_unauthenticated_per_source=_int(limits, "limits.max_unauthenticated_per_source",
+                                            32, 1),
         connect_timeout=_number(timeouts, "timeouts.connect", 10.0),
         auth_timeout=_number(timeouts, "timeouts.auth", 30.0),
         idle_timeout=_number(timeouts, "timeouts.idle", 600.0),
@@ -286,6 +301,8 @@ def _queue(t: dict[str, Any]) -> Queue:
         backoff_after=_int(t, "queue.backoff_after", 2, 1),
         backoff_base=_number(t, "queue.backoff_base", 5.0),
         backoff_max=_number(t, "queue.backoff_max", 300.0),
+        max_bytes=_int(t, "queue.max_bytes", 2 * 1024 * 1024, 10000),
+        max_total_bytes=_int(t, "queue.max_total_bytes", 128 * 1024 * 1024, 10000),
     )
 
 

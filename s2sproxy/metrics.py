@@ -30,6 +30,11 @@ class Metrics:
                                   "did not answer a keepalive ping", ["peer"], registry=r)
         self.streams = Gauge("s2sproxy_streams", "Open streams, by kind", ["kind"],
                              registry=r)
+        self.connections_refused = Counter(
+            "s2sproxy_connections_refused", "Public connections refused at accept, by "
+            "the bound they hit (total, per-source)", ["bound"], registry=r)
+        self.unauthenticated = Gauge("s2sproxy_unauthenticated_connections",
+                                     "Public connections not authenticated yet", registry=r)
         self.pending_iqs = Gauge("s2sproxy_pending_iqs", "iq requests awaiting an answer",
                                  registry=r)
         self.iq_evicted = Gauge("s2sproxy_iq_evicted", "iq requests forgotten because "

@@ -79,8 +79,12 @@ class InboundConfig:
     starttls_available: bool = True     # BACKEND: a certificate is configured
     direct_tls: bool = False
     actions: dict[str, str] = field(default_factory=dict)   # policy.actions
-    auth_timeout: float = 30.0       # from the first header to an authenticated pair
+    auth_timeout: float = 30.0       # from TCP accept to an authenticated pair
     max_pending_dialback: int = 8    # db:result verifications in flight per stream
+    # PUBLIC, before the first pair is authenticated (ejabberd 26.04's
+    # pre_auth_max_stanza_size uses the same figures): bytes per element, and elements.
+    pre_auth_max_size: int = 8192
+    pre_auth_max_elements: int = 32
 
 
 _SASL_AUTH = f"{NS_SASL} auth"
@@ -96,7 +100,10 @@ class InboundStream(StreamBase):
     closed_state = InboundState.CLOSED
 
     def __init__(self, config: InboundConfig) -> None:
-        super().__init__(config.max_size, config.max_depth)
+        pre_auth = config.role is Role.PUBLIC
+        super().__init__(min(config.pre_auth_max_size, config.max_size) if pre_auth
+                         else config.max_size, config.max_depth)
+        self._pre_auth_elements = config.pre_auth_max_elements if pre_auth else -1
         self.config = config
         self.stream_actions = config.actions
         self.role = config.role
@@ -114,6 +121,12 @@ class InboundStream(StreamBase):
         self.bidi = False
         self.bidi_offered = False
         self.auth_method = ""
+
+    def start(self) -> list[A.Action]:
+        """The TCP connection was accepted: the authentication timeout runs from now
+        (as ejabberd's negotiation_timeout does), so that it bounds every connection
+        that never authenticates, whatever it sends or withholds."""
+        return [A.SetTimer("auth", self.config.auth_timeout)]
 
     # -- header and features ---------------------------------------------------------
 
@@ -139,9 +152,6 @@ class InboundStream(StreamBase):
             raise RemoteProtocolError("host-unknown", "'to' changed on stream restart")
         if self.remote_domain and frm and frm != self.remote_domain:
             raise RemoteProtocolError("invalid-from", "'from' changed on stream restart")
-        if not self.local_domain and not self.authenticated:
-            # A stream that never authenticates must not hold a connection forever.
-            self._emit(A.SetTimer("auth", self.config.auth_timeout))
         self.local_domain = to
         self.remote_domain = frm or self.remote_domain
         self._send(self._header_bytes(to or None, self.remote_domain or None,
@@ -195,6 +205,12 @@ class InboundStream(StreamBase):
     # -- elements ------------------------------------------------------------------------
 
     def _on_element(self, el: Element) -> None:
+        if self._pre_auth_elements >= 0:
+            if self._pre_auth_elements == 0:
+                raise RemoteProtocolError(
+                    "policy-violation", f"more than {self.config.pre_auth_max_elements} "
+                                        f"elements before authentication")
+            self._pre_auth_elements -= 1
         name = el.name
         kind = STANZA_NAMES.get(name)
         if self.state is InboundState.OPEN:
@@ -376,6 +392,9 @@ class InboundStream(StreamBase):
     def _authenticate(self, originating: str, receiving: str, method: str) -> None:
         if not self.authenticated:
             self._emit(A.CancelTimer("auth"))
+            # Authenticated: the full element size, no element count.
+            self._pre_auth_elements = -1
+            self.max_size = self.parser.max_size = self.config.max_size
         self.authenticated.add((originating, receiving))
         self.authenticated_from.add(originating)
         self.auth_method = self.auth_method or method

@@ -17,12 +17,14 @@ from zope.interface import implementer
 
 from s2sproxy.core import actions as A
 from s2sproxy.core import events as E
+from s2sproxy.core.limits import CLOSE_GRACE
 from s2sproxy.tx.tls import tls_connection_of
 
 log = get_logger(__name__)
 
 
 class Owner(TypingProtocol):
+    def admit(self, proto: "StreamProtocol") -> bool: ...
     def stream_action(self, proto: "StreamProtocol", action: Any) -> None: ...
     def start_tls(self, proto: "StreamProtocol", server_name: str | None) -> None: ...
     def check_peer(self, proto: "StreamProtocol") -> E.TlsEstablished: ...
@@ -50,6 +52,9 @@ class StreamProtocol(Protocol):
     def connectionMade(self) -> None:  # noqa: N802
         p = self.transport.getPeer()
         self.peer = f"{getattr(p, 'host', '?')}:{getattr(p, 'port', '?')}"
+        if not self.owner.admit(self):
+            self.transport.abortConnection()    # refused before reading a byte
+            return
         start = getattr(self.stream, "start", None)
         if start is not None:
             self.run(start())
@@ -111,6 +116,8 @@ class StreamProtocol(Protocol):
                              text=a.text)
                 self._gone()
                 self.transport.loseConnection()
+                if "abort" not in self.timers:
+                    self.timers["abort"] = self.clock.callLater(CLOSE_GRACE, self._abort)
             elif t is A.SetTimer:
                 self._cancel(a.name)
                 self.timers[a.name] = self.clock.callLater(a.seconds, self._fire, a.name)
@@ -127,6 +134,11 @@ class StreamProtocol(Protocol):
     def _fire(self, name: str) -> None:
         self.timers.pop(name, None)
         self.handle(E.TimerFired(name))
+
+    def _abort(self) -> None:
+        """The peer did not let the connection close in CLOSE_GRACE seconds."""
+        self.timers.pop("abort", None)
+        self.transport.abortConnection()
 
     def close(self) -> None:
         self.run(self.stream.close())

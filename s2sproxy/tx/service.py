@@ -28,6 +28,7 @@ from s2sproxy.config import Settings
 from s2sproxy.core import actions as A
 from s2sproxy.core import events as E
 from s2sproxy.core import routing as R
+from s2sproxy.core.admission import Admission
 from s2sproxy.core.dialback import DialbackKeys
 from s2sproxy.core.inbound import (InboundConfig, InboundState, InboundStream, Role,
                                    TrustPolicy)
@@ -109,6 +110,8 @@ class Proxy(service.MultiService):
         self.to_backend = R.Router(**routers)
         self.to_remote = R.Router(**routers)
         self.streams: set[StreamProtocol] = set()
+        self.admission = Admission(settings.max_unauthenticated,
+                                   settings.max_unauthenticated_per_source)
         p = settings.policy
         self.policy = Policy(PolicyConfig(dict(p.actions), p.answer_pings, p.iq_timeout,
                                           p.iq_max_pending, p.caps_cache), self.served)
@@ -131,7 +134,9 @@ class Proxy(service.MultiService):
                             new_stream_id=new_stream_id, max_size=s.max_stanza_size,
                             max_depth=s.max_depth, trust=self.trust_policy,
                             starttls_available=True, direct_tls=direct_tls,
-                            actions=self.stream_actions, auth_timeout=s.auth_timeout)
+                            actions=self.stream_actions, auth_timeout=s.auth_timeout,
+                            pre_auth_max_size=s.pre_auth_max_stanza_size,
+                            pre_auth_max_elements=s.pre_auth_max_elements)
         label = {Role.PUBLIC: "public", Role.BACKEND: "backend-in"}[role]
         proxy = self
 
@@ -239,6 +244,30 @@ class Proxy(service.MultiService):
 
     # -- what StreamProtocol asks of its owner ------------------------------------------
 
+    def admit(self, proto: StreamProtocol) -> bool:
+        """May this newly accepted public connection be held (``core.admission``)?"""
+        if proto.label != "public":
+            return True
+        host = proto.peer.rsplit(":", 1)[0]
+        refused = self.admission.admit(proto, host)
+        self.metrics.unauthenticated.set(len(self.admission))
+        if refused is None:
+            return True
+        self.metrics.connections_refused.labels(refused).inc()
+        n = self.admission.log_due(self.reactor.seconds())
+        if n:
+            log.warn("refused {n} connection(s) over the {bound} bound of unauthenticated "
+                     "connections (limits.max_unauthenticated{suffix} = {limit}); last "
+                     "from {peer}", n=n, bound=refused, peer=proto.peer,
+                     suffix="" if refused == "total" else "_per_source",
+                     limit=self.admission.max_total if refused == "total"
+                     else self.admission.max_per_source)
+        return False
+
+    def _release(self, proto: StreamProtocol) -> None:
+        self.admission.release(proto)
+        self.metrics.unauthenticated.set(len(self.admission))
+
     def start_tls(self, proto: StreamProtocol, server_name: str | None) -> None:
         st = proto.stream
         if isinstance(st, InboundStream):
@@ -263,6 +292,7 @@ class Proxy(service.MultiService):
     def stream_lost(self, proto: StreamProtocol) -> None:
         """The stream is closing or closed: no router may write to it any more."""
         self.streams.discard(proto)
+        self._release(proto)
         self._ping_answered(proto)
         now = self.reactor.seconds()
         # Answers to requests sent over a bidi stream come back on it: they are lost
@@ -284,6 +314,7 @@ class Proxy(service.MultiService):
         elif t is A.Flag:
             self._flag(a, proto)
         elif t is A.Authenticated:
+            self._release(proto)
             st = proto.stream
             log.info("{label} stream authenticated: {originating} -> {receiving} "
                      "method={method} tls={tls} bidi={bidi} stream={sid} peer={peer}",

@@ -66,8 +66,7 @@ def flagged(actions, reason, action="close"):
 def test_inbound_header_gets_header_and_required_starttls():
     """A remote's stream header is answered with ours and STARTTLS as required feature."""
     actions, s = run([], HEADER)
-    assert actions == [A.SetTimer("auth", 30.0),
-                       A.SendBytes(our_header(LOCAL, REMOTE, "sid1") + FEATURES_TLS)]
+    assert actions == [A.SendBytes(our_header(LOCAL, REMOTE, "sid1") + FEATURES_TLS)]
     assert s.state is InboundState.STARTTLS
 
 
@@ -341,8 +340,7 @@ def test_inbound_dialback_with_valid_certificate_needs_no_callback():
 def test_inbound_direct_tls_starts_with_handshake():
     """On a Direct TLS listener the first event is the handshake; no STARTTLS offered."""
     actions, s = run([TLS_NO_CERT], HEADER, direct_tls=True)
-    assert actions == [A.SetTimer("auth", 30.0),
-                       A.SendBytes(our_header(LOCAL, REMOTE, "sid1") + FEATURES_DB_BIDI)]
+    assert actions == [A.SendBytes(our_header(LOCAL, REMOTE, "sid1") + FEATURES_DB_BIDI)]
 
 
 def test_inbound_peer_closing_stream_is_answered_and_closed():
@@ -359,7 +357,7 @@ def test_inbound_backend_role_accepts_any_to_and_never_offers_bidi():
     s = inbound(Role.BACKEND)
     s.config.starttls_available = False
     actions = merge(s.handle(E.DataReceived(hdr)))
-    assert actions == [A.SetTimer("auth", 30.0), A.SendBytes(our_header(REMOTE, LOCAL, "sid1")
+    assert actions == [A.SendBytes(our_header(REMOTE, LOCAL, "sid1")
                                    + b"<stream:features><dialback xmlns='urn:xmpp:features:"
                                      b"dialback'><errors/></dialback></stream:features>")]
 
@@ -490,3 +488,72 @@ def test_inbound_whitespace_after_starttls_is_dropped_not_parsed():
     actions = merge(s.handle(E.DataReceived(STARTTLS + b"\n ")))
     assert actions == [A.SendBytes(f"<proceed xmlns='{NS_TLS}'/>".encode()),
                        A.StartTls(LOCAL)]
+
+
+# -- bounds on unauthenticated streams (issue 7, defects 4 and 7) ------------------------
+
+def test_inbound_auth_timer_runs_from_accept():
+    """The authentication timeout starts at TCP accept, before any byte: a peer that
+    sends nothing, or one header byte at a time, is closed when it fires."""
+    s = inbound()
+    assert s.start() == [A.SetTimer("auth", 30.0)]
+    out = merge(s.handle(E.DataReceived(b"<")))
+    assert out == []
+    out = merge(s.handle(E.TimerFired("auth")))
+    assert out == error_close("connection-timeout", "not authenticated in time",
+                              header=our_header(None, None, "sid1"))
+    assert s.state is InboundState.CLOSED
+
+
+def test_inbound_direct_tls_auth_timer_runs_before_handshake():
+    """On Direct TLS the timer runs from accept too: a handshake that never completes
+    is closed (the stream error is sent in TLS if the handshake ever finishes)."""
+    s = inbound(direct_tls=True)
+    assert s.start() == [A.SetTimer("auth", 30.0)]
+    out = merge(s.handle(E.TimerFired("auth")))
+    assert out[-1] == A.CloseConnection("connection-timeout", "not authenticated in time")
+
+
+def test_inbound_header_sets_no_second_timer():
+    """The header no longer (re)starts the timer: a restart cannot extend it."""
+    actions, s = run([], HEADER)
+    assert not [a for a in actions if isinstance(a, A.SetTimer)]
+
+
+def test_inbound_element_over_pre_auth_limit_is_policy_violation():
+    """Before authentication an element may take limits.pre_auth_max_stanza_size
+    bytes (as ejabberd 26.04's pre_auth_max_stanza_size), not max_stanza_size."""
+    s = inbound(max_size=20000)
+    for ev in SECURE:
+        s.handle(ev)
+    big = f"<db:result from='{REMOTE}' to='{LOCAL}'>{'k' * 9000}</db:result>".encode()
+    out = merge(s.handle(E.DataReceived(big)))
+    assert flagged(out, "oversize")[-1] == A.CloseConnection(
+        "policy-violation", "stanza larger than 8192 bytes")
+
+
+def test_inbound_full_limit_after_authentication():
+    """Once a pair is authenticated, the stream's limit is max_stanza_size."""
+    s = inbound(max_size=20000)
+    for ev in DIALBACK_OK:
+        s.handle(ev)
+    big = MESSAGE.replace(b"Wherefore", b"x" * 15000)
+    out = merge(s.handle(E.DataReceived(big)))
+    assert out == [("deliver", [big])]
+
+
+def test_inbound_element_count_before_auth_is_bounded():
+    """At most limits.pre_auth_max_elements top-level elements before authentication
+    (ejabberd 26.04 allows 32): then policy-violation."""
+    s = inbound()
+    for ev in SECURE:
+        s.handle(ev)
+    out = []
+    for i in range(40):
+        out += s.handle(E.DataReceived(
+            f"<db:verify from='{LOCAL}' to='r.example' id='i{i}'>k</db:verify>".encode()))
+    out = merge(out)
+    verifies = sum(a.data.count(b"<db:verify ") for a in out if isinstance(a, A.SendBytes))
+    assert verifies == 31        # <starttls/> was the first
+    assert out[-1] == A.CloseConnection(
+        "policy-violation", "more than 32 elements before authentication")
