@@ -9,9 +9,16 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from s2sproxy.core.limits import PEER_LABELS_MAX
+
+UNAUTHENTICATED = "-"     # the peer label of anything not from an authenticated domain
+OTHER = "other"           # the peer label beyond PEER_LABELS_MAX distinct domains
+
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, max_peers: int = PEER_LABELS_MAX) -> None:
+        self.max_peers = max_peers
+        self._peers: set[str] = set()
         r = self.registry = CollectorRegistry()
         self.flags = Counter("s2sproxy_flags", "Unexpected stanzas by reason code, "
                              "peer domain and action taken",
@@ -40,6 +47,20 @@ class Metrics:
         self.iq_evicted = Gauge("s2sproxy_iq_evicted", "iq requests forgotten because "
                                 "policy.iq_max_pending was reached (since start)",
                                 registry=r)
+
+    def peer(self, domain: str | None) -> str:
+        """The ``peer`` label value for an *authenticated* remote domain (None or "":
+        nothing authenticated).  At most ``max_peers`` distinct values, so that neither
+        a flood of connections nor a wildcard domain with endless subdomains can grow
+        the registry without bound."""
+        if not domain:
+            return UNAUTHENTICATED
+        if domain in self._peers:
+            return domain
+        if len(self._peers) >= self.max_peers:
+            return OTHER
+        self._peers.add(domain)
+        return domain
 
     def value(self, name: str, **labels: str) -> float:
         v = self.registry.get_sample_value(name, labels or None)

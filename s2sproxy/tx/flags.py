@@ -27,9 +27,14 @@ class FlagRecorder:
         self.quarantine_max_bytes = quarantine_max_bytes
         self.count = 0
 
-    def record(self, flag: A.Flag, stream_id: str, peer: str, direction: str) -> None:
+    def record(self, flag: A.Flag, stream_id: str, peer: str, direction: str,
+               authenticated: bool = True) -> None:
+        """``peer`` is the remote domain concerned; unless ``authenticated`` (it proved
+        its identity on a stream), it is logged but never becomes a metric label."""
         self.count += 1
-        self.metrics.flags.labels(flag.reason, peer or "-", flag.action).inc()
+        self.metrics.flags.labels(flag.reason,
+                                  self.metrics.peer(peer if authenticated else None),
+                                  flag.action).inc()
         record = {"reason": flag.reason, "action": flag.action, "stream": stream_id,
                   "peer": peer, "direction": direction, "kind": flag.kind,
                   "type": flag.type, "id": flag.id, "from": flag.from_, "to": flag.to,

@@ -409,7 +409,7 @@ class Proxy(service.MultiService):
         """Run a policy outcome; True when the stanza is still to be forwarded."""
         if outcome.replies:
             if s.child_ns == NS_PING:
-                self.metrics.pings_answered.labels(s.from_domain).inc()
+                self.metrics.pings_answered.labels(self.metrics.peer(s.from_domain)).inc()
             log.debug("answered {stanza} here", stanza=repr(s))
             self.send_generated(outcome.replies)
         u = outcome.unexpected
@@ -428,19 +428,24 @@ class Proxy(service.MultiService):
         """Record a flag with its direction ("inbound": from a remote server toward
         ejabberd) and peer (the remote domain concerned)."""
         st = proto.stream if proto is not None else None
+        # Only a domain that authenticated on a stream may become a metric label.
         if stanza is not None:
             inbound = stanza.to_domain in self.served
             peer = stanza.from_domain if inbound else stanza.to_domain
+            authenticated = inbound or self.to_remote.ready_handle(
+                (stanza.from_domain, stanza.to_domain)) is not None
         elif isinstance(st, InboundStream):
             inbound = st.role is Role.PUBLIC
             peer = st.remote_domain if inbound else st.local_domain
+            authenticated = peer in st.authenticated_from or not inbound
         elif isinstance(st, OutboundStream):
             inbound = proto.factory.label == "remote"
             peer = st.config.receiving if inbound else st.config.originating
+            authenticated = st.state is OutboundState.READY or not inbound
         else:
-            inbound, peer = False, ""
+            inbound, peer, authenticated = False, "", False
         self.flags.record(flag, getattr(st, "stream_id", ""), peer,
-                          "inbound" if inbound else "outbound")
+                          "inbound" if inbound else "outbound", authenticated)
 
     def _run_ops(self, router: R.Router, ops: list[R.Op]) -> None:
         for op in ops:

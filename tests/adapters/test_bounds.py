@@ -74,3 +74,35 @@ def test_slow_handshake_is_bounded_from_accept(tmp_path):
     assert not proto.closing
     reactor.advance(0.5)
     assert proto.closing
+
+
+def _peer_labels(p) -> set[str]:
+    return {s.labels["peer"] for m in p.metrics.registry.collect()
+            if m.name == "s2sproxy_flags" for s in m.samples}
+
+
+def test_unauthenticated_from_never_becomes_a_metric_label(tmp_path):
+    """Stream-level flags of connections that never authenticated count under one
+    fixed peer label, whatever their header's 'from' claimed (defect 8)."""
+    p, reactor = proxy(tmp_path)
+    for i in range(50):
+        proto, t = _connect(p, f"192.0.2.{i}", 1)
+        proto.dataReceived(HEADER % f"claimed{i}.example".encode()
+                           + b"<message from='a@x' to='b@local.example'/>")
+        assert proto.closing
+    assert p.flags.count == 50
+    assert _peer_labels(p) == {"-"}
+
+
+def test_authenticated_peer_labels_are_bounded(tmp_path):
+    """An authenticated domain is a label value, up to max_peers distinct ones; later
+    domains count as 'other' (a wildcard domain can authenticate endless names)."""
+    from s2sproxy.metrics import Metrics
+    m = Metrics(max_peers=2)
+    assert [m.peer(d) for d in ("a.example", "b.example", "c.example", "a.example", "")] \
+        == ["a.example", "b.example", "other", "a.example", "-"]
+    p, reactor = proxy(tmp_path, policy={"actions": {"unknown-type": "drop"}})
+    proto, t = public_stream(p, reactor)
+    proto.dataReceived(b"<message from='a@remote.example' to='b@local.example' "
+                       b"type='shout'/>")
+    assert _peer_labels(p) == {"remote.example"}
