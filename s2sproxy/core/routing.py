@@ -8,9 +8,10 @@ A link is the way stanzas for one domain pair leave s2sproxy: a stream we opened
 Rules:
 
 1. A stanza goes out at once on a READY link; otherwise it waits in the link's queue
-   (at most ``queue_limit`` entries, each at most ``max_age`` seconds) while the link
-   is opened.  What does not fit, or ages out, is bounced: ``resource-constraint``,
-   ``remote-server-timeout``.
+   (at most ``queue_limit`` entries and ``max_bytes`` bytes, each at most ``max_age``
+   seconds; all queues of both routers together at most ``budget.limit`` bytes) while
+   the link is opened.  What does not fit, or ages out, is bounced:
+   ``resource-constraint``, ``remote-server-timeout``.
 2. A borrowed bidi stream is preferred to a stream of ours: attaching one replaces our
    stream on the link (ours is then closed cleanly).
 3. When opening fails, everything queued is bounced with the failure's condition.  The
@@ -66,9 +67,18 @@ class Bounce:
 Op = Write | Open | Close | Bounce
 
 
+class ByteBudget:
+    """Bytes waiting in every queue of the routers sharing this budget."""
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
 class Link:
     __slots__ = ("pair", "state", "handle", "borrowed", "queue", "failures", "retry_at",
-                 "condition", "last_used", "failed_at")
+                 "condition", "last_used", "failed_at", "queued_bytes")
 
     def __init__(self, pair: Pair) -> None:
         self.pair = pair
@@ -81,13 +91,17 @@ class Link:
         self.condition = ""
         self.last_used = 0.0
         self.failed_at = 0.0
+        self.queued_bytes = 0
 
 
 class Router:
     def __init__(self, queue_limit: int, max_age: float, idle_timeout: float,
                  backoff_after: int = 2, backoff_base: float = 5.0,
-                 backoff_max: float = 300.0) -> None:
+                 backoff_max: float = 300.0, max_bytes: int = 2 * 1024 * 1024,
+                 budget: ByteBudget | None = None) -> None:
         self.queue_limit = queue_limit
+        self.max_bytes = max_bytes
+        self.budget = budget if budget is not None else ByteBudget(64 * max_bytes)
         self.max_age = max_age
         self.idle_timeout = idle_timeout
         self.backoff_after = backoff_after
@@ -110,12 +124,22 @@ class Router:
                 return [Bounce(s, link.condition, text) for s in stanzas]
             link.state = LinkState.IDLE
         ops: list[Op] = []
+        budget = self.budget
         for s in stanzas:
+            size = len(s.raw)
             if len(link.queue) >= self.queue_limit:
                 ops.append(Bounce(s, "resource-constraint",
                                   f"more than {self.queue_limit} stanzas waiting"))
+            elif link.queued_bytes + size > self.max_bytes:
+                ops.append(Bounce(s, "resource-constraint",
+                                  f"more than {self.max_bytes} bytes waiting"))
+            elif budget.used + size > budget.limit:
+                ops.append(Bounce(s, "resource-constraint",
+                                  f"more than {budget.limit} bytes waiting in all queues"))
             else:
                 link.queue.append((s, now))
+                link.queued_bytes += size
+                budget.used += size
         if link.state is LinkState.IDLE and link.queue:
             link.state = LinkState.CONNECTING
             ops.append(Open(pair))
@@ -149,7 +173,7 @@ class Router:
         link.last_used = now
         if link.queue:
             ops.append(Write(handle, b"".join(s.raw for s, _ in link.queue)))
-            link.queue.clear()
+            self._clear(link)
         return ops
 
     def stream_failed(self, pair: Pair, condition: str, text: str, now: float) -> list[Op]:
@@ -158,7 +182,7 @@ class Router:
         if link is None or link.state is not LinkState.CONNECTING:
             return []
         ops: list[Op] = [Bounce(s, condition, text) for s, _ in link.queue]
-        link.queue.clear()
+        self._clear(link)
         link.failures += 1
         link.failed_at = now
         link.condition = condition
@@ -184,6 +208,11 @@ class Router:
                     ops.append(Open(link.pair))
         return ops
 
+    def _clear(self, link: Link) -> None:
+        link.queue.clear()
+        self.budget.used -= link.queued_bytes
+        link.queued_bytes = 0
+
     def pairs_of(self, handle: Hashable) -> list[Pair]:
         """The pairs a ready stream carries."""
         return [p for p, link in self.links.items()
@@ -202,6 +231,8 @@ class Router:
             q = link.queue
             while q and now - q[0][1] >= self.max_age:
                 s, _ = q.popleft()
+                link.queued_bytes -= len(s.raw)
+                self.budget.used -= len(s.raw)
                 ops.append(Bounce(s, "remote-server-timeout",
                                   f"not delivered within {self.max_age:g} s"))
             if (link.state is LinkState.READY and not link.borrowed

@@ -106,7 +106,8 @@ class Proxy(service.MultiService):
         q = settings.queue
         routers = dict(queue_limit=q.limit, max_age=q.max_age,
                        idle_timeout=settings.idle_timeout, backoff_after=q.backoff_after,
-                       backoff_base=q.backoff_base, backoff_max=q.backoff_max)
+                       backoff_base=q.backoff_base, backoff_max=q.backoff_max,
+                       max_bytes=q.max_bytes, budget=R.ByteBudget(q.max_total_bytes))
         self.to_backend = R.Router(**routers)
         self.to_remote = R.Router(**routers)
         self.streams: set[StreamProtocol] = set()

@@ -152,3 +152,39 @@ def test_router_pairs_are_independent():
     assert r.send(a, [st(2)], 2) == [Write("sa", b"<m2/>")]
     assert r.links[c].state is LinkState.CONNECTING
     assert r.stream_ready(c, "sc", 3) == [Write("sc", b"<m1/>")]
+
+
+def big(n: int, size: int, pair=PAIR) -> Stanza:
+    return Stanza("message", b"<m>" + b"x" * (size - 7) + b"</m>", "a@" + pair[0],
+                  "b@" + pair[1], "chat", str(n), None, *pair)
+
+
+def test_router_queue_bytes_bounded_per_pair():
+    """Beyond max_bytes waiting for a pair, stanzas bounce with resource-constraint,
+    however few they are (defect 9); written stanzas free their bytes."""
+    r = router(queue_limit=1000, max_bytes=1000)
+    ops = r.send(PAIR, [big(1, 400), big(2, 400), big(3, 400)], 0)
+    assert [type(o) for o in ops] == [Bounce, Open]
+    assert (ops[0].stanza.id, ops[0].condition, ops[0].text) == \
+        ("3", "resource-constraint", "more than 1000 bytes waiting")
+    assert r.budget.used == 800
+    r.stream_ready(PAIR, "s1", 1)
+    assert r.budget.used == 0 and r.links[PAIR].queued_bytes == 0
+
+
+def test_router_queue_bytes_bounded_in_total_across_routers():
+    """One budget for every queue of both routers: beyond it, any pair bounces;
+    bounced and aged-out stanzas free their bytes."""
+    from s2sproxy.core.routing import ByteBudget
+    budget = ByteBudget(1000)
+    a, b = router(queue_limit=1000, budget=budget), router(queue_limit=1000, budget=budget)
+    other = ("local.example", "other.example")
+    a.send(PAIR, [big(1, 600)], 0)
+    ops = b.send(other, [big(2, 600, other)], 0)
+    assert [(type(o), getattr(o, "text", "")) for o in ops] == [
+        (Bounce, "more than 1000 bytes waiting in all queues")]
+    a.tick(10)                     # max_age: the first one ages out
+    assert budget.used == 0
+    assert b.send(other, [big(3, 600, other)], 10) == [Open(other)]
+    b.stream_failed(other, "remote-server-not-found", "", 11)
+    assert budget.used == 0
