@@ -222,7 +222,9 @@ class InboundStream(StreamBase):
                 self._db_verify(el)
             elif name == _SASL_AUTH:
                 self._sasl_auth(el)
-            elif name == _BIDI and self.bidi_offered:
+            elif name == _BIDI and self.bidi_offered and not self.authenticated:
+                # Only before authentication, as Prosody's mod_s2s_bidi: bidi cannot
+                # be switched on for pairs already authenticated one-way.
                 if not self.bidi:
                     self.bidi = True
                     self._emit(A.BidiNegotiated())

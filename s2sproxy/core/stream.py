@@ -14,6 +14,7 @@ Rules:
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 from s2sproxy.core import actions as A
@@ -22,7 +23,7 @@ from s2sproxy.core.errors import RemoteProtocolError, stream_error_bytes
 from s2sproxy.core.jid import InvalidJid, domain_of
 from s2sproxy.core.stanza import Stanza
 from s2sproxy.core.serialize import escape as xml_escape
-from s2sproxy.core.xmlstream import (NS_SERVER, NS_STREAMS, Element, ParseError,
+from s2sproxy.core.xmlstream import (NS_SERVER, NS_STREAMS, NS_XML, Element, ParseError,
                                      StreamClosed, StreamOpened, XmlStreamParser)
 
 NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
@@ -44,6 +45,10 @@ DB_VERIFY = f"{NS_DIALBACK} verify"
 _PARSE_REASONS = {"restricted-xml": "restricted-xml", "policy-violation": "oversize",
                   "not-well-formed": "malformed-xml", "unsupported-encoding": "malformed-xml"}
 _ALWAYS_CLOSE = frozenset({"restricted-xml", "oversize", "malformed-xml", "before-auth"})
+_XML_LANG = f"{NS_XML} lang"
+_QNAME_END = re.compile(rb"[\s/>]")
+#: the language our own stream headers declare
+OUR_LANG = "en"
 
 
 class StreamBase:
@@ -66,6 +71,9 @@ class StreamBase:
         self._old_parser: XmlStreamParser | None = None
         self._tls_restart = False
         self._out: list[A.Action] = []
+        # The peer's stream language, as an attribute for stanzas that have none
+        # (None when it is ours, or not given).
+        self._lang_attr: bytes | None = None
 
     # -- the entry point -----------------------------------------------------------
 
@@ -179,6 +187,9 @@ class StreamBase:
         if h.namespaces.get(None) != NS_SERVER:
             raise RemoteProtocolError("invalid-namespace",
                                       f"default namespace must be {NS_SERVER}")
+        lang = h.attrs.get("xml:lang")
+        self._lang_attr = (f" xml:lang='{xml_escape(lang)}'".encode()
+                           if lang and lang != OUR_LANG else None)
         version = h.attrs.get("version", "")
         major = version.split(".")[0]
         if not major.isdigit() or int(major) != 1:
@@ -196,7 +207,7 @@ class StreamBase:
         self.header_sent = True
         return (f"<?xml version='1.0'?><stream:stream xmlns='{NS_SERVER}' "
                 f"xmlns:stream='{NS_STREAMS}' xmlns:db='{NS_DIALBACK}'{attrs} "
-                f"version='1.0' xml:lang='en'>").encode("utf-8")
+                f"version='1.0' xml:lang='{OUR_LANG}'>").encode("utf-8")
 
     def _stream_error(self, condition: str, text: str = "") -> None:
         if not self.header_sent:
@@ -224,7 +235,15 @@ class StreamBase:
             return self._violation(refused[0], refused[0], refused[1], el)
         if self.ping_ids and kind == "iq" and self._own_ping_answer(attrs):
             return None     # the answer to our keepalive ping: consumed here
-        stanza = Stanza(kind, el.raw, frm, to, attrs.get("type"), attrs.get("id"),
+        raw = el.raw
+        if self._lang_attr is not None and _XML_LANG not in attrs:
+            # RFC 6120 section 4.7.4: a stanza without xml:lang is in the stream's
+            # language.  Forwarded on a stream of ours (xml:lang='en'), it says so
+            # itself (ejabberd's xmpp_stream_in and Prosody set a stanza's lang from
+            # its stream in the same way).
+            at = _QNAME_END.search(raw, 1).start()
+            raw = raw[:at] + self._lang_attr + raw[at:]
+        stanza = Stanza(kind, raw, frm, to, attrs.get("type"), attrs.get("id"),
                         el.child_ns, frm_domain, to_domain, el.children)
         out = self._out
         last = out[-1] if out else None

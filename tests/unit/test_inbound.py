@@ -557,3 +557,34 @@ def test_inbound_element_count_before_auth_is_bounded():
     assert verifies == 31        # <starttls/> was the first
     assert out[-1] == A.CloseConnection(
         "policy-violation", "more than 32 elements before authentication")
+
+
+# -- smaller protocol points (issue 7, defect 14) ----------------------------------------
+
+def test_inbound_bidi_after_authentication_is_refused():
+    """<bidi/> is honoured only before authentication (as Prosody's mod_s2s_bidi)."""
+    s = inbound()
+    for ev in DIALBACK_OK:
+        s.handle(ev)
+    out = merge(s.handle(E.DataReceived(b"<bidi xmlns='urn:xmpp:bidi'/>")))
+    assert not s.bidi and A.BidiNegotiated() not in out
+    assert flagged(out, "not-a-stanza")[-1] == A.CloseConnection(
+        "unsupported-stanza-type", "unexpected element 'bidi'")
+
+
+def test_inbound_stream_language_kept_on_stanzas_without_their_own():
+    """A stanza on a stream with xml:lang='de' and no xml:lang of its own is forwarded
+    saying xml:lang='de' (our streams to ejabberd declare 'en'); one with its own
+    language, or on an 'en' stream, is forwarded as it came."""
+    de = HEADER.replace(b"version='1.0'>", b"version='1.0' xml:lang='de'>")
+    s = inbound()
+    for ev in [E.DataReceived(de), E.DataReceived(STARTTLS), TLS_NO_CERT,
+               E.DataReceived(de), E.DataReceived(DB_RESULT),
+               E.DialbackVerdict(REMOTE, LOCAL, True)]:
+        s.handle(ev)
+    own = MESSAGE.replace(b"<message ", b"<message xml:lang='fr' ")
+    out = merge(s.handle(E.DataReceived(MESSAGE + own)))
+    assert out == [("deliver", [MESSAGE.replace(b"<message ", b"<message xml:lang='de' "),
+                                own])]
+    actions, _s = run(DIALBACK_OK, MESSAGE)
+    assert actions == [("deliver", [MESSAGE])]
