@@ -157,6 +157,8 @@ class InboundStream(StreamBase):
         self._send(self._header_bytes(to or None, self.remote_domain or None,
                                       self.stream_id))
         self._send_features()
+        if self.sasl_domain and (self.sasl_domain, to) not in self.authenticated:
+            self._authenticate(self.sasl_domain, to, "external")
 
     def _error_header(self) -> bytes:
         return self._header_bytes(self.local_domain or None, None,
@@ -297,8 +299,9 @@ class InboundStream(StreamBase):
             self._send(f"<failure xmlns='{NS_SASL}'><{failure}/></failure>".encode())
             return
         self.sasl_domain = self.remote_domain = domain
-        self._authenticate(domain, self.local_domain, "external")
         self._send(f"<success xmlns='{NS_SASL}'/>".encode())
+        # Authenticated when the restarted stream is open (_on_header): see
+        # _authenticate.
         self._restart()
         self.state = InboundState.HEADER
 
@@ -334,8 +337,8 @@ class InboundStream(StreamBase):
             if certificate_valid_for(self.chain_valid, self.certificate, frm):
                 # XEP-0344 section 2.3: a certificate valid for the domain makes the
                 # callback unnecessary.
-                self._authenticate(frm, to, "dialback")
                 self._db_result_reply(to, frm, "valid")
+                self._authenticate(frm, to, "dialback")
                 return
             if not self.config.trust.dialback_allowed(frm):
                 self._db_result_reply(to, frm, "error", "not-authorized",
@@ -358,8 +361,9 @@ class InboundStream(StreamBase):
             if self.pending_dialback.pop(pair, None) is None:
                 return
             if ev.valid:
-                self._authenticate(ev.originating, ev.receiving, "dialback")
+                # 'valid' first: see _authenticate.
                 self._db_result_reply(ev.receiving, ev.originating, "valid")
+                self._authenticate(ev.originating, ev.receiving, "dialback")
             elif ev.valid is False:
                 self._db_result_reply(ev.receiving, ev.originating, "invalid")
             else:
@@ -392,6 +396,10 @@ class InboundStream(StreamBase):
                    .encode())
 
     def _authenticate(self, originating: str, receiving: str, method: str) -> None:
+        """Record the pair and report ``Authenticated``.  Called only after the bytes
+        that complete the authentication for the peer (db:result 'valid', or SASL
+        success and our restarted header), because on a bidi stream Authenticated
+        lets the router write our stanzas, which the peer must read after those."""
         if not self.authenticated:
             self._emit(A.CancelTimer("auth"))
             # Authenticated: the full element size, no element count.

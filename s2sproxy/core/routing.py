@@ -13,7 +13,11 @@ Rules:
    the link is opened.  What does not fit, or ages out, is bounced:
    ``resource-constraint``, ``remote-server-timeout``.
 2. A borrowed bidi stream is preferred to a stream of ours: attaching one replaces our
-   stream on the link (ours is then closed cleanly).
+   stream on the link.  Ours is closed cleanly and the link *drains*: stanzas wait
+   until ours has closed (the peer answered our ``</stream:stream>``, so it has read
+   everything written before it), then go on the bidi stream.  Nothing written is
+   lost in the switch, and nothing overtakes what was written before it (RFC 6120
+   section 10.1).
 3. When opening fails, everything queued is bounced with the failure's condition.  The
    next stanza tries again, except after ``backoff_after`` failures in a row: then the
    link waits (exponential, capped at ``backoff_max``) and bounces meanwhile.
@@ -39,6 +43,7 @@ class LinkState(enum.Enum):
     CONNECTING = "connecting"
     READY = "ready"
     BACKOFF = "backoff"         # recent failures: bounce until retry_at
+    DRAINING = "draining"       # switching to ``handle``; ``draining`` is closing
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +83,7 @@ class ByteBudget:
 
 class Link:
     __slots__ = ("pair", "state", "handle", "borrowed", "queue", "failures", "retry_at",
-                 "condition", "last_used", "failed_at", "queued_bytes")
+                 "condition", "last_used", "failed_at", "queued_bytes", "draining")
 
     def __init__(self, pair: Pair) -> None:
         self.pair = pair
@@ -92,6 +97,7 @@ class Link:
         self.last_used = 0.0
         self.failed_at = 0.0
         self.queued_bytes = 0
+        self.draining: Any = None      # DRAINING: the stream being closed
 
 
 class Router:
@@ -161,11 +167,20 @@ class Router:
         if link is None:
             link = self.links[pair] = Link(pair)
         ops: list[Op] = []
+        if link.state is LinkState.DRAINING:
+            if not borrowed:
+                return [Close(handle)]          # the bidi stream is taking over
+            link.handle = handle
+            return []
         if link.state is LinkState.READY and link.handle != handle:
             if link.borrowed and not borrowed:
                 return [Close(handle)]          # keep the remote's bidi stream
             if not link.borrowed:
-                ops.append(Close(link.handle))  # rule 2, or a duplicate of ours
+                # rule 2 (or a duplicate of ours): drain ours before using the new one
+                link.state = LinkState.DRAINING
+                link.draining, link.handle, link.borrowed = link.handle, handle, borrowed
+                link.failures = 0
+                return [Close(link.draining)]
         link.state = LinkState.READY
         link.handle = handle
         link.borrowed = borrowed
@@ -199,6 +214,21 @@ class Router:
         """A ready stream went away (closed by the peer, dead, or closed by us)."""
         ops: list[Op] = []
         for link in self.links.values():
+            if link.state is LinkState.DRAINING:
+                if link.draining is handle:
+                    link.draining = None
+                    if link.handle is not None:
+                        link.state = LinkState.CONNECTING
+                        ops += self.stream_ready(link.pair, link.handle, now, link.borrowed)
+                        continue
+                    link.state = LinkState.IDLE
+                    if link.queue:
+                        link.state = LinkState.CONNECTING
+                        ops.append(Open(link.pair))
+                elif link.handle is handle:
+                    link.handle = None          # the new stream went first: wait
+                    link.borrowed = False
+                continue
             if link.handle is handle and link.state is LinkState.READY:
                 link.handle = None
                 link.borrowed = False

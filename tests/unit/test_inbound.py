@@ -121,11 +121,14 @@ def test_inbound_dialback_result_asks_authoritative_server():
 
 
 def test_inbound_dialback_valid_verdict_authenticates():
-    """A valid verdict authenticates the pair and answers db:result type='valid'."""
+    """A valid verdict answers db:result type='valid' and authenticates the pair, in
+    that order: on a bidi stream the peer may use the stream for our stanzas only after
+    it read 'valid' (Prosody drops stanzas on a stream not yet authenticated), and
+    Authenticated is what lets the router write them (defect 16)."""
     actions, s = run(DIALBACK_OK)
-    assert actions == [A.CancelTimer("auth"), A.Authenticated(REMOTE, LOCAL, "dialback"),
-                       A.SendBytes(f"<db:result from='{LOCAL}' to='{REMOTE}' "
-                                   f"type='valid'/>".encode())]
+    assert actions == [A.SendBytes(f"<db:result from='{LOCAL}' to='{REMOTE}' "
+                                   f"type='valid'/>".encode()),
+                       A.CancelTimer("auth"), A.Authenticated(REMOTE, LOCAL, "dialback")]
     assert (REMOTE, LOCAL) in s.authenticated
 
 
@@ -292,12 +295,14 @@ def test_inbound_sasl_external_with_valid_certificate_succeeds_and_restarts():
     assert actions == [A.SendBytes(our_header(LOCAL, REMOTE, "sid2") + FEATURES_EXTERNAL)]
     auth = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
     actions, s = run(PRE_TLS + [tls, E.DataReceived(HEADER)], auth + HEADER)
-    assert actions == [A.CancelTimer("auth"), A.Authenticated(REMOTE, LOCAL, "external"),
-                       A.SendBytes(b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>"
+    # Authenticated only once the restarted stream is open: nothing of ours may be
+    # written before <success/> and our new header.
+    assert actions == [A.SendBytes(b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>"
                                    + our_header(LOCAL, REMOTE, "sid3")
                                    + b"<stream:features><dialback xmlns='urn:xmpp:"
                                      b"features:dialback'><errors/></dialback>"
-                                     b"</stream:features>")]
+                                     b"</stream:features>"),
+                       A.CancelTimer("auth"), A.Authenticated(REMOTE, LOCAL, "external")]
     assert s.sasl_domain == REMOTE
 
 
@@ -305,8 +310,9 @@ def test_inbound_sasl_external_certificate_without_clientauth_is_accepted():
     """A certificate without the clientAuth purpose still authenticates (as Prosody)."""
     _ca, _ck, leaf, _k = certificate(REMOTE, client_auth=False)
     auth = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
-    actions, s = run(PRE_TLS + [E.TlsEstablished(True, leaf), E.DataReceived(HEADER)], auth)
-    assert actions[1] == A.Authenticated(REMOTE, LOCAL, "external")
+    actions, s = run(PRE_TLS + [E.TlsEstablished(True, leaf), E.DataReceived(HEADER)],
+                     auth + HEADER)
+    assert actions[-1] == A.Authenticated(REMOTE, LOCAL, "external")
 
 
 def test_inbound_sasl_external_for_another_domain_fails():
@@ -334,7 +340,9 @@ def test_inbound_dialback_with_valid_certificate_needs_no_callback():
     _ca, _ck, leaf, _k = certificate(REMOTE)
     actions, s = run(PRE_TLS + [E.TlsEstablished(True, leaf), E.DataReceived(HEADER)],
                      DB_RESULT)
-    assert actions[1] == A.Authenticated(REMOTE, LOCAL, "dialback")
+    assert actions[0] == A.SendBytes(f"<db:result from='{LOCAL}' to='{REMOTE}' "
+                                     f"type='valid'/>".encode())
+    assert actions[-1] == A.Authenticated(REMOTE, LOCAL, "dialback")
 
 
 def test_inbound_direct_tls_starts_with_handshake():
@@ -383,9 +391,9 @@ def test_inbound_backend_db_result_is_verified_with_ejabberd():
         f"<db:result from='{LOCAL}' to='{REMOTE}'>k3y</db:result>".encode()))
     assert actions == [A.VerifyDialback(LOCAL, REMOTE, "sid1", "k3y")]
     actions = merge(s.handle(E.DialbackVerdict(LOCAL, REMOTE, True)))
-    assert actions == [A.CancelTimer("auth"), A.Authenticated(LOCAL, REMOTE, "dialback"),
-                       A.SendBytes(f"<db:result from='{REMOTE}' to='{LOCAL}' "
-                                   f"type='valid'/>".encode())]
+    assert actions == [A.SendBytes(f"<db:result from='{REMOTE}' to='{LOCAL}' "
+                                   f"type='valid'/>".encode()),
+                       A.CancelTimer("auth"), A.Authenticated(LOCAL, REMOTE, "dialback")]
     msg = b"<message from='romeo@local.example' to='juliet@remote.example'/>"
     assert merge(s.handle(E.DataReceived(msg))) == [("deliver", [msg])]
 

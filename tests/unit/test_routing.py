@@ -106,14 +106,41 @@ def test_router_stream_closed_with_waiting_stanzas_reopens():
 
 
 def test_router_prefers_remote_bidi_stream_over_ours():
-    """A borrowed bidi stream replaces ours, which is closed; ours never replaces it."""
+    """A borrowed bidi stream replaces ours, which is closed; ours never replaces it.
+    Until ours has closed (the peer's </stream:stream>: everything written on it was
+    read), stanzas wait, then go on the bidi stream in order (defect 16)."""
     r = router()
     r.send(PAIR, [st(1)], 0)
     r.stream_ready(PAIR, "ours", 1)
     assert r.stream_ready(PAIR, "bidi", 2, borrowed=True) == [Close("ours")]
-    assert r.send(PAIR, [st(2)], 3) == [Write("bidi", b"<m2/>")]
-    assert r.stream_ready(PAIR, "ours2", 4) == [Close("ours2")]
+    assert r.links[PAIR].state is LinkState.DRAINING
+    assert r.send(PAIR, [st(2), st(3)], 3) == []               # waits, opens nothing
+    assert r.ready_handle(PAIR) is None
+    assert r.stream_closed("ours", 4) == [Write("bidi", b"<m2/><m3/>")]
+    assert r.send(PAIR, [st(4)], 5) == [Write("bidi", b"<m4/>")]
+    assert r.stream_ready(PAIR, "ours2", 6) == [Close("ours2")]
     assert r.ready_handle(PAIR) == "bidi"
+
+
+def test_router_bidi_before_ours_is_ready_takes_over_at_once():
+    """A borrowed bidi stream that comes first carries the queue; ours, when ready, is
+    closed without having carried anything."""
+    r = router()
+    r.send(PAIR, [st(1)], 0)
+    assert r.stream_ready(PAIR, "bidi", 1, borrowed=True) == [Write("bidi", b"<m1/>")]
+    assert r.stream_ready(PAIR, "ours", 2) == [Close("ours")]
+
+
+def test_router_bidi_lost_while_draining_reopens_for_waiting_stanzas():
+    """If the bidi stream goes while ours drains, the stanzas wait for ours to close,
+    then a new stream is opened for them."""
+    r = router()
+    r.stream_ready(PAIR, "ours", 0)
+    r.stream_ready(PAIR, "bidi", 1, borrowed=True)
+    r.send(PAIR, [st(1)], 2)
+    assert r.stream_closed("bidi", 3) == []
+    assert r.stream_closed("ours", 4) == [Open(PAIR)]
+    assert r.stream_ready(PAIR, "new", 5) == [Write("new", b"<m1/>")]
 
 
 def test_router_closes_idle_stream_of_ours_but_not_borrowed():
