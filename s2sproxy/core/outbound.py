@@ -277,6 +277,10 @@ class OutboundStream(StreamBase):
 
     # -- endings -------------------------------------------------------------------------
 
+    def shutdown_phase(self) -> int:
+        """Only our bidi streams bring stanzas from the peer (see StreamBase)."""
+        return 1 if self.bidi else 2
+
     def _emit_close(self) -> None:
         self._send(b"</stream:stream>")
         self._emit(A.CloseConnection())

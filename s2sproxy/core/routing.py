@@ -24,6 +24,8 @@ Rules:
 4. A stream that closes takes nothing queued with it: a link with waiting stanzas opens
    a new stream.  An idle stream of ours (no traffic for ``idle_timeout``) is closed.
 5. Nothing here reads a clock: every call is given ``now``.
+6. After ``shutdown()`` nothing waits and nothing is opened: what is queued is bounced
+   at once, and so is every later stanza without a ready link.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any, Hashable
 from s2sproxy.core.stanza import Stanza
 
 Pair = tuple[str, str]
+SHUTDOWN_TEXT = "s2sproxy is shutting down"
 
 
 class LinkState(enum.Enum):
@@ -114,6 +117,7 @@ class Router:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.links: dict[Pair, Link] = {}
+        self.closing = False
 
     # -- stanzas -------------------------------------------------------------------------
 
@@ -124,6 +128,8 @@ class Router:
         if link.state is LinkState.READY:
             link.last_used = now
             return [Write(link.handle, b"".join(s.raw for s in stanzas))]
+        if self.closing:
+            return [Bounce(s, "remote-server-timeout", SHUTDOWN_TEXT) for s in stanzas]
         if link.state is LinkState.BACKOFF:
             if now < link.retry_at:
                 text = f"{link.condition}; not retrying for {link.retry_at - now:.0f} s"
@@ -149,6 +155,16 @@ class Router:
         if link.state is LinkState.IDLE and link.queue:
             link.state = LinkState.CONNECTING
             ops.append(Open(pair))
+        return ops
+
+    def shutdown(self) -> list[Op]:
+        """s2sproxy is stopping: bounce everything waiting (rule 6).  Ready links
+        keep their streams until the shell reports them closed."""
+        self.closing = True
+        ops: list[Op] = []
+        for link in self.links.values():
+            ops += [Bounce(s, "remote-server-timeout", SHUTDOWN_TEXT) for s, _ in link.queue]
+            self._clear(link)
         return ops
 
     def activity(self, pair: Pair, now: float) -> None:
@@ -222,7 +238,7 @@ class Router:
                         ops += self.stream_ready(link.pair, link.handle, now, link.borrowed)
                         continue
                     link.state = LinkState.IDLE
-                    if link.queue:
+                    if link.queue and not self.closing:
                         link.state = LinkState.CONNECTING
                         ops.append(Open(link.pair))
                 elif link.handle is handle:
@@ -233,7 +249,7 @@ class Router:
                 link.handle = None
                 link.borrowed = False
                 link.state = LinkState.IDLE
-                if link.queue:
+                if link.queue and not self.closing:
                     link.state = LinkState.CONNECTING
                     ops.append(Open(link.pair))
         return ops

@@ -283,6 +283,12 @@ class StreamBase:
         self._out = []
         return out
 
+    def shutdown_phase(self) -> int:
+        """When this stream is closed as s2sproxy stops: 1 for a stream the peer can
+        still send on (what it sends while we close is routed on the phase-2 streams,
+        which stay open meanwhile), 2 for a stream only we send on."""
+        return 1
+
     def close(self, wait: float = 10.0) -> list[A.Action]:
         """Close cleanly from our side: ``</stream:stream>``, then wait up to ``wait``
         seconds for the peer's before closing the connection (RFC 6120 section 4.4).

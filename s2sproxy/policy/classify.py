@@ -197,6 +197,10 @@ class Policy:
         """Error replies (remote-server-timeout) for requests left unanswered."""
         return [p.request for p in self.iqs.expire(now)]
 
+    def unanswered(self) -> list[Stanza]:
+        """Every request still waiting for its answer (s2sproxy is stopping)."""
+        return [p.request for p in self.iqs.fail_all()]
+
     def stream_died(self, pair: tuple[str, str]) -> list[Stanza]:
         return [p.request for p in self.iqs.fail_pair(pair)]
 

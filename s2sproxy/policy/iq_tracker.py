@@ -64,6 +64,12 @@ class IqTracker:
             out.append(p)
         return out
 
+    def fail_all(self) -> list[Pending]:
+        """Every request still waiting (s2sproxy is stopping)."""
+        out = list(self._pending.values())
+        self._pending.clear()
+        return out
+
     def fail_pair(self, pair: tuple[str, str]) -> list[Pending]:
         """Requests sent over a domain pair whose stream died."""
         gone = [k for k, p in self._pending.items()

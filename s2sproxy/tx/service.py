@@ -41,6 +41,7 @@ from s2sproxy.policy.classify import (BOUNCE, CLOSE, FORWARD, NS_PING, Policy,
                                       PolicyConfig)
 from s2sproxy.tx.backend_dns import make_factories
 from s2sproxy.tx.flags import FlagRecorder
+from s2sproxy.tx import shutdown
 from s2sproxy.tx.protocol import StreamProtocol
 from s2sproxy.tx.resolver import RemoteResolver
 from s2sproxy.tx.tls import (ClientContexts, ClientCreator, ContextFactory, ServerContexts,
@@ -180,11 +181,11 @@ class Proxy(service.MultiService):
         self._ticker.start(TICK, now=False)
 
     def stopService(self):  # noqa: N802
+        """Stop accepting, then close every stream so that nothing in flight is lost
+        (``tx/shutdown.py``); twistd waits for the returned Deferred."""
         if self._ticker.running:
             self._ticker.stop()
-        for p in list(self.streams):
-            p.close()
-        return super().stopService()
+        return shutdown.stop(self, lambda: super(Proxy, self).stopService())
 
     def _tick(self) -> None:
         now = self.reactor.seconds()
