@@ -295,3 +295,29 @@ def test_connector_listener_bound_on_port_zero_is_never_a_target(tmp_path):
     p.route([outgoing(1)])
     assert reactor.tcpClients == []
     assert "127.0.0.1:34567 refused: one of s2sproxy's own listeners" in bounced[0][2]
+
+
+class CnameDns(FakeDns):
+    """www -> alias (answer section carries alias's A); far -> elsewhere (no address in
+    the answer: asked again)."""
+
+    def lookupAddress(self, name, timeout=None):  # noqa: N802
+        self.queries.append(("A", name))
+        cname = lambda frm, to: dns.RRHeader(frm, dns.CNAME, payload=dns.Record_CNAME(to))
+        a = lambda n, ip: dns.RRHeader(n, dns.A, payload=dns.Record_A(ip))
+        answers = {b"www.remote.example": [cname(b"www.remote.example", b"alias.example"),
+                                           a(b"alias.example", "192.0.2.3")],
+                   b"far.remote.example": [cname(b"far.remote.example", b"elsewhere.example")],
+                   b"elsewhere.example": [a(b"elsewhere.example", "192.0.2.4")]}
+        return defer.succeed((answers.get(name, []), [], []))
+
+
+def test_resolver_follows_cnames_in_the_answer_and_by_asking_again(tmp_path):
+    """CNAMEs are followed as twisted.names does: through the answer section, then by
+    asking for the chain's last name."""
+    p, _reactor, _b = proxy_with(tmp_path, CnameDns())
+    got = []
+    defer.ensureDeferred(p.resolver.addresses("www.remote.example")).addCallback(got.append)
+    defer.ensureDeferred(p.resolver.addresses("far.remote.example")).addCallback(got.append)
+    assert got == [([], ["192.0.2.3"], ""), ([], ["192.0.2.4"], "")]
+    assert ("A", b"elsewhere.example") in p.resolver.dns.queries
