@@ -140,6 +140,7 @@ class Settings:
     metrics_listen: str | None
     log_level: str
     source: Path = field(default=Path("."))
+    allow_private_targets: bool = False  # dns.allow_private_targets (core.connect rule 3b)
 
 
 _TOP_KEYS = {"secret_file", "domain", "public", "backend", "queue", "trust", "remote",
@@ -184,7 +185,7 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
                                      "max_unauthenticated",
                                      "max_unauthenticated_per_source"})
     timeouts = _table(data, "timeouts", {"connect", "auth", "idle"})
-    dns = _table(data, "dns", {"nameservers"})
+    dns = _table(data, "dns", {"nameservers", "allow_private_targets"})
     policy = _policy(_table(data, "policy", {"actions", "answer_pings", "iq_timeout",
                                              "iq_max_pending", "caps_cache"}))
     ka = _table(data, "keepalive", {"whitespace", "ping", "timeout"})
@@ -239,6 +240,7 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
         metrics_listen=metrics_listen,
         log_level=level,
         source=source,
+        allow_private_targets=_bool(dns, "dns.allow_private_targets", False),
     )
 
 
@@ -599,3 +601,34 @@ def _endpoint_port(desc: str) -> int | None:
         if part.startswith("port=") and part[5:].isdigit():
             return int(part[5:])
     return None
+
+
+def endpoint_address(desc: str) -> tuple[str, int] | None:
+    """(interface, port) a ``tcp:``/``tcp6:`` server endpoint string (optionally behind
+    ``haproxy:``) listens on; the interface is ``0.0.0.0`` or ``::`` when unspecified.
+    None for other endpoint kinds (``unix:``), whose address no remote can name."""
+    from twisted.internet.endpoints import _parse  # noqa: PLC0415
+    try:
+        args, kwargs = _parse(desc)
+    except (ValueError, KeyError, TypeError):
+        return None
+    if args and args[0].lower() == "haproxy":
+        args = args[1:]
+    if not args or args[0].lower() not in ("tcp", "tcp6"):
+        return None
+    port = kwargs.get("port") or (args[1] if len(args) > 1 else "")
+    if not str(port).isdigit():
+        return None
+    default = "::" if args[0].lower() == "tcp6" else "0.0.0.0"
+    interface = kwargs.get("interface") or (args[2] if len(args) > 2 else "") or default
+    return interface, int(port)
+
+
+def own_listeners(s: Settings) -> list[tuple[str, int]]:
+    """Every TCP address s2sproxy listens on, as far as the configuration says."""
+    descs = [*s.starttls_listeners, *s.direct_tls_listeners, s.backend.listen]
+    if s.metrics_listen:
+        descs.append(s.metrics_listen)
+    out = [a for a in map(endpoint_address, descs) if a is not None]
+    out.append((s.backend.dns_address, s.backend.dns_port))
+    return out

@@ -21,7 +21,14 @@ Invariants:
    ``originating``.
 3. Exactly one ``StreamReady`` or ``StreamFailed``/``DialbackVerdict`` per stream.
 4. The remote's certificate must be valid for ``receiving`` when the trust policy says
-   the domain may not use dialback; otherwise an invalid one is only noted.
+   the domain may not use dialback; otherwise an invalid one is only noted.  This holds
+   in both modes: a ``VERIFY`` stream to the authoritative server of such a domain
+   (``trust.secure_domains``, ``trust.require_valid_certificates``) requires TLS and a
+   certificate valid for the domain, else its verdict is an error
+   (``remote-server-not-found``), never a valid key.
+5. ``refused_by_peer`` is set when the remote answered our ``db:result`` with
+   ``invalid`` or an error: its verdict on our key, which another address of the same
+   domain would repeat (``core.connect`` rule 4a).
 """
 
 from __future__ import annotations
@@ -98,6 +105,7 @@ class OutboundStream(StreamBase):
         self._sasl_done = False
         self._external_failed = False
         self._finished = False
+        self.refused_by_peer = False
 
     def start(self) -> list[A.Action]:
         """The TCP connection is up: send our header (after the handshake, for Direct
@@ -180,7 +188,7 @@ class OutboundStream(StreamBase):
                 self._send(f"<starttls xmlns='{NS_TLS}'/>".encode())
                 self.state = OutboundState.PROCEED
                 return
-            if c.tls == "required":
+            if c.tls == "required" or self._certificate_required():
                 self._fail("remote-server-not-found", "peer does not offer STARTTLS")
                 self._emit_close()
                 return
@@ -225,7 +233,7 @@ class OutboundStream(StreamBase):
         if c.trust is not None:
             self.peer_verified = certificate_valid_for(ev.chain_valid, ev.certificate,
                                                        c.receiving)
-            if not self.peer_verified and not c.trust.dialback_allowed(c.receiving):
+            if not self.peer_verified and self._certificate_required():
                 self._fail("remote-server-not-found",
                            f"certificate not valid for {c.receiving}")
                 self._stream_error("policy-violation", "certificate not trusted")
@@ -243,8 +251,14 @@ class OutboundStream(StreamBase):
             self._ready()
         else:
             detail = "invalid key" if t == "invalid" else _db_error(el)
+            self.refused_by_peer = True
             self._fail("remote-server-not-found", f"dialback refused: {detail}")
             self._emit_close()
+
+    def _certificate_required(self) -> bool:
+        """Invariant 4: the peer must prove ``receiving`` with its certificate."""
+        c = self.config
+        return c.trust is not None and not c.trust.dialback_allowed(c.receiving)
 
     def _ready(self) -> None:
         self.state = OutboundState.READY

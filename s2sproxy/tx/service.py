@@ -14,13 +14,12 @@ A stanza goes to ``to_backend`` when its ``to`` domain is served, else to
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 from typing import Any
 
 from twisted.application import internet, service, strports
-from twisted.internet import defer, error as neterror
-from twisted.internet.protocol import ClientFactory, Factory
+from twisted.internet import defer
+from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -32,20 +31,19 @@ from s2sproxy.core.admission import Admission
 from s2sproxy.core.dialback import DialbackKeys
 from s2sproxy.core.inbound import (InboundConfig, InboundState, InboundStream, Role,
                                    TrustPolicy)
-from s2sproxy.core.outbound import Mode, OutboundConfig, OutboundState, OutboundStream
-from s2sproxy.core.srv import Target
+from s2sproxy.core.outbound import OutboundState, OutboundStream
 from s2sproxy.core.stanza import Stanza, bounce_stanza
 from s2sproxy.logs import get_logger
 from s2sproxy.metrics import Metrics
 from s2sproxy.policy.classify import (BOUNCE, CLOSE, FORWARD, NS_PING, Policy,
                                       PolicyConfig)
 from s2sproxy.tx.backend_dns import make_factories
+from s2sproxy.tx.connector import Connector, OutboundFactory as _OutboundFactory
 from s2sproxy.tx.flags import FlagRecorder
 from s2sproxy.tx import shutdown
 from s2sproxy.tx.protocol import StreamProtocol
 from s2sproxy.tx.resolver import RemoteResolver
-from s2sproxy.tx.tls import (ClientContexts, ClientCreator, ContextFactory, ServerContexts,
-                             TrustStore)
+from s2sproxy.tx.tls import ClientContexts, ContextFactory, ServerContexts, TrustStore
 
 log = get_logger(__name__)
 
@@ -54,35 +52,6 @@ TICK = 1.0   # seconds between router ticks (queue ages, idle streams)
 
 def new_stream_id() -> str:
     return secrets.token_urlsafe(12)
-
-
-class _OutboundFactory(ClientFactory):
-    """One outgoing connection attempt; ``connected`` fires with the protocol, or with
-    None (and ``reason`` set) when the TCP connection could not be made."""
-
-    def __init__(self, proxy: "Proxy", stream: OutboundStream, label: str,
-                 router: R.Router | None = None, pair: R.Pair | None = None) -> None:
-        self.proxy = proxy
-        self.stream = stream
-        self.label = label
-        self.router = router
-        self.pair = pair
-        self.connected: defer.Deferred = defer.Deferred()
-        self.verdict: defer.Deferred = defer.Deferred()
-        self.reason = None
-
-    def buildProtocol(self, addr):  # noqa: N802
-        proto = StreamProtocol(self.stream, self.proxy, self.proxy.reactor, self.label)
-        proto.factory = self
-        self.proxy.streams.add(proto)
-        if not self.connected.called:
-            self.connected.callback(proto)
-        return proto
-
-    def clientConnectionFailed(self, connector, reason) -> None:  # noqa: N802
-        self.reason = reason
-        if not self.connected.called:
-            self.connected.callback(None)
 
 
 class Proxy(service.MultiService):
@@ -104,6 +73,7 @@ class Proxy(service.MultiService):
                                           extra=backend_identity)
         self.client_ctx = ClientContexts()
         self.resolver = RemoteResolver(settings.remotes, settings.nameservers, reactor)
+        self.connector = Connector(self)
         q = settings.queue
         routers = dict(queue_limit=q.limit, max_age=q.max_age,
                        idle_timeout=settings.idle_timeout, backoff_after=q.backoff_after,
@@ -178,7 +148,17 @@ class Proxy(service.MultiService):
 
     def startService(self):  # noqa: N802
         super().startService()
+        for svc in self:    # the real bound addresses (a port 0 made real): never a target
+            waiting = getattr(svc, "_waitingForPort", None)
+            if waiting is not None:
+                waiting.addCallback(self._bound)
         self._ticker.start(TICK, now=False)
+
+    def _bound(self, port):
+        h = getattr(port, "getHost", lambda: None)()   # None: the listen failed (logged)
+        if h is not None:
+            self.connector.listening(getattr(h, "host", ""), getattr(h, "port", 0))
+        return port
 
     def stopService(self):  # noqa: N802
         """Stop accepting, then close every stream so that nothing in flight is lost
@@ -188,14 +168,31 @@ class Proxy(service.MultiService):
         return shutdown.stop(self, lambda: super(Proxy, self).stopService())
 
     def _tick(self) -> None:
+        """Each part runs even when another raised; a failing tick logs one traceback
+        and the ticker keeps running (LoopingCall stops at the first exception)."""
         now = self.reactor.seconds()
-        for router in (self.to_backend, self.to_remote):
-            self._run_ops(router, router.tick(now))
+        failed = False
+        parts = (("to_backend", self._tick_backend), ("to_remote", self._tick_remote),
+                 ("iqs", self._tick_iqs), ("keepalive", self._keepalive))
+        for name, part in parts:
+            try:
+                part(now)
+            except Exception:  # noqa: BLE001 (the tx boundary)
+                if not failed:
+                    log.failure("periodic tick: {part} failed", part=name)
+                failed = True
+
+    def _tick_backend(self, now: float) -> None:
+        self._run_ops(self.to_backend, self.to_backend.tick(now))
+
+    def _tick_remote(self, now: float) -> None:
+        self._run_ops(self.to_remote, self.to_remote.tick(now))
+
+    def _tick_iqs(self, now: float) -> None:
         expired = self.policy.expired(now)
         if expired:
             self.metrics.iq_timeouts.inc(len(expired))
             self._answer_unanswered(expired, "no answer in time")
-        self._keepalive(now)
         self.metrics.pending_iqs.set(len(self.policy.iqs))
         self.metrics.iq_evicted.set(self.policy.iqs.evicted)
 
@@ -276,16 +273,8 @@ class Proxy(service.MultiService):
             ctxs = self.public_ctx if st.role is Role.PUBLIC else self.backend_ctx
             proto.transport.startTLS(ContextFactory(ctxs.for_domain(server_name)))
         else:
-            proto.transport.startTLS(self._client_tls(proto.factory, server_name or "",
-                                                      alpn=False))
-
-    def _client_tls(self, factory: _OutboundFactory, server_name: str,
-                    alpn: bool) -> ClientCreator:
-        identity = None
-        if factory.label == "remote":
-            d = self.settings.domains.get(factory.stream.config.originating)
-            identity = (d.certificate, d.key) if d else None
-        return self.client_ctx.creator(server_name, alpn=alpn, identity=identity)
+            proto.transport.startTLS(self.connector.client_tls(
+                proto.factory, server_name or "", alpn=False))
 
     def check_peer(self, proto: StreamProtocol) -> E.TlsEstablished:
         ok, cert = self.trust.check(proto.tls_connection())
@@ -334,18 +323,14 @@ class Proxy(service.MultiService):
                     self._attach_bidi(proto, originating, receiving)
         elif t is A.VerifyDialback:
             defer.ensureDeferred(self.verify_dialback(proto, a))
-        elif t is A.StreamReady:
-            self._stream_ready(proto)
-        elif t is A.StreamFailed:
+        elif t is A.StreamReady or t is A.StreamFailed or t is E.DialbackVerdict:
             f = proto.factory
-            log.warn("{label} stream {pair} failed: {condition} {text}", label=f.label,
-                     pair=" -> ".join(f.pair), condition=a.condition, text=a.text)
-            self._run_ops(f.router, f.router.stream_failed(f.pair, a.condition, a.text,
-                                                           self.reactor.seconds()))
-        elif t is E.DialbackVerdict:
-            waiter = proto.factory.verdict
-            if not waiter.called:
-                waiter.callback(a)
+            if f.planned:
+                f.report(proto, a)      # tx.connector decides what comes next
+            elif t is A.StreamReady:
+                self.link_ready(proto)
+            elif t is A.StreamFailed:
+                self.link_failed(f, a.condition, a.text)
         else:
             log.error("unhandled action {action!r}", action=a)
 
@@ -355,7 +340,7 @@ class Proxy(service.MultiService):
         self._run_ops(self.to_remote, self.to_remote.stream_ready(
             pair, proto, self.reactor.seconds(), borrowed=True))
 
-    def _stream_ready(self, proto: StreamProtocol) -> None:
+    def link_ready(self, proto: StreamProtocol) -> None:
         f = proto.factory
         st = proto.stream
         if f.label == "backend":
@@ -368,6 +353,13 @@ class Proxy(service.MultiService):
                      local=f.pair[0], remote=f.pair[1], method=st.auth_method,
                      tls=st.secure, bidi=st.bidi, valid=st.peer_verified, peer=proto.peer)
         self._run_ops(f.router, f.router.stream_ready(f.pair, proto, self.reactor.seconds()))
+
+    def link_failed(self, factory: _OutboundFactory, condition: str, text: str) -> None:
+        """Opening the stream of ``factory.pair`` failed: bounce what waits for it."""
+        log.warn("{label} stream {pair} failed: {condition} {text}", label=factory.label,
+                 pair=" -> ".join(factory.pair), condition=condition, text=text)
+        self._run_ops(factory.router, factory.router.stream_failed(
+            factory.pair, condition, text, self.reactor.seconds()))
 
     # -- routing -----------------------------------------------------------------------
 
@@ -456,7 +448,7 @@ class Proxy(service.MultiService):
                 op.handle.write(op.data)
             elif t is R.Open:
                 if router is self.to_backend:
-                    self._open_backend(op.pair)
+                    self.connector.open_backend(op.pair)
                 else:
                     defer.ensureDeferred(self._open_remote(op.pair))
             elif t is R.Close:
@@ -475,131 +467,32 @@ class Proxy(service.MultiService):
         self.metrics.bounces.labels(condition).inc()
         self.send_generated([back])
 
-    # -- the backend leg ---------------------------------------------------------------
-
-    def _open_backend(self, pair: R.Pair) -> None:
-        remote, local = pair
-        b = self.settings.backend
-        cfg = OutboundConfig(Mode.ORIGINATE, remote, local, self.keys,
-                             self.settings.max_stanza_size, self.settings.max_depth,
-                             tls=b.tls, timeout=self.settings.auth_timeout,
-                             actions=self.stream_actions)
-        factory = _OutboundFactory(self, OutboundStream(cfg), "backend", self.to_backend,
-                                   pair)
-        log.info("backend stream opening for {remote} -> {local}", remote=remote,
-                 local=local)
-        self.reactor.connectTCP(b.host, b.port, factory, timeout=self.settings.connect_timeout)
-
-        def connected(proto):
-            if proto is None:
-                self._connect_failed(factory, f"backend {b.host}:{b.port}")
-        factory.connected.addCallback(connected)
-
-    def _connect_failed(self, factory: _OutboundFactory, where: str) -> None:
-        reason = factory.reason
-        timeout = reason is not None and reason.check(neterror.TimeoutError)
-        condition = "remote-server-timeout" if timeout else "remote-server-not-found"
-        text = f"{where} unreachable: {reason.getErrorMessage() if reason else '?'}"
-        log.warn("{label} stream {pair} failed: {condition} {text}", label=factory.label,
-                 pair=" -> ".join(factory.pair), condition=condition, text=text)
-        self._run_ops(factory.router, factory.router.stream_failed(
-            factory.pair, condition, text, self.reactor.seconds()))
-
-    # -- outgoing streams to remote servers --------------------------------------------
+    # -- outgoing connections (tx.connector) and dialback verification ------------------
 
     async def _open_remote(self, pair: R.Pair) -> None:
-        local, remote = pair
-        s = self.settings
-        factory = None
-        tried = []
-        for target in await self._targets(remote):
-            for address in await self._addresses(target.host):
-                cfg = OutboundConfig(Mode.ORIGINATE, local, remote, self.keys,
-                                     s.max_stanza_size, s.max_depth, tls="required",
-                                     timeout=s.auth_timeout, direct_tls=target.direct_tls,
-                                     request_bidi=True, sasl_external=True,
-                                     trust=self.trust_policy, actions=self.stream_actions)
-                factory = _OutboundFactory(self, OutboundStream(cfg), "remote",
-                                           self.to_remote, pair)
-                log.info("remote connection to {host}:{port} ({kind}) for {local} -> "
-                         "{remote}", host=address, port=target.port, local=local,
-                         remote=remote, kind="direct TLS" if target.direct_tls else "STARTTLS")
-                self._connect(address, target.port, target.direct_tls, remote, factory)
-                if await factory.connected is not None:
-                    return      # the stream reports ready or failed from here on
-                tried.append(f"{address}:{target.port}")
-        if factory is None:
-            factory = _OutboundFactory(self, None, "remote", self.to_remote, pair)
-        self._connect_failed(factory, f"{remote} ({', '.join(tried) or 'no address'})")
-
-    async def _targets(self, domain: str) -> list[Target]:
-        try:
-            return await self.resolver.resolve(domain)
-        except Exception as e:  # noqa: BLE001 (the tx boundary)
-            log.warn("cannot resolve {domain}: {err}", domain=domain, err=repr(e))
-            return []
-
-    async def _addresses(self, host: str) -> list[str]:
-        """IP addresses for a target host, through our own resolver (never the
-        system's, so that a test or an operator's DNS choice holds)."""
-        try:
-            ipaddress.ip_address(host)
-            return [host]
-        except ValueError:
-            pass
-        try:
-            return [await self.resolver.dns.getHostByName(host)]
-        except Exception as e:  # noqa: BLE001
-            log.info("no address for {host}: {err}", host=host, err=type(e).__name__)
-            return []
-
-    def _connect(self, host: str, port: int, direct_tls: bool, server_name: str,
-                 factory: _OutboundFactory) -> None:
-        if direct_tls:
-            wrapped = TLSMemoryBIOFactory(self._client_tls(factory, server_name, alpn=True),
-                                          True, factory)
-            self.reactor.connectTCP(host, port, wrapped,
-                                    timeout=self.settings.connect_timeout)
-        else:
-            self.reactor.connectTCP(host, port, factory,
-                                    timeout=self.settings.connect_timeout)
-
-    # -- dialback: asking the authoritative server --------------------------------------
+        await self.connector.open_remote(pair)
 
     async def verify_dialback(self, requester: StreamProtocol, req: A.VerifyDialback) -> None:
         """Ask whether ``req.key`` was issued by ``req.originating``'s server: ejabberd
-        itself for keys ejabberd gave the backend listener, else the remote's
-        authoritative server found by SRV."""
+        itself for keys ejabberd gave the backend listener (or trusted by its source
+        address), else the remote's authoritative server.  A connection of ours that
+        came back to us (a remote's DNS pointing at our listener) is refused, never
+        trusted by address: it would loop every stanza."""
         s = self.settings
+        if self.connector.is_own_connection(requester.peer):
+            log.warn("{label} stream {peer} is our own outgoing connection come back "
+                     "({originating} -> {receiving}): refused", label=requester.label,
+                     peer=requester.peer, originating=req.originating,
+                     receiving=req.receiving)
+            requester.run(requester.stream.fail(
+                "policy-violation", "this connection comes from s2sproxy itself"))
+            return
         backend = isinstance(requester.stream, InboundStream) \
             and requester.stream.role is Role.BACKEND
-        verdict = E.DialbackVerdict(req.originating, req.receiving, None,
-                                    "remote-server-not-found")
         if backend and requester.peer.rsplit(":", 1)[0] in s.backend.trusted_addresses:
             verdict = E.DialbackVerdict(req.originating, req.receiving, True)
-            targets: list[Target] = []
-        elif backend:
-            targets = [Target(s.backend.host, s.backend.port, False)]
         else:
-            targets = await self._targets(req.originating)
-        for target in targets:
-            for address in await self._addresses(target.host):
-                cfg = OutboundConfig(Mode.VERIFY, req.receiving, req.originating, None,
-                                     s.max_stanza_size, s.max_depth,
-                                     tls=s.backend.tls if backend else "auto",
-                                     verify_stream_id=req.stream_id, verify_key=req.key,
-                                     timeout=s.auth_timeout, direct_tls=target.direct_tls)
-                factory = _OutboundFactory(self, OutboundStream(cfg), "verify")
-                self._connect(address, target.port, target.direct_tls, req.originating,
-                              factory)
-                if await factory.connected is None:
-                    continue
-                result = await factory.verdict
-                verdict = result
-                if result.valid is not None:
-                    break
-            if verdict.valid is not None:
-                break
+            verdict = await self.connector.verify(req, backend)
         log.info("dialback verification {originating} -> {receiving}: {verdict}",
                  originating=req.originating, receiving=req.receiving,
                  verdict={True: "valid", False: "invalid"}.get(verdict.valid,

@@ -858,7 +858,8 @@ def write_s2sproxy_config(run: RunDir, *, backend_port: int, dns_port: int,
     ``remotes``: ``{"remote.test": ["127.0.0.20:5269"]}`` by default (STARTTLS
     addresses that bypass DNS).  ``nameservers``: s2sproxy's own resolvers
     (``["127.0.0.1:PORT"]``, e.g. a DnsResponder) so it never asks the machine's
-    resolver; None leaves ``[dns]`` out.  ``extra_toml`` is appended verbatim (new
+    resolver; None leaves ``dns.nameservers`` out.  ``dns.allow_private_targets`` is
+    always set: every peer here is on loopback.  ``extra_toml`` is appended verbatim (new
     tables only, e.g. ``[limits]``)."""
     d = run.path / "s2sproxy"
     d.mkdir(exist_ok=True)
@@ -896,8 +897,11 @@ def write_s2sproxy_config(run: RunDir, *, backend_port: int, dns_port: int,
     for name, addrs in remotes.items():
         lines += [f"[remote.{q(name)}]",
                   f"starttls = [{', '.join(q(a) for a in addrs)}]", ""]
+    # Everything here runs on loopback: remotes found through DNS are private addresses.
+    lines += ["[dns]", "allow_private_targets = true"]
     if nameservers is not None:
-        lines += ["[dns]", f"nameservers = [{', '.join(q(n) for n in nameservers)}]", ""]
+        lines += [f"nameservers = [{', '.join(q(n) for n in nameservers)}]"]
+    lines.append("")
     lines += ["[log]", f"level = {q(log_level)}", ""]
     if extra_toml:
         lines.append(extra_toml)

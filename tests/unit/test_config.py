@@ -199,3 +199,27 @@ def test_readme_documents_every_reason_and_config_key():
     readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert all(f"`{name}`" in readme for name in REASONS)
     assert all(key in readme for key in _TOP_KEYS)
+
+
+def test_config_allow_private_targets_defaults_to_false(conf):
+    """dns.allow_private_targets is off unless set, and must be a boolean."""
+    assert load(conf()).allow_private_targets is False
+    assert load(conf("[dns]\nallow_private_targets = true\n")).allow_private_targets is True
+    assert error_of(conf("[dns]\nallow_private_targets = 'yes'\n")) == \
+        "dns.allow_private_targets: must be true or false, not 'yes'"
+
+
+def test_config_own_listeners_are_every_tcp_address_we_listen_on(conf):
+    """The addresses a remote's DNS must never make us connect to: public, backend,
+    metrics and backend DNS listeners (an unspecified interface as 0.0.0.0 or ::)."""
+    from s2sproxy.config import own_listeners
+    s = load(conf("""
+        [public]
+        starttls = ["tcp:5269", "haproxy:tcp:5279:interface=192.0.2.1"]
+        direct_tls = ["tcp6:port=5270:interface=\\\\:\\\\:1"]
+        [metrics]
+        listen = "tcp:9269:interface=127.0.0.1"
+        """))
+    assert own_listeners(s) == [("0.0.0.0", 5269), ("192.0.2.1", 5279), ("::1", 5270),
+                                ("127.0.0.1", 15270), ("127.0.0.1", 9269),
+                                ("127.0.0.1", 15353)]

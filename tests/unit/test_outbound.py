@@ -270,3 +270,75 @@ def test_outbound_clean_close_gives_up_after_timer():
     s.close()
     assert s.handle(E.TimerFired("close")) == [A.CloseConnection()]
     assert s.state is OutboundState.CLOSED
+
+
+# -- dialback verification obeys the trust settings (issue 7, defect 14) ----------------
+
+import pytest  # noqa: E402
+
+
+def verify_stream(trust):
+    return OutboundStream(OutboundConfig(Mode.VERIFY, LOCAL, REMOTE, None, 20000, 16,
+                                         verify_stream_id="in-1", verify_key="abc",
+                                         trust=trust))
+
+
+SECURE = [TrustPolicy(secure_domains=frozenset({REMOTE})),
+          TrustPolicy(require_valid_certificates=True)]
+VERIFY_REQUEST = A.SendBytes(b"<db:verify from='local.example' to='remote.example' "
+                             b"id='in-1'>abc</db:verify>")
+
+
+@pytest.mark.parametrize("trust", SECURE)
+def test_outbound_verify_toward_secure_domain_without_starttls_is_an_error(trust):
+    """An authoritative server that must prove its domain with a certificate and offers
+    no STARTTLS is never asked: the verdict is an error, not a key check."""
+    s = verify_stream(trust)
+    s.start()
+    actions = merge(s.handle(E.DataReceived(REMOTE_HEADER + FEATURES_PLAIN)))
+    assert actions == [E.DialbackVerdict(REMOTE, LOCAL, None, "remote-server-not-found"),
+                       A.SendBytes(b"</stream:stream>"), A.CloseConnection()]
+
+
+@pytest.mark.parametrize("trust", SECURE)
+def test_outbound_verify_toward_secure_domain_with_invalid_certificate_is_an_error(trust):
+    """After TLS, a certificate not valid for the domain ends the verification with an
+    error verdict and a policy-violation stream error; no db:verify is sent."""
+    _ca, _ck, leaf, _k = certificate("other.example")
+    s = verify_stream(trust)
+    actions = merge(secured(s, E.TlsEstablished(True, leaf)))
+    assert actions[0] == E.DialbackVerdict(REMOTE, LOCAL, None, "remote-server-not-found")
+    assert actions[-1].condition == "policy-violation"
+    assert VERIFY_REQUEST not in actions
+
+
+def test_outbound_verify_toward_secure_domain_with_valid_certificate_asks():
+    """With a certificate valid for the domain, db:verify is sent over TLS."""
+    _ca, _ck, leaf, _k = certificate(REMOTE)
+    s = verify_stream(SECURE[0])
+    assert secured(s, E.TlsEstablished(True, leaf)) == [A.SendBytes(OUR_REMOTE_HEADER)]
+    assert merge(s.handle(E.DataReceived(REMOTE_HEADER2 + FEATURES_PLAIN))) == \
+        [VERIFY_REQUEST]
+
+
+def test_outbound_verify_toward_other_domain_without_tls_still_asks():
+    """A domain allowed to use dialback alone is asked over a plain stream if the
+    authoritative server offers no TLS, as before."""
+    s = verify_stream(TrustPolicy())
+    s.start()
+    assert merge(s.handle(E.DataReceived(REMOTE_HEADER + FEATURES_PLAIN))) == \
+        [VERIFY_REQUEST]
+
+
+def test_outbound_dialback_refused_by_remote_is_marked_final():
+    """type='invalid' on our db:result is the remote's verdict (refused_by_peer, which
+    core.connect does not retry elsewhere); a stream error is not."""
+    s = backend("never")
+    s.handle(E.DataReceived(PEER_HEADER + FEATURES_PLAIN))
+    s.handle(E.DataReceived(f"<db:result from='{LOCAL}' to='{REMOTE}' type='invalid'/>"
+                            .encode()))
+    assert s.refused_by_peer
+    s = backend("never")
+    s.handle(E.DataReceived(PEER_HEADER + b"<stream:error><host-unknown xmlns='urn:ietf:"
+                            b"params:xml:ns:xmpp-streams'/></stream:error>"))
+    assert not s.refused_by_peer
