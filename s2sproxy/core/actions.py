@@ -22,9 +22,11 @@ class StartTls:
 @dataclass(frozen=True, slots=True)
 class CloseConnection:
     """Close the TCP connection (after the bytes already ordered are written).
-    ``condition`` is the stream error that ended the stream, for the log."""
+    ``condition`` is the stream error that ended the stream, for the log.  ``abort``:
+    drop it at once, nothing can be written (a TLS handshake that never completed)."""
     condition: str = ""
     text: str = ""
+    abort: bool = False
 
 
 @dataclass(frozen=True, slots=True)

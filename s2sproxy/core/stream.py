@@ -210,6 +210,13 @@ class StreamBase:
                 f"version='1.0' xml:lang='{OUR_LANG}'>").encode("utf-8")
 
     def _stream_error(self, condition: str, text: str = "") -> None:
+        if getattr(self.state, "value", "") == "tls-handshake":
+            # Between <proceed/> (or a Direct TLS accept) and the end of the handshake
+            # nothing can be said: the peer reads TLS records only.
+            self._emit(A.CloseConnection(condition, text, abort=True))
+            self.state = self.closed_state
+            self._on_closed(condition)
+            return
         if not self.header_sent:
             self._send(self._error_header())
         self._send(stream_error_bytes(condition, text))

@@ -115,6 +115,9 @@ class StreamProtocol(Protocol):
                              label=self.label, peer=self.peer, condition=a.condition,
                              text=a.text)
                 self._gone()
+                if a.abort:
+                    self.transport.abortConnection()
+                    continue
                 self.transport.loseConnection()
                 if "abort" not in self.timers:
                     self.timers["abort"] = self.clock.callLater(CLOSE_GRACE, self._abort)

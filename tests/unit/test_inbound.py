@@ -90,7 +90,9 @@ def test_inbound_bytes_pipelined_after_starttls_are_policy_violation():
     s.handle(E.DataReceived(HEADER))
     s.handle(E.DataReceived(STARTTLS))
     actions = merge(s.handle(E.DataReceived(b"<message/>")))
-    assert actions == error_close("policy-violation", "data pipelined after STARTTLS")
+    # after <proceed/> only TLS can be written: the connection is dropped
+    assert actions == [A.CloseConnection("policy-violation", "data pipelined after STARTTLS",
+                                         abort=True)]
 
 
 def test_inbound_after_tls_offers_dialback_and_bidi_but_not_external_without_cert():
@@ -515,11 +517,12 @@ def test_inbound_auth_timer_runs_from_accept():
 
 def test_inbound_direct_tls_auth_timer_runs_before_handshake():
     """On Direct TLS the timer runs from accept too: a handshake that never completes
-    is closed (the stream error is sent in TLS if the handshake ever finishes)."""
+    is dropped (nothing can be written before the handshake)."""
     s = inbound(direct_tls=True)
     assert s.start() == [A.SetTimer("auth", 30.0)]
     out = merge(s.handle(E.TimerFired("auth")))
-    assert out[-1] == A.CloseConnection("connection-timeout", "not authenticated in time")
+    assert out == [A.CloseConnection("connection-timeout", "not authenticated in time",
+                                     abort=True)]
 
 
 def test_inbound_header_sets_no_second_timer():
