@@ -66,7 +66,6 @@ class StreamBase:
         self.header_sent = False
         self.secure = False
         self.local_closed = False
-        self.ping_ids: dict[str, None] = {}    # ordered: the oldest goes first
         self.bidi = False
         self._old_parser: XmlStreamParser | None = None
         self._tls_restart = False
@@ -226,7 +225,8 @@ class StreamBase:
 
     def _stanza(self, kind: str, el: Element) -> None:
         """Check a stanza's addressing, then deliver it (one DeliverStanzas per read
-        batch), unless it answers our own keepalive ping."""
+        batch).  Answers to our keepalive pings are delivered too: the shell consumes
+        them (policy.keepalive), wherever they arrive."""
         attrs = el.attrs
         frm, to = attrs.get("from"), attrs.get("to")
         if not frm or not to:
@@ -240,8 +240,6 @@ class StreamBase:
         refused = self._stanza_refused(frm_domain, to_domain)
         if refused is not None:
             return self._violation(refused[0], refused[0], refused[1], el)
-        if self.ping_ids and kind == "iq" and self._own_ping_answer(attrs):
-            return None     # the answer to our keepalive ping: consumed here
         raw = el.raw
         if self._lang_attr is not None and _XML_LANG not in attrs:
             # RFC 6120 section 4.7.4: a stanza without xml:lang is in the stream's
@@ -263,23 +261,6 @@ class StreamBase:
         """(reason, text) when this stream may not carry a stanza between these
         domains; None when it may."""
         raise NotImplementedError
-
-    def ping(self, frm: str, to: str, pid: str) -> list[A.Action]:
-        """An XEP-0199 ping of our own with id ``pid``; an answer arriving on this
-        stream is consumed here (one arriving elsewhere is the shell's business)."""
-        self.ping_ids[pid] = None
-        while len(self.ping_ids) > 4:         # unanswered ones are not kept forever
-            del self.ping_ids[next(iter(self.ping_ids))]
-        return [A.SendBytes(f"<iq type='get' id='{pid}' from='{xml_escape(frm)}' "
-                            f"to='{xml_escape(to)}'><ping xmlns='urn:xmpp:ping'/></iq>"
-                            .encode())]
-
-    def _own_ping_answer(self, attrs: dict[str, str]) -> bool:
-        pid = attrs.get("id")
-        if pid in self.ping_ids and attrs.get("type") in ("result", "error"):
-            del self.ping_ids[pid]
-            return True
-        return False
 
     def fail(self, condition: str, text: str = "") -> list[A.Action]:
         """End the stream from our side with a stream error (e.g. a dead peer)."""

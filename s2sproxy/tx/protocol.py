@@ -42,10 +42,8 @@ class StreamProtocol(Protocol):
         self.peer = ""
         self.closing = False
         now = clock.seconds()
-        self.last_rx = now          # keepalive bookkeeping (see Proxy._keepalive)
-        self.last_tx = now
-        self.ping_sent_at: float | None = None
-        self.ping_id: str | None = None
+        self.last_rx = now          # what policy.keepalive is told (its pings are
+        self.last_tx = now          # in its own registry, see Proxy._keepalive)
 
     # -- Twisted callbacks -----------------------------------------------------------
 

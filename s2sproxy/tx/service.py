@@ -29,12 +29,12 @@ from s2sproxy.core import events as E
 from s2sproxy.core import routing as R
 from s2sproxy.core.admission import Admission
 from s2sproxy.core.dialback import DialbackKeys
-from s2sproxy.core.inbound import (InboundConfig, InboundState, InboundStream, Role,
-                                   TrustPolicy)
+from s2sproxy.core.inbound import InboundConfig, InboundStream, Role, TrustPolicy
 from s2sproxy.core.outbound import OutboundState, OutboundStream
 from s2sproxy.core.stanza import Stanza, bounce_stanza
 from s2sproxy.logs import get_logger
 from s2sproxy.metrics import Metrics
+from s2sproxy.policy import keepalive as K
 from s2sproxy.policy.classify import (BOUNCE, CLOSE, FORWARD, NS_PING, Policy,
                                       PolicyConfig)
 from s2sproxy.tx.backend_dns import make_factories
@@ -52,6 +52,11 @@ TICK = 1.0   # seconds between router ticks (queue ages, idle streams)
 
 def new_stream_id() -> str:
     return secrets.token_urlsafe(12)
+
+
+def new_ping_id() -> str:
+    # 80 random bits; digits keep the ids the integration harness's raw peer answers.
+    return f"s2sproxy-ping-{secrets.randbelow(10 ** 24):024d}"
 
 
 class Proxy(service.MultiService):
@@ -92,8 +97,9 @@ class Proxy(service.MultiService):
         f = settings.flags
         self.flags = FlagRecorder(self.metrics, f.json_log, f.quarantine,
                                   f.quarantine_max_bytes)
-        self.own_pings: dict[str, StreamProtocol] = {}   # keepalive ping id -> stream
-        self._ping_seq = 0
+        ka = settings.keepalive
+        self.keepalive = K.Keepalive(K.KeepaliveConfig(ka.whitespace, ka.ping, ka.timeout),
+                                     new_ping_id)   # the one registry of our pings
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = reactor
         self._build_listeners()
@@ -204,42 +210,21 @@ class Proxy(service.MultiService):
             self.bounce(req, "remote-server-timeout", why)
 
     def _keepalive(self, now: float) -> None:
-        """Whitespace after ``keepalive.whitespace`` of silence from us.  On our own
-        streams and on remotes' bidi streams, an XEP-0199 ping of ours after
-        ``keepalive.ping`` of silence from the peer; the stream is ended if neither
-        the answer (on whatever stream it comes: on one-way streams it comes on the
-        peer's own stream) nor any other byte on this stream arrives within
-        ``keepalive.timeout``."""
-        ka = self.settings.keepalive
+        """Run policy.keepalive's decisions on every established stream."""
+        poll = self.keepalive.poll
         for proto in list(self.streams):
             st = proto.stream
-            if proto.closing or st.local_closed or \
-                    st.state not in (InboundState.OPEN, OutboundState.READY):
+            if proto.closing or not K.established(st):
                 continue
-            if now - proto.last_tx >= ka.whitespace:
-                proto.write(b" ")
-            ends = _ping_ends(st)
-            if ends is None:
-                continue
-            if proto.ping_sent_at is not None and proto.last_rx > proto.ping_sent_at:
-                self._ping_answered(proto)
-            if proto.ping_sent_at is None:
-                if now - proto.last_rx >= ka.ping:
-                    self._ping_seq += 1
-                    pid = f"s2sproxy-ping-{self._ping_seq}"
-                    self.own_pings[pid] = proto
-                    proto.ping_id, proto.ping_sent_at = pid, now
-                    proto.run(st.ping(*ends, pid))
-            elif now - proto.ping_sent_at >= ka.timeout:
-                log.warn("{label} stream {peer} to {remote} dead: no answer to a keepalive "
-                         "ping in {timeout:g} s", label=proto.label, peer=proto.peer,
-                         remote=ends[1], timeout=ka.timeout)
-                self.metrics.dead_peers.labels(ends[1]).inc()
-                proto.run(st.fail("connection-timeout", "no answer to keepalive ping"))
-
-    def _ping_answered(self, proto: StreamProtocol) -> None:
-        self.own_pings.pop(getattr(proto, "ping_id", None), None)
-        proto.ping_sent_at = None
+            for d in poll(proto, now, proto.last_tx, proto.last_rx, K.ping_ends(st)):
+                if type(d) is K.StreamDead:
+                    log.warn("{label} stream {peer} to {remote} dead: no answer to a "
+                             "keepalive ping in {timeout:g} s", label=proto.label,
+                             peer=proto.peer, remote=d.remote, timeout=d.timeout)
+                    self.metrics.dead_peers.labels(self.metrics.peer(d.remote)).inc()
+                    proto.run(st.fail(d.condition, d.text))
+                else:
+                    proto.write(d.data)
 
     # -- what StreamProtocol asks of its owner ------------------------------------------
 
@@ -284,7 +269,7 @@ class Proxy(service.MultiService):
         """The stream is closing or closed: no router may write to it any more."""
         self.streams.discard(proto)
         self._release(proto)
-        self._ping_answered(proto)
+        self.keepalive.forget(proto)
         now = self.reactor.seconds()
         # Answers to requests sent over a bidi stream come back on it: they are lost
         # with it.  Over a one-way stream they come on the peer's own stream.
@@ -298,10 +283,15 @@ class Proxy(service.MultiService):
     def stream_action(self, proto: StreamProtocol, a: Any) -> None:
         t = type(a)
         if t is A.DeliverStanzas:
+            # Answers to our keepalive pings are consumed, whichever stream they come
+            # on, and are no traffic that keeps an idle link open.
+            stanzas = self.keepalive.without_answers(a.stanzas)
+            if not stanzas:
+                return
             factory = getattr(proto, "factory", None)
             if factory is not None and factory.label == "remote":
                 self.to_remote.activity(factory.pair, self.reactor.seconds())
-            self.route(a.stanzas, proto)
+            self.route(stanzas, proto)
         elif t is A.Flag:
             self._flag(a, proto)
         elif t is A.Authenticated:
@@ -368,12 +358,8 @@ class Proxy(service.MultiService):
         direction, one batch per domain pair."""
         now = self.reactor.seconds()
         check = self.policy.check
-        own_pings = self.own_pings
         passed = []
         for s in stanzas:
-            if own_pings and s.kind == "iq" and s.id in own_pings:
-                self._ping_answered(own_pings[s.id])    # consumed, never forwarded
-                continue
             outcome = check(s, now)
             if outcome is None or self._apply(s, outcome, source):
                 passed.append(s)
@@ -499,13 +485,3 @@ class Proxy(service.MultiService):
                                                                verdict.condition))
         requester.handle(verdict)
 
-
-def _ping_ends(st) -> tuple[str, str] | None:
-    """(from, to) for a keepalive ping on a stream that can carry our stanzas: our own
-    outgoing streams, and a remote's bidi stream; None for one-way inbound streams."""
-    if isinstance(st, OutboundStream):
-        return st.config.originating, st.config.receiving
-    if st.role is Role.PUBLIC and st.bidi and st.authenticated:
-        originating, receiving = next(iter(st.authenticated))
-        return receiving, originating
-    return None

@@ -174,6 +174,7 @@ def _pinged_backend(tmp_path):
     reactor = MemoryReactorClock()
     p = Proxy(settings(tmp_path, keepalive={"whitespace": 1000, "ping": 10,
                                             "timeout": 5}), reactor)
+    p.keepalive.new_ping_id = lambda: "s2sproxy-ping-1"     # random in service
     proto, transport = _ready_backend_stream(p, reactor)
     reactor.advance(10)
     p._keepalive(reactor.seconds())
@@ -189,8 +190,8 @@ def test_backend_keepalive_ping_answered_on_another_stream_keeps_link(tmp_path):
                            b"to='local.example'><ping xmlns='urn:xmpp:ping'/></iq>")
     answer = Stanza("iq", b"<iq/>", "local.example", "remote.example", "result",
                     "s2sproxy-ping-1", None, "local.example", "remote.example")
-    p.route([answer])
-    assert p.flags.count == 0 and p.own_pings == {}
+    p.stream_action(None, A.DeliverStanzas([answer]))
+    assert p.flags.count == 0 and len(p.keepalive) == 0
     reactor.advance(6)
     p._keepalive(reactor.seconds())
     assert not proto.closing

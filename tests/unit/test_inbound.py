@@ -418,21 +418,6 @@ def test_inbound_backend_header_from_unserved_domain_is_invalid_from():
                                             "evil.example is not served behind this proxy")
 
 
-def test_inbound_own_ping_answer_is_consumed_not_delivered():
-    """Our keepalive ping goes out on the stream; its result never reaches the router,
-    while other stanzas still do."""
-    s = inbound()
-    for ev in DIALBACK_OK:
-        s.handle(ev)
-    assert s.ping(LOCAL, REMOTE, "s2sproxy-ping-1") == [A.SendBytes(
-        b"<iq type='get' id='s2sproxy-ping-1' from='local.example' to='remote.example'>"
-        b"<ping xmlns='urn:xmpp:ping'/></iq>")]
-    answer = b"<iq type='result' id='s2sproxy-ping-1' from='remote.example' " \
-             b"to='local.example'/>"
-    assert merge(s.handle(E.DataReceived(answer + MESSAGE))) == [("deliver", [MESSAGE])]
-    assert s.ping_ids == {}
-
-
 def test_inbound_invalid_from_can_be_dropped_instead_of_closing():
     """With policy.actions invalid-from = drop, the spoofed stanza is flagged and
     dropped; the stream and the stanzas after it are undisturbed."""
