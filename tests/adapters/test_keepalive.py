@@ -8,7 +8,9 @@ import re
 import pytest
 from twisted.logger import formatEvent, globalLogPublisher
 
+from s2sproxy.core import actions as A
 from s2sproxy.core.inbound import Role
+from s2sproxy.core.stanza import Stanza
 from tests.adapters.helpers import LOCAL, REMOTE, Transport, message, proxy, public_stream
 from tests.adapters.test_backend import _ready_backend_stream
 
@@ -174,3 +176,23 @@ def test_keepalive_closed_stream_forgets_its_ping(tmp_path):
     assert len(p.keepalive) == 1
     proto.connectionLost(None)
     assert len(p.keepalive) == 0
+
+
+def test_keepalive_answer_is_no_traffic_for_an_idle_link(tmp_path):
+    """An answer to our ping on our own (bidi) stream to a remote does not keep the
+    link from idling out; a message in the same read does."""
+    p, reactor = proxy(tmp_path, keepalive=KA)
+    pair = (LOCAL, REMOTE)
+    ours = type("P", (), {"factory": type("F", (), {"label": "remote", "pair": pair})(),
+                          "closing": False})()
+    p.to_remote.stream_ready(pair, ours, 0)
+    (ping,) = p.keepalive.poll(ours, 10, 10, 0, pair)
+    reactor.advance(12)
+    result = Stanza("iq", b"<iq/>", REMOTE, LOCAL, "result", ping.ping.id, None, REMOTE,
+                    LOCAL)
+    p.stream_action(ours, A.DeliverStanzas([result]))
+    assert p.to_remote.links[pair].last_used == 0 and len(p.keepalive) == 0
+    p.stream_action(ours, A.DeliverStanzas([Stanza(
+        "message", message(f"a@{REMOTE}", f"b@{LOCAL}", "m1"), f"a@{REMOTE}", f"b@{LOCAL}",
+        "chat", "m1", None, REMOTE, LOCAL)]))
+    assert p.to_remote.links[pair].last_used == 12
