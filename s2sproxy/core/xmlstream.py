@@ -448,6 +448,12 @@ class XmlStreamParser:
         self._root_decls = b" ".join(
             (b"xmlns" if p is None else b"xmlns:" + p.encode()) + b"='" + _xml_attr(u)
             + b"'" for p, u in self._root_ns.items())
+        # Every Element.tree() parses under these declarations: one that libxml2
+        # refuses would make each of them fail, so the header itself is refused.
+        try:
+            etree.fromstring(b"<s " + self._root_decls + b"/>", _TREE_PARSER)
+        except etree.XMLSyntaxError as e:
+            raise _Abort("invalid-namespace", lxml_text(e)) from None
         plain = {}
         for k, v in attrs.items():
             if k.startswith(NS_XML + " "):
