@@ -24,8 +24,10 @@ it can discard it together with the old parser.
 
 Linear parse cost (issue 7, defect 5).  expat re-tokenises an unfinished token from its
 first byte on every ``Parse()`` call, so a token that stays open across many small
-reads (a 600 KiB start tag in 16-byte TLS records) costs quadratic CPU.  The framer
-therefore holds back the bytes of an open token until they could complete it:
+reads (a 600 KiB start tag in 16-byte TLS records) costs quadratic CPU.  expat 2.6.0
+fixed this itself (reparse deferral, CVE-2023-52425); the stdlib expat here is 2.5.0,
+without it.  The framer therefore holds back the bytes of an open token until they
+could complete it:
 
 1. After each ``Parse()``, expat's ``CurrentByteIndex`` is where the token it could not
    finish starts (measured on expat 2.5: the ``<`` or ``&`` that opened it).  Character
@@ -42,8 +44,9 @@ therefore holds back the bytes of an open token until they could complete it:
 3. So expat sees each byte once as new and at most once more as a carried token: the
    work is linear for every split.  In the common case (16 KiB reads of complete
    stanzas) the cost is one scan of the token the last read ended in.
-4. Held bytes are in the buffer: size limits count them as they arrive, and
-   ``leftover()`` returns them.  A malformed token may be reported only when the byte
+4. Held bytes are in the buffer: size limits count them as they arrive (as Prosody's
+   util/xmppstream.lua counts bytes outstanding in expat against its stanza size
+   limit), and ``leftover()`` returns them.  A malformed token may be reported only when the byte
    that would end it (or the size limit) arrives: the items of valid input are the same
    for every split, an error in a long malformed token can come later than expat alone
    would find it.
@@ -151,7 +154,9 @@ class Element:
         names that are not RFC 3986 URIs (``xmlns:q='%zz'``, ``'>'``, ``'{'``, any
         non-ASCII character).  That is the peer's error, not ours: a
         ``RemoteProtocolError`` (``invalid-namespace`` for a namespace name, else
-        ``not-well-formed``) that ends the stream with one log line."""
+        ``not-well-formed``) that ends the stream with one log line, as Prosody
+        answers any parse error of a peer (mod_s2s.lua ``stream_callbacks.error``:
+        ``not-well-formed``, one debug line)."""
         try:
             doc = etree.fromstring(b"<s " + self._root_decls + b">" + self.raw + b"</s>",
                                    _TREE_PARSER)
@@ -366,7 +371,8 @@ class XmlStreamParser:
             if keep_from < 0:
                 keep_from = len(self._buf)
         # Never drop bytes expat has not seen, nor the token it holds open.
-        keep_from = min(keep_from, self._fed - self._base)
+        keep_from = min(keep_from, (self._tok_start if self._tok else self._fed)
+                        - self._base)
         if keep_from > 0:
             del self._buf[:keep_from]
             self._base += keep_from
