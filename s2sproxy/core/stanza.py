@@ -55,12 +55,21 @@ class Stanza:
 _TREE_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
 
 
+class UnreadableStanza(ValueError):
+    """lxml refused a stanza expat accepted (a namespace name that is not an RFC 3986
+    URI, such as ``xmlns:q='%zz'``): it cannot be read as a tree."""
+
+
 def stanza_tree(stanza: Stanza) -> etree._Element:
     """The stanza as an lxml tree, for the few checks that read content.  Its bytes
     are self-contained (the framer declared any stream-header prefix it uses), so a
-    synthetic root with the default namespace is all it needs."""
-    return etree.fromstring(b"<s xmlns='jabber:server'>" + stanza.raw + b"</s>",
-                            _TREE_PARSER)[0]
+    synthetic root with the default namespace is all it needs.  Raises
+    ``UnreadableStanza`` when lxml refuses the bytes."""
+    try:
+        return etree.fromstring(b"<s xmlns='jabber:server'>" + stanza.raw + b"</s>",
+                                _TREE_PARSER)[0]
+    except etree.XMLSyntaxError as e:
+        raise UnreadableStanza(str(e)[:200]) from None
 
 
 def bounce_stanza(stanza: Stanza, condition: str, text: str = "") -> Stanza | None:

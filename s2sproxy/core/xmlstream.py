@@ -21,6 +21,35 @@ unparsed tail of the last read.
 Invariant: ``feed()`` returns items in stream order; a ``ParseError`` item is always the
 last one, so a caller that restarts the stream (after STARTTLS or SASL) before reaching
 it can discard it together with the old parser.
+
+Linear parse cost (issue 7, defect 5).  expat re-tokenises an unfinished token from its
+first byte on every ``Parse()`` call, so a token that stays open across many small
+reads (a 600 KiB start tag in 16-byte TLS records) costs quadratic CPU.  expat 2.6.0
+fixed this itself (reparse deferral, CVE-2023-52425); the stdlib expat here is 2.5.0,
+without it.  The framer therefore holds back the bytes of an open token until they
+could complete it:
+
+1. After each ``Parse()``, expat's ``CurrentByteIndex`` is where the token it could not
+   finish starts (measured on expat 2.5: the ``<`` or ``&`` that opened it).  Character
+   data and CDATA content are not held: expat reports them as they arrive (linear
+   already), so at most a trailing ``]]``, CR or partial UTF-8 character stays open.
+2. A start tag (the stream header too) can end only at a ``>`` outside quotes; its quote
+   state is tracked incrementally with C-speed scans, so ``<a b='>>>>...`` is held.  A
+   ``<`` is never legal in a tag, so it hands the bytes over at once (expat reports the
+   error).  An end tag ends at ``>``; a reference at the first byte that is not a name
+   character; a processing instruction before the header (the XML declaration) at
+   ``?>``.  Comments, processing instructions after the header and ``<!`` before it
+   (a DTD) are restricted XML (RFC 6120 section 11.1): refused as soon as they are
+   recognisable, not when complete.
+3. So expat sees each byte once as new and at most once more as a carried token: the
+   work is linear for every split.  In the common case (16 KiB reads of complete
+   stanzas) the cost is one scan of the token the last read ended in.
+4. Held bytes are in the buffer: size limits count them as they arrive (as Prosody's
+   util/xmppstream.lua counts bytes outstanding in expat against its stanza size
+   limit), and ``leftover()`` returns them.  A malformed token may be reported only when the byte
+   that would end it (or the size limit) arrives: the items of valid input are the same
+   for every split, an error in a long malformed token can come later than expat alone
+   would find it.
 """
 
 from __future__ import annotations
@@ -31,6 +60,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
+from s2sproxy.core.errors import RemoteProtocolError
 from s2sproxy.core.serialize import escape
 
 NS_STREAMS = "http://etherx.jabber.org/streams"
@@ -55,6 +85,15 @@ _QNAME = re.compile(rb"[^\s/>]+")
 MAX_HEADER_SIZE = 8192
 _TAG_CLOSE = frozenset(b"> \t\r\n")
 _TAG_END = re.compile(rb"""<[^'">]*(?:(?:"[^"]*"|'[^']*')[^'">]*)*>""")
+
+# What may end an open token (see the module docstring): outside quotes in a start
+# tag, runs of anything but quotes and angle brackets, or whole quoted values without
+# '<' (possessive: nothing here ever backtracks).
+_TAG_OUTSIDE = re.compile(rb"""(?:[^'"<>]++|'[^'<]*+'|"[^"<]*+")*+""")
+_ANGLE = re.compile(rb"[<>]")
+_NOT_NAME = re.compile(rb"[^A-Za-z0-9._:\-\x80-\xff]")
+_LT, _GT, _AMP, _SLASH, _QMARK, _EXCL, _DASH = b"<>&/?!-"
+_NO_TOKEN, _START_TAG, _END_TAG, _REFERENCE, _PI = range(5)
 
 # lxml re-parses only bytes expat already accepted; the settings below are belt and
 # braces against anything an lxml default might still resolve.
@@ -109,9 +148,20 @@ class Element:
         self._root_decls = root_decls
 
     def tree(self) -> etree._Element:
-        """Parse ``raw`` with lxml under a root that declares the stream's namespaces."""
-        doc = etree.fromstring(b"<s " + self._root_decls + b">" + self.raw + b"</s>",
-                               _TREE_PARSER)
+        """Parse ``raw`` with lxml under a root that declares the stream's namespaces.
+
+        expat accepted these bytes, but libxml2 is stricter: it refuses namespace
+        names that are not RFC 3986 URIs (``xmlns:q='%zz'``, ``'>'``, ``'{'``, any
+        non-ASCII character).  That is the peer's error, not ours: a
+        ``RemoteProtocolError`` (``invalid-namespace`` for a namespace name, else
+        ``not-well-formed``) that ends the stream with one log line, as Prosody
+        answers any parse error of a peer (mod_s2s.lua ``stream_callbacks.error``:
+        ``not-well-formed``, one debug line)."""
+        try:
+            doc = etree.fromstring(b"<s " + self._root_decls + b">" + self.raw + b"</s>",
+                                   _TREE_PARSER)
+        except etree.XMLSyntaxError as e:
+            raise RemoteProtocolError(lxml_condition(e), lxml_text(e)) from None
         return doc[0]
 
     def __repr__(self) -> str:
@@ -119,6 +169,20 @@ class Element:
 
 
 Item = StreamOpened | StreamClosed | Element | ParseError
+
+
+def lxml_condition(e: etree.XMLSyntaxError) -> str:
+    """The stream error for bytes expat accepted and lxml refused."""
+    namespace = etree.ErrorDomains.NAMESPACE
+    if any(entry.domain == namespace for entry in e.error_log):
+        return "invalid-namespace"
+    return "not-well-formed"
+
+
+def lxml_text(e: etree.XMLSyntaxError) -> str:
+    """lxml's message, bounded (it quotes the peer's bytes)."""
+    text = str(e)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _xml_attr(value: str) -> bytes:
@@ -139,10 +203,15 @@ class XmlStreamParser:
         # so that stanzas cost no extra handler calls.
         p.StartNamespaceDeclHandler = self._ns_start
         p.XmlDeclHandler = self._xml_decl
-        p.StartDoctypeDeclHandler = self._restricted_dtd
         p.EntityDeclHandler = self._restricted_entity
         p.CommentHandler = self._restricted_comment
         p.ProcessingInstructionHandler = self._restricted_pi
+        # Before the header, every prolog token without a handler of its own comes
+        # here: "<!DOCTYPE" is refused as soon as expat has read it, not when the
+        # whole (possibly endless) declaration is complete.  (A StartDoctypeDeclHandler
+        # would only fire at its end, and would keep this one from being called.)
+        # Unhooked by _open_root.
+        p.DefaultHandler = self._prolog
         self._p = p
         self._buf = bytearray()
         self._base = 0          # absolute byte index of _buf[0]
@@ -160,6 +229,16 @@ class XmlStreamParser:
         self._el_child_ns: str | None = None
         self._el_children = 0
         self._root_prefixes: list[tuple[bytes, bytes]] = []   # (b"db:", b" xmlns:db='...'")
+        self._opened = False    # the stream header was read (depth 0 is then the epilog)
+        # The token expat could not finish (see the module docstring): its kind, where
+        # it starts, how far it was scanned for a possible end, and the quote that
+        # is open at that point (a start tag's attribute value).  All bytes before
+        # ``_fed`` were handed to expat; the rest of the buffer is held back.
+        self._fed = 0
+        self._tok = _NO_TOKEN
+        self._tok_start = 0
+        self._scan = 0
+        self._quote = 0
 
     def feed(self, data: bytes) -> list[Item]:
         if self._failed is not None:
@@ -167,7 +246,12 @@ class XmlStreamParser:
         self._trim()
         self._buf += data
         try:
-            self._p.Parse(data, False)
+            if self._tok == _NO_TOKEN:
+                self._p.Parse(data, False)
+                self._after_parse()
+            elif self._may_end():
+                self._p.Parse(bytes(self._buf[self._fed - self._base:]), False)
+                self._after_parse()
         except _Abort as e:
             self._fail(e.condition, e.text)
         except pyexpat.ExpatError as e:
@@ -186,6 +270,90 @@ class XmlStreamParser:
         """Bytes received after absolute index ``end`` (the end of some ``Element``)."""
         return bytes(self._buf[max(0, end - self._base):])
 
+    # -- holding back an open token (module docstring, "Linear parse cost") ----------
+
+    def _after_parse(self) -> None:
+        """Note the token expat left open, if it is one worth holding back; refuse
+        restricted XML as soon as it is recognisable."""
+        buf = self._buf
+        base = self._base
+        end = self._fed = base + len(buf)
+        start = self._p.CurrentByteIndex
+        if start < base or start >= end:
+            self._tok = _NO_TOKEN
+            return
+        rel = start - base
+        c = buf[rel]
+        tok = _NO_TOKEN
+        if c == _AMP:
+            tok = _REFERENCE
+            if buf.startswith(b"&#", rel):
+                start += 1      # a character reference: digits follow the '#'
+        elif c == _LT and rel + 1 < len(buf):
+            c = buf[rel + 1]
+            if c == _SLASH:
+                tok = _END_TAG
+            elif c == _QMARK:
+                if self._depth or self._opened:
+                    raise _Abort("restricted-xml", "processing instruction")
+                tok = _PI       # the XML declaration (or a PI expat will refuse)
+            elif c == _EXCL:
+                if self._depth == 0:
+                    if rel + 2 < len(buf):
+                        raise _Abort("restricted-xml", "comment" if buf[rel + 2] == _DASH
+                                     else "document type declaration")
+                elif buf.startswith(b"<!--", rel):
+                    raise _Abort("restricted-xml", "comment")
+                # else "<![CDATA[" (at most 9 bytes) or an error expat reports itself
+            else:
+                tok = _START_TAG
+        # A token of one byte ("<") or "<!", "<!-" stays unclassified: expat gets the
+        # next read directly and it is looked at again then.
+        self._tok = tok
+        self._tok_start = start
+        self._scan = start + 1
+        self._quote = 0
+
+    def _may_end(self) -> bool:
+        """Whether the bytes received so far could end the open token; if not, remember
+        how far they were scanned so that no byte is scanned twice."""
+        buf = self._buf
+        base = self._base
+        tok = self._tok
+        pos = self._scan - base
+        if tok == _START_TAG:
+            q = self._quote
+            n = len(buf)
+            while True:
+                if q:
+                    close = buf.find(q, pos)
+                    if buf.find(_LT, pos, n if close < 0 else close) >= 0:
+                        return True       # '<' is never legal in a tag
+                    if close < 0:
+                        self._quote = q
+                        self._scan = base + n
+                        return False
+                    pos = close + 1
+                    q = 0
+                pos = _TAG_OUTSIDE.match(buf, pos).end()
+                if pos == n:
+                    self._quote = 0
+                    self._scan = base + n
+                    return False
+                q = buf[pos]
+                if q == _GT or q == _LT:
+                    return True
+                pos += 1                  # an attribute value with no end yet
+        if tok == _END_TAG:
+            found = _ANGLE.search(buf, pos) is not None
+        elif tok == _REFERENCE:
+            found = _NOT_NAME.search(buf, pos) is not None
+        else:
+            found = buf.find(b"?>", max(pos - 1, self._tok_start + 2 - base)) >= 0
+        if not found:
+            self._scan = base + len(buf)
+        return found
+
     # -- buffer upkeep ---------------------------------------------------------------
 
     def _fail(self, condition: str, text: str) -> None:
@@ -202,6 +370,9 @@ class XmlStreamParser:
             keep_from = self._buf.find(b"<", max(0, self._consumed - self._base))
             if keep_from < 0:
                 keep_from = len(self._buf)
+        # Never drop bytes expat has not seen, nor the token it holds open.
+        keep_from = min(keep_from, (self._tok_start if self._tok else self._fed)
+                        - self._base)
         if keep_from > 0:
             del self._buf[:keep_from]
             self._base += keep_from
@@ -234,8 +405,9 @@ class XmlStreamParser:
                                                                                "utf8"):
             raise _Abort("unsupported-encoding", f"encoding {encoding!r}; XMPP is UTF-8")
 
-    def _restricted_dtd(self, *args: object) -> None:
-        raise _Abort("restricted-xml", "document type declaration")
+    def _prolog(self, data: str) -> None:
+        if data.startswith("<!"):
+            raise _Abort("restricted-xml", "document type declaration")
 
     def _restricted_entity(self, *args: object) -> None:
         raise _Abort("restricted-xml", "entity declaration")
@@ -274,12 +446,20 @@ class XmlStreamParser:
 
     def _open_root(self, name: str, attrs: dict[str, str]) -> None:
         self._p.StartNamespaceDeclHandler = None
+        self._p.DefaultHandler = None
+        self._opened = True
         self._root_prefixes = [
             (p.encode() + b":", b" xmlns:" + p.encode() + b"='" + _xml_attr(u) + b"'")
             for p, u in self._root_ns.items() if p is not None]
         self._root_decls = b" ".join(
             (b"xmlns" if p is None else b"xmlns:" + p.encode()) + b"='" + _xml_attr(u)
             + b"'" for p, u in self._root_ns.items())
+        # Every Element.tree() parses under these declarations: one that libxml2
+        # refuses would make each of them fail, so the header itself is refused.
+        try:
+            etree.fromstring(b"<s " + self._root_decls + b"/>", _TREE_PARSER)
+        except etree.XMLSyntaxError as e:
+            raise _Abort("invalid-namespace", lxml_text(e)) from None
         plain = {}
         for k, v in attrs.items():
             if k.startswith(NS_XML + " "):

@@ -8,6 +8,16 @@
 
 Reasons raised by the stream machines (the stanza never reaches this module) are in
 the same table, so that one ``[policy.actions]`` section configures all of them.
+
+A stanza that lxml cannot read as a tree (``UnreadableStanza``: expat accepted it, but
+libxml2 refuses one of its namespace names, e.g. ``xmlns:q='%zz'``) is forwarded unread,
+as if it carried nothing a content check looks for: it is well-formed XML, Prosody and
+ejabberd (whose parsers are expat too) forward such stanzas, and refusing it would
+make a harmless oddity of one client a reason to drop traffic.  So unreadable caps in
+presence announce nothing, an unreadable disco#info request is relayed and tracked
+without a caps node (never answered from the cache), and an unreadable disco#info
+result for an announced node cannot be verified: it is flagged ``caps-hash-mismatch``
+like any result that fails verification, and never enters the cache.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from s2sproxy.core.serialize import escape
-from s2sproxy.core.stanza import Stanza, stanza_tree
+from s2sproxy.core.stanza import Stanza, UnreadableStanza, stanza_tree
 from lxml import etree
 
 from s2sproxy.policy.caps import (HASHES, NS_DISCO_INFO, AnnouncedCaps, CapsCache,
@@ -138,7 +148,10 @@ class Policy:
             return Outcome(u.action == FORWARD, unexpected=u)
         if kind == "presence":
             if s.type is None:
-                caps = presence_caps(s.raw, lambda: stanza_tree(s))
+                try:
+                    caps = presence_caps(s.raw, lambda: stanza_tree(s))
+                except UnreadableStanza:
+                    caps = None         # announces nothing (module docstring)
                 if caps is not None:
                     self.announced.add(*caps)
             return None
@@ -157,7 +170,10 @@ class Policy:
             return Outcome(False, replies=[_result(s)])
         node = None
         if s.child_ns == NS_DISCO_INFO and s.type == "get":
-            node = stanza_tree(s)[0].get("node")
+            try:
+                node = stanza_tree(s)[0].get("node")
+            except UnreadableStanza:
+                node = None             # relayed, no caps node (module docstring)
             if node and self.cache is not None:
                 cached = self.cache.get(node)
                 if cached is not None:
@@ -181,11 +197,11 @@ class Policy:
         if algo is None or "#" not in node_ver:
             return None                 # not a caps node we saw announced
         ver = node_ver.rsplit("#", 1)[1]
-        query = stanza_tree(s)[0]
         try:
+            query = stanza_tree(s)[0]
             ok = algo in HASHES and verification_string(query, algo) == ver
-        except InvalidDisco:
-            ok = False
+        except (InvalidDisco, UnreadableStanza):
+            ok = False                  # unverifiable (module docstring)
         if ok:
             if self.cache is not None:
                 self.cache.put(node_ver, etree.tostring(query))
