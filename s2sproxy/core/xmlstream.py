@@ -64,6 +64,7 @@ from s2sproxy.core.errors import RemoteProtocolError
 from s2sproxy.core.serialize import escape
 
 NS_STREAMS = "http://etherx.jabber.org/streams"
+_STREAM = f"{NS_STREAMS} stream"
 NS_SERVER = "jabber:server"
 NS_XML = "http://www.w3.org/XML/1998/namespace"
 
@@ -424,6 +425,10 @@ class XmlStreamParser:
     def _start(self, name: str, attrs: dict[str, str]) -> None:
         depth = self._depth = self._depth + 1
         if depth == 2:
+            if name == _STREAM:
+                # A second header would open an element that never ends, holding every
+                # later stanza until the size limit: refused at its start tag.
+                raise _Abort("not-well-formed", "stream header inside the stream")
             self._el_start = self._p.CurrentByteIndex
             self._el_name = name
             self._el_attrs = attrs

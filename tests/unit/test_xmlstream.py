@@ -119,3 +119,12 @@ def test_framer_prefix_declared_with_spaces_is_not_declared_twice():
     (el,) = [i for i in parse([HEADER + raw]) if isinstance(i, Element)]
     assert el.raw.count(b"xmlns:db") == 1
     assert el.tree()[0].tag == "{urn:x:y}c"      # well-formed, own binding kept
+
+
+def test_framer_second_stream_header_is_refused_at_its_start_tag():
+    """A stream header inside the stream is refused when its start tag arrives, not
+    held as an element that never ends (it would swallow every later stanza)."""
+    items = parse([HEADER, HEADER + b"<message/>"])
+    assert [type(i).__name__ for i in items] == ["StreamOpened", "ParseError"]
+    assert (items[-1].condition, items[-1].text) == ("not-well-formed",
+                                                     "stream header inside the stream")
