@@ -21,9 +21,11 @@ from __future__ import annotations
 import ipaddress
 from typing import Hashable
 
+from s2sproxy.core.limits import REFUSED_LOG_INTERVAL
+
 TOTAL = "total"
 PER_SOURCE = "per-source"
-LOG_INTERVAL = 60.0       # seconds between two log lines about refused connections
+LOG_INTERVAL = REFUSED_LOG_INTERVAL
 
 
 def source_key(host: str) -> str:

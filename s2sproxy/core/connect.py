@@ -58,12 +58,10 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterable, Sequence
 
+from s2sproxy.core.limits import ADDRESS_CONNECT_TIMEOUT, MAX_ATTEMPTS, MAX_TARGETS
 from s2sproxy.core.srv import Target, order
 
 XMPP_PORT = 5269
-ADDRESS_CONNECT_TIMEOUT = 3.0   # seconds; only when another address is known (rule 2)
-MAX_TARGETS = 8
-MAX_ATTEMPTS = 8
 _MAX_TEXT_ITEMS = 6
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -33,6 +33,7 @@ from s2sproxy.core.dialback import DialbackKeys
 from s2sproxy.core.errors import RemoteProtocolError
 from s2sproxy.core.identity import certificate_valid_for
 from s2sproxy.core.jid import InvalidJid, nameprep_domain
+from s2sproxy.core.limits import MAX_PENDING_DIALBACK
 from s2sproxy.core.serialize import escape as xml_escape
 from s2sproxy.core.stanza import STANZA_NAMES
 from s2sproxy.core.stream import (DB_RESULT, DB_VERIFY, NS_BIDI, NS_BIDI_FEATURE,
@@ -80,7 +81,7 @@ class InboundConfig:
     direct_tls: bool = False
     actions: dict[str, str] = field(default_factory=dict)   # policy.actions
     auth_timeout: float = 30.0       # from TCP accept to an authenticated pair
-    max_pending_dialback: int = 8    # db:result verifications in flight per stream
+    max_pending_dialback: int = MAX_PENDING_DIALBACK   # db:result in flight per stream
     # PUBLIC, before the first pair is authenticated (ejabberd 26.04's
     # pre_auth_max_stanza_size uses the same figures): bytes per element, and elements.
     pre_auth_max_size: int = 8192

@@ -1,17 +1,51 @@
 """Fixed limits: the bounds that need no configuration, in one place.
 
-Configurable bounds live in ``config.py`` (``limits.*``, ``queue.*``, ``timeouts.*``);
-README.md "Limits and defences" lists both kinds with what a peer gets when it hits one.
+Configurable bounds live in ``config.py`` (``limits.*``, ``queue.*``, ``timeouts.*``,
+``policy.iq_max_pending``); README.md "Limits and defences" lists both kinds with what a
+peer gets when it hits one.  The modules that apply these import them from here.
 """
 
 from __future__ import annotations
 
+# -- streams --------------------------------------------------------------------------
+
+#: bytes a stream header may take with the XML declaration (``core.xmlstream``);
+#: beyond: ``policy-violation``
+MAX_HEADER_SIZE = 8192
+
+#: db:result verifications in flight per incoming stream (``core.inbound``); beyond:
+#: the XEP-0220 error ``resource-constraint`` for the extra request
+MAX_PENDING_DIALBACK = 8
+
 #: seconds a connection may take to go away after we closed it (our stream error or
 #: ``</stream:stream>`` written, TCP close requested) before it is aborted: a peer that
-#: stops reading cannot hold the socket and its unsent bytes.
+#: stops reading cannot hold the socket and its unsent bytes (``tx.protocol``)
 CLOSE_GRACE = 10.0
+
+#: seconds per shutdown phase for the peers' ``</stream:stream>`` (``tx.shutdown``)
+SHUTDOWN_WAIT = 5.0
+
+# -- outgoing connections (``core.connect``) ------------------------------------------
+
+#: SRV targets looked up, and connections attempted, per remote domain and attempt
+MAX_TARGETS = 8
+MAX_ATTEMPTS = 8
+#: seconds for a TCP connect while another address is still known to try
+ADDRESS_CONNECT_TIMEOUT = 3.0
+#: CNAMEs followed for one name (``tx.resolver``)
+CNAME_DEPTH = 8
+
+# -- what the proxy remembers ---------------------------------------------------------
 
 #: distinct remote domains that may become values of a metric's ``peer`` label; later
 #: ones are counted under ``other`` (only authenticated domains become values at all:
-#: anything claimed before authentication is counted under ``-``).
+#: anything claimed before authentication is counted under ``-``)
 PEER_LABELS_MAX = 1000
+
+#: seconds between two log lines about connections refused at accept
+REFUSED_LOG_INTERVAL = 60.0
+
+#: caps (XEP-0115) readings of presence ``<c/>`` tags remembered, and verified
+#: ``node#ver`` disco#info results kept by ``policy.caps_cache``
+CAPS_ANNOUNCED_MAX = 10000
+CAPS_CACHE_MAX = 1000

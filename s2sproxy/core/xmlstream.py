@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from lxml import etree
 
 from s2sproxy.core.errors import RemoteProtocolError
+from s2sproxy.core.limits import MAX_HEADER_SIZE
 from s2sproxy.core.serialize import escape
 
 NS_STREAMS = "http://etherx.jabber.org/streams"
@@ -82,8 +83,6 @@ _ENCODING_CODES = {
     pyexpat.errors.codes[_ERR.XML_ERROR_INCORRECT_ENCODING],
 }
 _QNAME = re.compile(rb"[^\s/>]+")
-# A stream header is a few hundred bytes; XML declaration and header together get 8 KiB.
-MAX_HEADER_SIZE = 8192
 _TAG_CLOSE = frozenset(b"> \t\r\n")
 _TAG_END = re.compile(rb"""<[^'">]*(?:(?:"[^"]*"|'[^']*')[^'">]*)*>""")
 

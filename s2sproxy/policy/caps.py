@@ -11,6 +11,8 @@ from collections import OrderedDict
 
 from lxml import etree
 
+from s2sproxy.core.limits import CAPS_ANNOUNCED_MAX, CAPS_CACHE_MAX
+
 NS_CAPS = "http://jabber.org/protocol/caps"
 NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
 NS_DATA = "jabber:x:data"
@@ -119,7 +121,7 @@ def _announced(attrs: dict[str, str]) -> tuple[str, str, str] | None:
 class AnnouncedCaps:
     """``node#ver`` strings seen in presence, with their hash function; bounded LRU."""
 
-    def __init__(self, max_entries: int = 10000) -> None:
+    def __init__(self, max_entries: int = CAPS_ANNOUNCED_MAX) -> None:
         self.max_entries = max_entries
         self._seen: OrderedDict[str, str] = OrderedDict()
 
@@ -140,7 +142,7 @@ class CapsCache:
     """Verified disco#info results by ``node#ver`` (bounded LRU): the optional cache
     that answers a remote's disco#info for a known ``node#ver`` without a round trip."""
 
-    def __init__(self, max_entries: int = 1000) -> None:
+    def __init__(self, max_entries: int = CAPS_CACHE_MAX) -> None:
         self.max_entries = max_entries
         self._info: OrderedDict[str, bytes] = OrderedDict()
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from twisted.internet import defer, task
 
+from s2sproxy.core.limits import SHUTDOWN_WAIT
 from s2sproxy.logs import get_logger
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-SHUTDOWN_WAIT = 5.0     # seconds per phase for the peers' </stream:stream>
 _POLL = 0.05
 
 
