@@ -13,11 +13,16 @@ from __future__ import annotations
 import sys
 import time
 import tracemalloc
+from pathlib import Path
 
-from s2sproxy.core import events as E
-from s2sproxy.core.dialback import DialbackKeys
-from s2sproxy.core.inbound import InboundConfig, InboundStream, Role
-from s2sproxy.policy.classify import Policy, PolicyConfig
+# The tree this script is in, not an installed copy (``python bench/bench_core.py``
+# puts only bench/ on sys.path).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from s2sproxy.core import events as E  # noqa: E402
+from s2sproxy.core.dialback import DialbackKeys  # noqa: E402
+from s2sproxy.core.inbound import InboundConfig, InboundStream, Role  # noqa: E402
+from s2sproxy.policy.classify import Policy, PolicyConfig  # noqa: E402
 
 HEADER = (b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
           b"xmlns:stream='http://etherx.jabber.org/streams' "
