@@ -214,6 +214,24 @@ def test_inbound_stanza_from_unauthenticated_domain_is_invalid_from():
         "invalid-from", "evil.example is not authenticated for local.example on this stream")
 
 
+def test_inbound_stanza_from_with_at_in_resource_is_invalid_from():
+    """RFC 7622 section 3.1: 'evil.example/x@remote.example' is the domain evil.example
+    with the resource 'x@remote.example', so on a stream authenticated for
+    remote.example it is refused with invalid-from."""
+    data = MESSAGE.replace(b"juliet@remote.example/balcony", b"evil.example/x@remote.example")
+    actions, s = run(DIALBACK_OK, data)
+    assert flagged(actions, "invalid-from") == error_close(
+        "invalid-from", "evil.example is not authenticated for local.example on this stream")
+
+
+def test_inbound_stanza_to_full_jid_with_at_in_resource_is_delivered():
+    """'local.example/a@b.example' is a legal full JID of local.example: delivered."""
+    data = MESSAGE.replace(b"romeo@local.example", b"local.example/a@b.example")
+    actions, s = run(DIALBACK_OK, data)
+    assert actions == [("deliver", [data])]
+    assert s.state is InboundState.OPEN
+
+
 def test_inbound_stanza_to_unserved_domain_is_host_unknown():
     """A stanza to a domain we do not serve: host-unknown."""
     data = MESSAGE.replace(b"romeo@local.example", b"x@elsewhere.example")
