@@ -26,6 +26,7 @@ from s2sproxy.logs import get_logger
 from zope.interface import implementer
 
 from s2sproxy.config import Domain, Trust
+from s2sproxy.core.jid import InvalidJid, dns_name, nameprep_domain
 
 log = get_logger(__name__)
 
@@ -78,7 +79,11 @@ class ServerContexts:
     def _on_sni(self, conn: SSL.Connection) -> None:
         name = conn.get_servername()
         if name:
-            ctx = self._by_name.get(name.decode("ascii", "replace").lower().rstrip("."))
+            # An A-label SNI names the served domain by its canonical (U-label) form.
+            try:
+                ctx = self._by_name.get(nameprep_domain(name.decode("ascii")))
+            except (UnicodeDecodeError, InvalidJid):
+                return
             if ctx is not None:
                 conn.set_context(ctx)
 
@@ -114,7 +119,8 @@ class ClientCreator:
 
     def __init__(self, ctx: SSL.Context, server_name: str) -> None:
         self._ctx = ctx
-        self._name = server_name.encode("idna")
+        # RFC 6066 section 3: the HostName is the A-label form (IDNA2008, core.jid).
+        self._name = dns_name(server_name).encode("ascii") if server_name else b""
 
     def clientConnectionForTLS(self, tls_protocol: object) -> SSL.Connection:  # noqa: N802
         conn = SSL.Connection(self._ctx, None)

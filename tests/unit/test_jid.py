@@ -6,7 +6,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from s2sproxy.core.jid import InvalidJid, domain_of, nameprep_domain
+from s2sproxy.core.jid import InvalidJid, dns_name, domain_of, nameprep_domain
 
 
 def reference_split(jid: str) -> tuple[str | None, str, str | None]:
@@ -103,3 +103,83 @@ def test_domain_of_invalid_jid_raises(jid):
 def test_domain_of_parts_of_exactly_1023_bytes_are_valid():
     """1023 bytes is the limit, not beyond it (RFC 7622 sections 3.3 and 3.4)."""
     assert domain_of("a" * 1023 + "@remote.example/" + "é" * 511 + "r") == "remote.example"
+
+
+# -- domainparts: IDNA2008 with UTS #46 mapping (RFC 7622 section 3.2) -------------------
+
+@pytest.mark.parametrize("given_, canonical", [
+    ("ＥＸＡＭＰＬＥ.com", "example.com"),            # fullwidth: UTS #46 maps it
+    ("EXAMPLE.com", "example.com"),
+    ("example。com", "example.com"),                  # ideographic full stop
+    ("example.com.", "example.com"),                  # one trailing dot stripped
+    ("xn--bcher-kva.example", "bücher.example"),      # A-label to U-label
+    ("XN--BCHER-KVA.example", "bücher.example"),
+    ("bücher.example", "bücher.example"),
+    ("BÜCHER.example", "bücher.example"),
+    ("faß.example", "faß.example"),                   # non-transitional: ß kept
+    ("Ⅻ.example", "xii.example"),                     # compatibility mapping
+    ("127.0.0.1", "127.0.0.1"),
+    ("[::1]", "[::1]"),
+    ("[2001:DB8::1]", "[2001:db8::1]"),
+    ("[2001:db8:0:0:0:0:0:1]", "[2001:db8::1]"),
+])
+def test_nameprep_domain_canonical_form(given_, canonical):
+    """Every spelling of a domain has one canonical form: UTS #46 mapped, IDNA2008
+    valid, U-labels (RFC 7622 section 3.2 compares domainparts as U-labels)."""
+    assert nameprep_domain(given_) == canonical
+
+
+@pytest.mark.parametrize("domain, reason", [
+    ("", "empty"),
+    (".", "empty"),
+    ("example.com..", "empty label"),
+    ("a..example", "empty label"),
+    ("a" * 64 + ".example", "label too long"),
+    ("ü" + "a" * 61 + ".example", "label too long"),     # 62 characters, 69-octet A-label
+    (("a" * 63 + ".") * 16 + "b", "over 1023 bytes"),      # 1025 bytes
+    ("☃.example", "not allowed"),                          # DISALLOWED in IDNA2008
+    ("a_b.example", "not allowed"),                        # STD3: not a hostname
+    ("ex ample.com", "not allowed"),
+    ("-a.example", "hyphen"),
+    ("xn--zz-.example", "a-label"),                        # not valid Punycode
+    ("[::1", "not allowed"),
+    ("[not-an-address]", "ip"),
+    ("[127.0.0.1]", "ip"),                                 # brackets are for IPv6 only
+])
+def test_nameprep_domain_invalid_raises_with_reason(domain, reason):
+    """Invalid domainparts raise InvalidJid saying why."""
+    with pytest.raises(InvalidJid) as e:
+        nameprep_domain(domain)
+    assert reason in str(e.value).lower()
+
+
+def test_nameprep_domain_1023_bytes_is_valid():
+    """RFC 7622 section 3.2 allows 1023 bytes, more than DNS's 253."""
+    name = ("a" * 63 + ".") * 15 + "b" * 63             # 15 * 64 + 63 = 1023
+    assert nameprep_domain(name) == name
+
+
+def test_nameprep_domain_is_cached_and_bounded():
+    """The per-stanza path pays a cache lookup; the cache cannot grow without bound."""
+    assert nameprep_domain.cache_info().maxsize is not None
+    nameprep_domain("cached.example")
+    hits = nameprep_domain.cache_info().hits
+    nameprep_domain("cached.example")
+    assert nameprep_domain.cache_info().hits == hits + 1
+
+
+@pytest.mark.parametrize("domain, name", [
+    ("bücher.example", "xn--bcher-kva.example"),
+    ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+    ("ＥＸＡＭＰＬＥ.com", "example.com"),
+    ("example.com", "example.com"),
+])
+def test_dns_name_is_the_a_label_form(domain, name):
+    """DNS queries and SNI use the A-label form of the canonical domain."""
+    assert dns_name(domain) == name
+
+
+def test_domain_of_uses_the_canonical_domain():
+    """A JID's domainpart is canonicalised like any domain."""
+    assert domain_of("Juliet@XN--BCHER-KVA.example/Balcony") == "bücher.example"
+    assert domain_of("juliet@ＥＸＡＭＰＬＥ.com") == "example.com"
