@@ -11,6 +11,7 @@ from s2sproxy.core.errors import stream_error_bytes
 from s2sproxy.core.inbound import InboundState, Role, TrustPolicy
 from tests.unit.helpers import (HEADER, KEYS, LOCAL, REMOTE, certificate, every_split,
                                 inbound, merge, our_header)
+from tests.unit.test_identity import make_certificate, srv, xmpp
 
 NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
 STARTTLS = f"<starttls xmlns='{NS_TLS}'/>".encode()
@@ -332,6 +333,19 @@ def test_inbound_sasl_external_certificate_without_clientauth_is_accepted():
     auth = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
     actions, s = run(PRE_TLS + [E.TlsEstablished(True, leaf), E.DataReceived(HEADER)],
                      auth + HEADER)
+    assert actions[-1] == A.Authenticated(REMOTE, LOCAL, "external")
+
+
+@pytest.mark.parametrize("name", [srv("_xmpp-server.remote.example"),
+                                  xmpp("remote.example")], ids=["srv-id", "xmppaddr"])
+def test_inbound_sasl_external_with_srv_id_or_xmppaddr_certificate_succeeds(name):
+    """A certificate naming the remote only by SRV-ID or XmppAddr (RFC 6120 section
+    13.7.1.2) is offered EXTERNAL and authenticates with it."""
+    tls = E.TlsEstablished(True, make_certificate([name]))
+    actions, s = run(PRE_TLS + [tls], HEADER)
+    assert actions == [A.SendBytes(our_header(LOCAL, REMOTE, "sid2") + FEATURES_EXTERNAL)]
+    auth = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
+    actions, s = run(PRE_TLS + [tls, E.DataReceived(HEADER)], auth + HEADER)
     assert actions[-1] == A.Authenticated(REMOTE, LOCAL, "external")
 
 
