@@ -94,10 +94,10 @@ def dns_name(domain: str) -> str:
 
 
 # RFC 7622 sections 3.3 and 3.4: a localpart or resourcepart is 1 to 1023 bytes.  A
-# part of at most 255 characters is at most 1020 bytes in UTF-8, so only a longer one
-# is encoded to be measured: the per-stanza path never encodes.
+# part of at most 255 characters is at most 1020 bytes in UTF-8 (4 bytes a character at
+# most), so the per-stanza path only compares lengths; a longer part is encoded and
+# measured in ``_check_part``.
 _MAX_PART_BYTES = 1023
-_SURELY_SHORT = _MAX_PART_BYTES // 4
 
 
 def domain_of(jid: str) -> str:
@@ -111,18 +111,27 @@ def domain_of(jid: str) -> str:
     a peer authenticated for evil.example speak for victim.example.  Prosody's
     util.jid ``split`` cuts the same way (a localpart only when no '/' precedes the
     '@'; empty parts refused).
+
+    Called twice per stanza: the common cases take two ``find`` calls, a few integer
+    comparisons, one slice and the cached ``nameprep_domain``.
     """
     slash = jid.find("/")
-    if slash >= 0:
-        size = len(jid) - slash - 1
-        if size == 0 or (size > _SURELY_SHORT
-                         and len(jid[slash + 1:].encode("utf-8")) > _MAX_PART_BYTES):
-            raise InvalidJid("empty or over-long resourcepart")
-        jid = jid[:slash]
-    at = jid.find("@")
-    if at >= 0:
-        if at == 0 or (at > _SURELY_SHORT
-                       and len(jid[:at].encode("utf-8")) > _MAX_PART_BYTES):
-            raise InvalidJid("empty or over-long localpart")
-        jid = jid[at + 1:]
-    return nameprep_domain(jid)
+    if slash < 0:
+        at = jid.find("@")
+        if at == 0 or at > 255:
+            _check_part(jid[:at], "localpart")
+        return nameprep_domain(jid[at + 1:])
+    if not 1 < len(jid) - slash <= 256:
+        _check_part(jid[slash + 1:], "resourcepart")
+    at = jid.find("@", 0, slash)
+    if at == 0 or at > 255:
+        _check_part(jid[:at], "localpart")
+    return nameprep_domain(jid[at + 1:slash])
+
+
+def _check_part(part: str, name: str) -> None:
+    """Raise ``InvalidJid`` unless ``part`` is 1 to 1023 bytes in UTF-8."""
+    if not part:
+        raise InvalidJid(f"empty {name}")
+    if len(part.encode("utf-8", "surrogatepass")) > _MAX_PART_BYTES:
+        raise InvalidJid(f"{name} over {_MAX_PART_BYTES} bytes")
