@@ -119,8 +119,7 @@ class ClientCreator:
 
     def __init__(self, ctx: SSL.Context, server_name: str) -> None:
         self._ctx = ctx
-        # RFC 6066 section 3: the HostName is the A-label form (IDNA2008, core.jid).
-        self._name = dns_name(server_name).encode("ascii") if server_name else b""
+        self._name = _sni_name(server_name)
 
     def clientConnectionForTLS(self, tls_protocol: object) -> SSL.Connection:  # noqa: N802
         conn = SSL.Connection(self._ctx, None)
@@ -129,6 +128,15 @@ class ClientCreator:
             conn.set_tlsext_host_name(self._name)
         conn.set_connect_state()
         return conn
+
+
+def _sni_name(server_name: str) -> bytes:
+    """RFC 6066 section 3: the HostName is the A-label form of the domain (IDNA2008,
+    ``core.jid.dns_name``); a name that is no domain (an address) gets no SNI."""
+    try:
+        return dns_name(server_name).encode("ascii") if server_name else b""
+    except InvalidJid:
+        return b""
 
 
 class ClientContexts:

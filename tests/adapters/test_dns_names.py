@@ -26,9 +26,12 @@ def test_client_sni_is_the_a_label_form():
     assert conn.get_servername() == b"xn--fa-hia.example"
 
 
-def test_client_sni_of_ascii_domain_is_unchanged():
+def test_client_sni_of_ascii_domain_is_unchanged_and_of_an_address_is_absent():
+    """An ASCII domain is its own A-label form; an IPv6 address is no HostName."""
     conn = ClientContexts().creator("remote.example").clientConnectionForTLS(None)
     assert conn.get_servername() == b"remote.example"
+    conn = ClientContexts().creator("::1").clientConnectionForTLS(None)
+    assert conn.get_servername() is None
 
 
 class _RecordingDns:
