@@ -18,8 +18,8 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
 
+from s2sproxy.core.identity import certificate_names, names_cover, subject_common_names
 from s2sproxy.core.jid import InvalidJid, nameprep_domain
 
 DEFAULT_CONFIG_PATH = "/etc/s2sproxy/s2sproxy.toml"
@@ -406,7 +406,8 @@ def _secret(path: Path) -> bytes:
 
 def check_certificate(cert_path: Path, key_path: Path, domain: str | None, key: str) -> None:
     """Refuse a certificate that does not load, does not match its key, or does not
-    cover ``domain`` (DNS or XmppAddr subjectAltName, wildcard allowed, CN as fallback)."""
+    cover ``domain`` (DNS-ID, SRV-ID or XmppAddr, as ``core.identity.names_cover``
+    decides for peers; never the CN)."""
     try:
         chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
     except ValueError:
@@ -424,33 +425,16 @@ def check_certificate(cert_path: Path, key_path: Path, domain: str | None, key: 
     if leaf.public_key().public_bytes(serialization.Encoding.DER,
                                       serialization.PublicFormat.SubjectPublicKeyInfo) != pub:
         raise ConfigError(key, f"{cert_path} does not match its private key {key_path}")
-    if domain is not None and not certificate_covers(leaf, domain):
-        raise ConfigError(key, f"{cert_path} does not cover {domain} "
-                               f"(names: {', '.join(certificate_names(leaf)) or 'none'})")
-
-
-def certificate_names(cert: x509.Certificate) -> list[str]:
-    names: list[str] = []
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names += san.get_values_for_type(x509.DNSName)
-        for other in san.get_values_for_type(x509.OtherName):
-            # id-on-xmppAddr (RFC 6120 section 13.7.1.4): a UTF8String in DER.
-            if other.type_id.dotted_string == "1.3.6.1.5.5.7.8.5" and other.value[:1] == b"\x0c":
-                names.append(other.value[2:].decode("utf-8", "replace"))
-    except x509.ExtensionNotFound:
-        names += [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    return names
-
-
-def certificate_covers(cert: x509.Certificate, domain: str) -> bool:
-    for name in certificate_names(cert):
-        name = name.lower().rstrip(".")
-        if name == domain:
-            return True
-        if name.startswith("*.") and "." in domain and domain.split(".", 1)[1] == name[2:]:
-            return True
-    return False
+    if domain is not None and not names_cover(leaf, domain):
+        # The rule a peer's certificate is held to (core.identity), so that what we
+        # present is what we would accept.
+        names = ", ".join(certificate_names(leaf))
+        if not names:
+            names = "none"
+            cns = subject_common_names(leaf)
+            if cns:
+                names += f"; the subject CN {', '.join(cns)} is not used, RFC 9525"
+        raise ConfigError(key, f"{cert_path} does not cover {domain} (names: {names})")
 
 
 # -- scalar helpers ---------------------------------------------------------------------

@@ -11,14 +11,34 @@ STANZA_NAMES = {f"{NS_SERVER} message": "message", f"{NS_SERVER} presence": "pre
                 f"{NS_SERVER} iq": "iq"}
 NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 
-# RFC 6120 section 8.3.3: the error type that goes with each condition we generate.
+# RFC 6120 section 8.3.3: the error type that goes with each defined condition ("the
+# associated error type SHOULD be ..."; where the RFC names two, the first: 8.3.3.3
+# feature-not-implemented cancel or modify, 8.3.3.12 policy-violation modify or wait,
+# 8.3.3.22 unexpected-request wait or modify).  8.3.3.21 undefined-condition allows
+# any type; cancel, as for an unknown condition, says "do not retry".
 ERROR_TYPES = {
-    "remote-server-not-found": "cancel",
-    "remote-server-timeout": "wait",
-    "resource-constraint": "wait",
-    "service-unavailable": "cancel",
-    "internal-server-error": "cancel",
-    "item-not-found": "cancel",
+    "bad-request": "modify",                # 8.3.3.1
+    "conflict": "cancel",                   # 8.3.3.2
+    "feature-not-implemented": "cancel",    # 8.3.3.3
+    "forbidden": "auth",                    # 8.3.3.4
+    "gone": "cancel",                       # 8.3.3.5
+    "internal-server-error": "cancel",      # 8.3.3.6
+    "item-not-found": "cancel",             # 8.3.3.7
+    "jid-malformed": "modify",              # 8.3.3.8
+    "not-acceptable": "modify",             # 8.3.3.9
+    "not-allowed": "cancel",                # 8.3.3.10
+    "not-authorized": "auth",               # 8.3.3.11
+    "policy-violation": "modify",           # 8.3.3.12
+    "recipient-unavailable": "wait",        # 8.3.3.13
+    "redirect": "modify",                   # 8.3.3.14
+    "registration-required": "auth",        # 8.3.3.15
+    "remote-server-not-found": "cancel",    # 8.3.3.16
+    "remote-server-timeout": "wait",        # 8.3.3.17
+    "resource-constraint": "wait",          # 8.3.3.18
+    "service-unavailable": "cancel",        # 8.3.3.19
+    "subscription-required": "auth",        # 8.3.3.20
+    "undefined-condition": "cancel",        # 8.3.3.21
+    "unexpected-request": "wait",           # 8.3.3.22
 }
 
 

@@ -23,6 +23,7 @@ from twisted.names import client, dns, error
 
 from s2sproxy.config import RemoteOverride
 from s2sproxy.core.connect import SrvAnswer
+from s2sproxy.core.jid import dns_name
 from s2sproxy.core.srv import Target
 from s2sproxy.logs import get_logger
 
@@ -72,7 +73,7 @@ class RemoteResolver:
     async def _srv(self, service: bytes, domain: str, direct_tls: bool) -> SrvAnswer:
         try:
             answers, _auth, _add = await self.dns.lookupService(
-                service + domain.encode("idna"), timeout=DNS_TIMEOUT)
+                service + dns_name(domain).encode("ascii"), timeout=DNS_TIMEOUT)
         except Exception as e:  # noqa: BLE001 (the tx boundary: rule 3)
             text = dns_error_text(e)
             log.debug("SRV {service}{domain}: {err}", service=service.decode(),
@@ -98,7 +99,10 @@ class RemoteResolver:
         lookup = self.dns.lookupIPV6Address if rtype == dns.AAAA else self.dns.lookupAddress
         family = socket.AF_INET6 if rtype == dns.AAAA else socket.AF_INET
         try:
-            name = dns.Name(host.encode("idna"))
+            # An SRV target comes from DNS, ASCII already; the fallback host is the
+            # domain itself, canonical (U-labels): its A-label form is asked.
+            name = dns.Name(host.encode("ascii") if host.isascii()
+                            else dns_name(host).encode("ascii"))
             hops = 0
             while hops < CNAME_DEPTH:
                 answers, _auth, _add = await lookup(name.name, timeout=DNS_TIMEOUT)

@@ -26,6 +26,7 @@ from s2sproxy.logs import get_logger
 from zope.interface import implementer
 
 from s2sproxy.config import Domain, Trust
+from s2sproxy.core.jid import InvalidJid, dns_name, nameprep_domain
 
 log = get_logger(__name__)
 
@@ -78,7 +79,11 @@ class ServerContexts:
     def _on_sni(self, conn: SSL.Connection) -> None:
         name = conn.get_servername()
         if name:
-            ctx = self._by_name.get(name.decode("ascii", "replace").lower().rstrip("."))
+            # An A-label SNI names the served domain by its canonical (U-label) form.
+            try:
+                ctx = self._by_name.get(nameprep_domain(name.decode("ascii")))
+            except (UnicodeDecodeError, InvalidJid):
+                return
             if ctx is not None:
                 conn.set_context(ctx)
 
@@ -114,7 +119,7 @@ class ClientCreator:
 
     def __init__(self, ctx: SSL.Context, server_name: str) -> None:
         self._ctx = ctx
-        self._name = server_name.encode("idna")
+        self._name = _sni_name(server_name)
 
     def clientConnectionForTLS(self, tls_protocol: object) -> SSL.Connection:  # noqa: N802
         conn = SSL.Connection(self._ctx, None)
@@ -123,6 +128,15 @@ class ClientCreator:
             conn.set_tlsext_host_name(self._name)
         conn.set_connect_state()
         return conn
+
+
+def _sni_name(server_name: str) -> bytes:
+    """RFC 6066 section 3: the HostName is the A-label form of the domain (IDNA2008,
+    ``core.jid.dns_name``); a name that is no domain (an address) gets no SNI."""
+    try:
+        return dns_name(server_name).encode("ascii") if server_name else b""
+    except InvalidJid:
+        return b""
 
 
 class ClientContexts:

@@ -223,3 +223,17 @@ def test_config_own_listeners_are_every_tcp_address_we_listen_on(conf):
     assert own_listeners(s) == [("0.0.0.0", 5269), ("192.0.2.1", 5279), ("::1", 5270),
                                 ("127.0.0.1", 15270), ("127.0.0.1", 9269),
                                 ("127.0.0.1", 15353)]
+
+
+def test_config_trust_domains_are_canonical(conf):
+    """trust.secure_domains written in fullwidth or as an A-label names the same
+    domain as the stream headers do (UTS #46, U-labels)."""
+    s = load(conf('[trust]\nsecure_domains = ["ＥＸＡＭＰＬＥ.com", "xn--bcher-kva.example"]\n'))
+    assert s.trust.secure_domains == frozenset({"example.com", "bücher.example"})
+
+
+def test_config_trust_domain_in_both_lists_under_two_spellings(conf):
+    """A U-label and its A-label are one domain: in both lists, it is refused."""
+    assert error_of(conf('[trust]\nsecure_domains = ["bücher.example"]\n'
+                         'insecure_domains = ["XN--BCHER-KVA.example"]\n')) == (
+        "trust.insecure_domains: bücher.example is also in trust.secure_domains")

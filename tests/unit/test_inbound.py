@@ -11,6 +11,7 @@ from s2sproxy.core.errors import stream_error_bytes
 from s2sproxy.core.inbound import InboundState, Role, TrustPolicy
 from tests.unit.helpers import (HEADER, KEYS, LOCAL, REMOTE, certificate, every_split,
                                 inbound, merge, our_header)
+from tests.unit.test_identity import make_certificate, srv, xmpp
 
 NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
 STARTTLS = f"<starttls xmlns='{NS_TLS}'/>".encode()
@@ -214,6 +215,24 @@ def test_inbound_stanza_from_unauthenticated_domain_is_invalid_from():
         "invalid-from", "evil.example is not authenticated for local.example on this stream")
 
 
+def test_inbound_stanza_from_with_at_in_resource_is_invalid_from():
+    """RFC 7622 section 3.1: 'evil.example/x@remote.example' is the domain evil.example
+    with the resource 'x@remote.example', so on a stream authenticated for
+    remote.example it is refused with invalid-from."""
+    data = MESSAGE.replace(b"juliet@remote.example/balcony", b"evil.example/x@remote.example")
+    actions, s = run(DIALBACK_OK, data)
+    assert flagged(actions, "invalid-from") == error_close(
+        "invalid-from", "evil.example is not authenticated for local.example on this stream")
+
+
+def test_inbound_stanza_to_full_jid_with_at_in_resource_is_delivered():
+    """'local.example/a@b.example' is a legal full JID of local.example: delivered."""
+    data = MESSAGE.replace(b"romeo@local.example", b"local.example/a@b.example")
+    actions, s = run(DIALBACK_OK, data)
+    assert actions == [("deliver", [data])]
+    assert s.state is InboundState.OPEN
+
+
 def test_inbound_stanza_to_unserved_domain_is_host_unknown():
     """A stanza to a domain we do not serve: host-unknown."""
     data = MESSAGE.replace(b"romeo@local.example", b"x@elsewhere.example")
@@ -314,6 +333,19 @@ def test_inbound_sasl_external_certificate_without_clientauth_is_accepted():
     auth = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
     actions, s = run(PRE_TLS + [E.TlsEstablished(True, leaf), E.DataReceived(HEADER)],
                      auth + HEADER)
+    assert actions[-1] == A.Authenticated(REMOTE, LOCAL, "external")
+
+
+@pytest.mark.parametrize("name", [srv("_xmpp-server.remote.example"),
+                                  xmpp("remote.example")], ids=["srv-id", "xmppaddr"])
+def test_inbound_sasl_external_with_srv_id_or_xmppaddr_certificate_succeeds(name):
+    """A certificate naming the remote only by SRV-ID or XmppAddr (RFC 6120 section
+    13.7.1.2) is offered EXTERNAL and authenticates with it."""
+    tls = E.TlsEstablished(True, make_certificate([name]))
+    actions, s = run(PRE_TLS + [tls], HEADER)
+    assert actions == [A.SendBytes(our_header(LOCAL, REMOTE, "sid2") + FEATURES_EXTERNAL)]
+    auth = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
+    actions, s = run(PRE_TLS + [tls, E.DataReceived(HEADER)], auth + HEADER)
     assert actions[-1] == A.Authenticated(REMOTE, LOCAL, "external")
 
 

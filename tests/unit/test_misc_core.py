@@ -5,9 +5,11 @@ from __future__ import annotations
 import ast
 import pathlib
 
+import pytest
+
 from s2sproxy.core.dialback import DialbackKeys
 from s2sproxy.core.srv import Target, order
-from s2sproxy.core.stanza import Stanza, bounce
+from s2sproxy.core.stanza import ERROR_TYPES, Stanza, bounce
 
 
 def test_dialback_key_matches_xep_0185_and_xep_0220_vectors():
@@ -53,6 +55,39 @@ def test_bounce_swaps_addresses_and_keeps_id():
         b"<message from='romeo@local.example' to='juliet@remote.example/x' type='error' "
         b"id='i1'><error type='cancel'><remote-server-not-found "
         b"xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>")
+
+
+def test_bounce_bad_request_is_type_modify():
+    """RFC 6120 section 8.3.3.1: bad-request goes with the error type 'modify'."""
+    assert bounce(_stanza("iq", "get"), "bad-request", "iq get needs one child") == (
+        b"<iq from='romeo@local.example' to='juliet@remote.example/x' type='error' "
+        b"id='i1'><error type='modify'><bad-request "
+        b"xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/><text "
+        b"xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>iq get needs one child</text>"
+        b"</error></iq>")
+
+
+# RFC 6120 sections 8.3.3.1-8.3.3.22, the type each condition's text names ("the
+# associated error type SHOULD be ..."; where two are named, the first).
+RFC_6120_ERROR_TYPES = {
+    "bad-request": "modify", "conflict": "cancel", "feature-not-implemented": "cancel",
+    "forbidden": "auth", "gone": "cancel", "internal-server-error": "cancel",
+    "item-not-found": "cancel", "jid-malformed": "modify", "not-acceptable": "modify",
+    "not-allowed": "cancel", "not-authorized": "auth", "policy-violation": "modify",
+    "recipient-unavailable": "wait", "redirect": "modify",
+    "registration-required": "auth", "remote-server-not-found": "cancel",
+    "remote-server-timeout": "wait", "resource-constraint": "wait",
+    "service-unavailable": "cancel", "subscription-required": "auth",
+    "undefined-condition": "cancel", "unexpected-request": "wait",
+}
+
+
+@pytest.mark.parametrize("condition, etype", sorted(RFC_6120_ERROR_TYPES.items()))
+def test_bounce_error_type_follows_rfc_6120(condition, etype):
+    """Every condition RFC 6120 section 8.3.3 defines is bounced with its type."""
+    assert ERROR_TYPES[condition] == etype
+    assert f"<error type='{etype}'><{condition} ".encode() in bounce(
+        _stanza("message", "chat"), condition)
 
 
 def test_bounce_never_answers_errors_or_iq_results():
