@@ -35,7 +35,7 @@ from s2sproxy.core.identity import certificate_valid_for
 from s2sproxy.core.jid import InvalidJid, nameprep_domain
 from s2sproxy.core.limits import MAX_PENDING_DIALBACK
 from s2sproxy.core.serialize import escape as xml_escape
-from s2sproxy.core.stanza import STANZA_NAMES
+from s2sproxy.core.stanza import ERROR_TYPES, STANZA_NAMES
 from s2sproxy.core.stream import (DB_RESULT, DB_VERIFY, NS_BIDI, NS_BIDI_FEATURE,
                                   NS_DIALBACK_FEATURE, NS_SASL, NS_TLS, STREAM_ERROR,
                                   NewStreamId, StreamBase, peer_stream_error)
@@ -92,10 +92,6 @@ _SASL_AUTH = f"{NS_SASL} auth"
 _STARTTLS = f"{NS_TLS} starttls"
 _BIDI = f"{NS_BIDI} bidi"
 _PROCEED = f"<proceed xmlns='{NS_TLS}'/>".encode()
-_DB_ERROR_TYPES = {"item-not-found": "cancel", "remote-server-not-found": "cancel",
-                   "remote-server-timeout": "wait", "forbidden": "auth",
-                   "not-authorized": "auth", "resource-constraint": "wait"}
-
 
 class InboundStream(StreamBase):
     closed_state = InboundState.CLOSED
@@ -375,7 +371,7 @@ class InboundStream(StreamBase):
                          text: str = "") -> None:
         attrs = f"from='{xml_escape(frm)}' to='{xml_escape(to)}' type='{type_}'"
         if type_ == "error":
-            body = (f"<error type='{_DB_ERROR_TYPES.get(condition, 'cancel')}'>"
+            body = (f"<error type='{ERROR_TYPES.get(condition, 'cancel')}'>"
                     f"<{condition} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>")
             if text:
                 body += (f"<text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>"
