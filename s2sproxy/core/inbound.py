@@ -93,6 +93,7 @@ _STARTTLS = f"{NS_TLS} starttls"
 _BIDI = f"{NS_BIDI} bidi"
 _PROCEED = f"<proceed xmlns='{NS_TLS}'/>".encode()
 
+
 class InboundStream(StreamBase):
     closed_state = InboundState.CLOSED
 
