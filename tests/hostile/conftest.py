@@ -16,7 +16,7 @@ from hostile_world import (CONFIG, Pinger, World, harness, print_table,  # noqa:
 
 
 @pytest.fixture(scope="module")
-def world():
+def world(request):
     harness.require_tools()
     harness.check_fixed_ports_free()
     run = harness.RunDir.create(prefix="s2sproxy-hostile-")
@@ -36,7 +36,9 @@ def world():
         w = World(run, proxy, pinger, rss_kib(proxy.proc.pid), metrics_port)
         w.new_log()
         yield w
-        print_table(w)
+        capture = request.config.pluginmanager.getplugin("capturemanager")
+        with capture.global_and_fixture_disabled():    # shown in a normal run
+            print_table(w, print)
     except BaseException:
         failed = True
         raise

@@ -85,7 +85,7 @@ ONE_SHOT = [
      "<db:result xmlns:q='%zz' from='evil.test' to='local.test'>k</db:result>",
      "invalid-namespace"),
     ("bad namespace URI in stream error", "header",
-     "<stream:error xmlns:q='{zz'><x/></stream:error>", None),
+     "<stream:error xmlns:q='{zz'><x/></stream:error>", "invalid-namespace"),
     ("duplicate attributes", "auth",
      "<message from='a@evil.test' from='b@evil.test' to='alice@local.test'/>",
      "not-well-formed"),
