@@ -183,10 +183,12 @@ class Router:
         if link is None:
             link = self.links[pair] = Link(pair)
         ops: list[Op] = []
+        if self.closing and borrowed:
+            return []       # rule 6: no stream is taken on any more
         if link.state is LinkState.DRAINING:
             if not borrowed:
                 return [Close(handle)]          # the bidi stream is taking over
-            link.handle = handle
+            link.handle, link.borrowed = handle, True
             return []
         if link.state is LinkState.READY and link.handle != handle:
             if link.borrowed and not borrowed:

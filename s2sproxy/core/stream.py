@@ -159,6 +159,8 @@ class StreamBase:
             raise RemoteProtocolError(condition, text)
 
     def _send(self, data: bytes) -> None:
+        if self.local_closed:
+            return          # RFC 6120 section 4.4: nothing after our closing tag
         out = self._out
         if out and type(out[-1]) is A.SendBytes:
             out[-1] = A.SendBytes(out[-1].data + data)

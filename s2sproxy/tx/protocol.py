@@ -22,6 +22,8 @@ from s2sproxy.tx.tls import tls_connection_of
 
 log = get_logger(__name__)
 
+_OUTCOMES = (A.StreamFailed, E.DialbackVerdict)
+
 
 class Owner(TypingProtocol):
     def admit(self, proto: "StreamProtocol") -> bool: ...
@@ -84,6 +86,7 @@ class StreamProtocol(Protocol):
         self.handle(self.owner.check_peer(self))
 
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
+        self.connected = False          # the transport is gone, its last bytes written
         for call in self.timers.values():
             if call.active():
                 call.cancel()
@@ -124,7 +127,10 @@ class StreamProtocol(Protocol):
                 self.timers[a.name] = self.clock.callLater(a.seconds, self._fire, a.name)
             elif t is A.CancelTimer:
                 self._cancel(a.name)
-            else:
+            elif not self.closing or t in _OUTCOMES:
+                # Once the stream is closed (a policy close may come in the middle of
+                # one read's actions), what the rest of the read said is void: only
+                # the stream's outcome (failed, a dialback verdict) is still reported.
                 self.owner.stream_action(self, a)
 
     def _cancel(self, name: str) -> None:

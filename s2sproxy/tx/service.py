@@ -325,12 +325,17 @@ class Proxy(service.MultiService):
             log.error("unhandled action {action!r}", action=a)
 
     def _attach_bidi(self, proto: StreamProtocol, originating: str, receiving: str) -> None:
-        """A remote's authenticated bidi stream carries our stanzas for it too."""
+        """A remote's authenticated bidi stream carries our stanzas for it too (not
+        once it is closing: nothing may be written on it any more)."""
+        if proto.closing or proto.stream.local_closed:
+            return
         pair = (receiving, originating)
         self._run_ops(self.to_remote, self.to_remote.stream_ready(
             pair, proto, self.reactor.seconds(), borrowed=True))
 
     def link_ready(self, proto: StreamProtocol) -> None:
+        if proto.closing:
+            return
         f = proto.factory
         st = proto.stream
         if f.label == "backend":

@@ -40,10 +40,10 @@ _POLL = 0.05
 async def shut_down(proxy: "Proxy", stop_listeners) -> None:
     reactor = proxy.reactor
     await stop_listeners()
-    now = reactor.seconds()
     for router in (proxy.to_backend, proxy.to_remote):
         proxy._run_ops(router, router.shutdown())
     for phase in (1, 2):
+        now = reactor.seconds()
         closing = [p for p in list(proxy.streams) if p.stream.shutdown_phase() == phase]
         if phase == 2:
             waiting = proxy.policy.unanswered()
@@ -55,7 +55,7 @@ async def shut_down(proxy: "Proxy", stop_listeners) -> None:
         for p in closing:
             p.close()
         await _wait_gone(reactor, proxy, closing, SHUTDOWN_WAIT)
-    left = list(proxy.streams)
+    left = [p for p in list(proxy.streams) if p.connected]
     if left:
         log.info("aborting {n} stream(s) still open after shutdown", n=len(left))
         for p in left:
@@ -64,11 +64,12 @@ async def shut_down(proxy: "Proxy", stop_listeners) -> None:
 
 
 async def _wait_gone(reactor, proxy: "Proxy", protos: list, limit: float) -> None:
+    """Until every connection is gone (its last bytes flushed), or ``limit``."""
     deadline = reactor.seconds() + limit
-    while any(p in proxy.streams for p in protos) and reactor.seconds() < deadline:
+    while any(p.connected for p in protos) and reactor.seconds() < deadline:
         await task.deferLater(reactor, _POLL, lambda: None)
     for p in protos:
-        if p in proxy.streams and p.transport is not None:
+        if p.connected and p.transport is not None:
             p.transport.abortConnection()
 
 

@@ -30,3 +30,19 @@ def test_policy_close_of_unsolicited_response_uses_undefined_condition(tmp_path)
                        f"id='x'/>".encode())
     assert b"<undefined-condition xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" \
         in transport.value()
+
+
+def test_policy_close_voids_everything_after_it_in_the_read(tmp_path):
+    """A close in the middle of one read's actions: a later batch of stanzas, and a
+    db:result for another domain (which would start a verification, or attach the
+    closed stream as a bidi link), are not acted upon."""
+    p, reactor = proxy(tmp_path, policy={"actions": {"unknown-type": "close"}})
+    proto, transport = public_stream(p, reactor)
+    proto.dataReceived(message(f"a@{REMOTE}", f"b@{LOCAL}", "m1")
+                       + message(f"a@{REMOTE}", f"b@{LOCAL}", "m2", type_="shout")
+                       + b"<db:result from='other.example' to='local.example'>k</db:result>"
+                       + message(f"a@{REMOTE}", f"b@{LOCAL}", "m3"))
+    link = p.to_backend.links[(REMOTE, LOCAL)]
+    assert [s.id for s, _ in link.queue] == ["m1"]
+    assert reactor.tcpClients == [c for c in reactor.tcpClients if c[1] == 15269]
+    assert (LOCAL, "other.example") not in p.to_remote.links

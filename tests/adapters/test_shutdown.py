@@ -34,10 +34,16 @@ def test_shutdown_bounces_queued_and_delivers_what_arrives_while_closing(tmp_pat
                         + b"</stream:stream>")
     assert b"id='late'" in backend_t.value()
     reactor.advance(0.1)
+    assert not backend_t.value().endswith(b"</stream:stream>")   # not flushed yet
+    public.connectionLost(None)          # the transport has written its last bytes
+    for _ in range(3):
+        reactor.advance(0.05)
     # phase 2: now ours to ejabberd is closed
     assert backend_t.value().endswith(b"</stream:stream>")
     backend.dataReceived(b"</stream:stream>")
-    reactor.advance(0.1)
+    backend.connectionLost(None)
+    for _ in range(3):
+        reactor.advance(0.05)
     assert done.called and not p.streams
     # nothing opened during shutdown
     p.route([_outgoing(2)])

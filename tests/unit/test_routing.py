@@ -215,3 +215,16 @@ def test_router_queue_bytes_bounded_in_total_across_routers():
     assert b.send(other, [big(3, 600, other)], 10) == [Open(other)]
     b.stream_failed(other, "remote-server-not-found", "", 11)
     assert budget.used == 0
+
+
+def test_router_bidi_replacing_a_lost_one_while_draining_stays_borrowed():
+    """ours drains for bidi B; B goes; bidi C comes while ours still closes: C is the
+    remote's stream (never idle-closed by us)."""
+    r = router()
+    r.stream_ready(PAIR, "ours", 0)
+    r.stream_ready(PAIR, "B", 1, borrowed=True)
+    r.stream_closed("B", 2)
+    assert r.stream_ready(PAIR, "C", 3, borrowed=True) == []
+    r.stream_closed("ours", 4)
+    assert r.ready_handle(PAIR) == "C" and r.links[PAIR].borrowed
+    assert r.tick(1000) == []
