@@ -183,3 +183,27 @@ def test_domain_of_uses_the_canonical_domain():
     """A JID's domainpart is canonicalised like any domain."""
     assert domain_of("Juliet@XN--BCHER-KVA.example/Balcony") == "bücher.example"
     assert domain_of("juliet@ＥＸＡＭＰＬＥ.com") == "example.com"
+
+
+def test_nameprep_ascii_names_skip_the_idna_package(monkeypatch):
+    """Letter-digit-hyphen names (the common case, and a hostile peer's cheap long
+    names) are canonicalised without the idna package; others still go through it."""
+    import s2sproxy.core.jid as J
+
+    calls = []
+    real = J.idna.uts46_remap
+    monkeypatch.setattr(J.idna, "uts46_remap", lambda *a, **k: calls.append(a) or real(*a, **k))
+    long_ascii = ".".join(["a" * 63] * 15)           # 959 characters, valid
+    assert J.nameprep_domain.__wrapped__(long_ascii.upper()) == long_ascii
+    assert J.nameprep_domain.__wrapped__("Remote-1.Example.") == "remote-1.example"
+    assert calls == []
+    assert J.nameprep_domain.__wrapped__("xn--bcher-kva.example") == "bücher.example"
+    assert len(calls) == 1
+
+
+def test_nameprep_long_internationalised_name_refused_before_mapping():
+    """A name that needs IDNA processing and could not resolve in DNS (over 253
+    characters) is refused without the costly mapping."""
+    from s2sproxy.core.jid import InvalidJid, nameprep_domain
+    with pytest.raises(InvalidJid, match="over 253 characters"):
+        nameprep_domain.__wrapped__(".".join(["ü" * 60] * 5))
