@@ -17,6 +17,11 @@ MAX_HEADER_SIZE = 8192
 #: the XEP-0220 error ``resource-constraint`` for the extra request
 MAX_PENDING_DIALBACK = 8
 
+#: dialback verifications (``db:verify`` toward a remote's authoritative server) in
+#: flight at once for all incoming streams together; beyond: the XEP-0220 error
+#: ``resource-constraint``.  A verification stops when the stream that asked is gone.
+MAX_VERIFICATIONS = 256
+
 #: seconds a connection may take to go away after we closed it (our stream error or
 #: ``</stream:stream>`` written, TCP close requested) before it is aborted: a peer that
 #: stops reading cannot hold the socket and its unsent bytes (``tx.protocol``)
@@ -32,8 +37,10 @@ MAX_TARGETS = 8
 MAX_ATTEMPTS = 8
 #: seconds for a TCP connect while another address is still known to try
 ADDRESS_CONNECT_TIMEOUT = 3.0
-#: CNAMEs followed for one name (``tx.resolver``)
+#: CNAMEs followed for one name, and seconds per DNS try (``tx.resolver``;
+#: twisted.names' default of 1, 3, 11, 45 s is long)
 CNAME_DEPTH = 8
+DNS_TIMEOUT = (2, 5)
 
 # -- what the proxy remembers ---------------------------------------------------------
 

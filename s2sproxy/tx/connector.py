@@ -188,7 +188,8 @@ class Connector:
         else:
             p.link_ready(result[0])
 
-    async def verify(self, req: A.VerifyDialback, backend: bool) -> E.DialbackVerdict:
+    async def verify(self, req: A.VerifyDialback, backend: bool,
+                     wanted: Callable[[], bool] | None = None) -> E.DialbackVerdict:
         """Ask ``req.originating``'s authoritative server (ejabberd itself for the
         backend listener) about ``req.key``: the first verdict wins."""
         p = self.proxy
@@ -207,7 +208,7 @@ class Connector:
                 verify_stream_id=req.stream_id, verify_key=req.key, timeout=s.auth_timeout,
                 direct_tls=attempt.direct_tls, trust=None if backend else p.trust_policy))
         try:
-            result = await self.run(plan, make, "verify")
+            result = await self.run(plan, make, "verify", wanted=wanted)
         except Exception:  # noqa: BLE001 (the tx boundary)
             log.failure("dialback verification {originating}: internal error",
                         originating=req.originating)
@@ -224,13 +225,16 @@ class Connector:
     # -- running a plan -----------------------------------------------------------------
 
     async def run(self, plan: C.ConnectPlan, make: Callable[[C.Attempt], OutboundStream],
-                  label: str, router: R.Router | None = None,
-                  pair: R.Pair | None = None) -> tuple[StreamProtocol, Any] | C.Exhausted:
+                  label: str, router: R.Router | None = None, pair: R.Pair | None = None,
+                  wanted: Callable[[], bool] | None = None
+                  ) -> tuple[StreamProtocol, Any] | C.Exhausted:
         """Execute ``plan`` until a stream is ready (or a verdict is in): return its
         protocol and that action (``StreamReady``, ``DialbackVerdict``), or the plan's
         ``Exhausted``."""
         resolver = self.proxy.resolver
         while True:
+            if wanted is not None and not wanted():
+                return C.Exhausted("remote-server-timeout", "no longer wanted")
             step = plan.next()
             if isinstance(step, C.Exhausted):
                 return step

@@ -24,13 +24,12 @@ from twisted.names import client, dns, error
 from s2sproxy.config import RemoteOverride
 from s2sproxy.core.connect import SrvAnswer
 from s2sproxy.core.jid import dns_name
+from s2sproxy.core.limits import CNAME_DEPTH, DNS_TIMEOUT
 from s2sproxy.core.srv import Target
 from s2sproxy.logs import get_logger
 
 log = get_logger(__name__)
 
-DNS_TIMEOUT = (2, 5)     # seconds per try, as twisted.names' default (1, 3, 11, 45) is long
-CNAME_DEPTH = 8
 
 _ERRORS = [(error.DNSNameError, "NXDOMAIN"), (error.DNSFormatError, "FORMERR"),
            (error.DNSServerError, "SERVFAIL"), (error.DNSNotImplementedError, "NOTIMP"),

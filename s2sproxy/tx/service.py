@@ -30,6 +30,7 @@ from s2sproxy.core import routing as R
 from s2sproxy.core.admission import Admission
 from s2sproxy.core.dialback import DialbackKeys
 from s2sproxy.core.inbound import InboundConfig, InboundStream, Role, TrustPolicy
+from s2sproxy.core.limits import MAX_VERIFICATIONS
 from s2sproxy.core.outbound import OutboundState, OutboundStream
 from s2sproxy.core.stanza import Stanza, bounce_stanza
 from s2sproxy.logs import get_logger
@@ -100,6 +101,7 @@ class Proxy(service.MultiService):
         ka = settings.keepalive
         self.keepalive = K.Keepalive(K.KeepaliveConfig(ka.whitespace, ka.ping, ka.timeout),
                                      new_ping_id)   # the one registry of our pings
+        self._verifying = 0         # dialback verifications in flight
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = reactor
         self._build_listeners()
@@ -482,8 +484,17 @@ class Proxy(service.MultiService):
             and requester.stream.role is Role.BACKEND
         if backend and requester.peer.rsplit(":", 1)[0] in s.backend.trusted_addresses:
             verdict = E.DialbackVerdict(req.originating, req.receiving, True)
+        elif self._verifying >= MAX_VERIFICATIONS:
+            verdict = E.DialbackVerdict(req.originating, req.receiving, None,
+                                        "resource-constraint")
         else:
-            verdict = await self.connector.verify(req, backend)
+            self._verifying += 1
+            try:
+                # Stops between attempts once the asking stream is gone.
+                verdict = await self.connector.verify(
+                    req, backend, wanted=lambda: not getattr(requester, "closing", False))
+            finally:
+                self._verifying -= 1
         log.info("dialback verification {originating} -> {receiving}: {verdict}",
                  originating=req.originating, receiving=req.receiving,
                  verdict={True: "valid", False: "invalid"}.get(verdict.valid,

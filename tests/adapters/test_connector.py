@@ -321,3 +321,35 @@ def test_resolver_follows_cnames_in_the_answer_and_by_asking_again(tmp_path):
     defer.ensureDeferred(p.resolver.addresses("far.remote.example")).addCallback(got.append)
     assert got == [([], ["192.0.2.3"], ""), ([], ["192.0.2.4"], "")]
     assert ("A", b"elsewhere.example") in p.resolver.dns.queries
+
+
+def _requester(peer: str = "192.0.2.7:40000"):
+    got = []
+    r = type("R", (), {})()
+    r.stream, r.peer, r.label, r.closing = None, peer, "public", False
+    r.handle = got.append
+    return r, got
+
+
+def test_dialback_verifications_in_flight_are_bounded_and_stop_with_their_stream(
+        tmp_path, monkeypatch):
+    """Beyond MAX_VERIFICATIONS in flight the extra db:result gets resource-constraint
+    at once; a verification whose asking stream has gone tries no further address."""
+    import s2sproxy.tx.service as S
+    monkeypatch.setattr(S, "MAX_VERIFICATIONS", 1)
+    reactor = MemoryReactorClock()
+    p = Proxy(settings(tmp_path, remote={"far.example": {
+        "starttls": ["192.0.2.1:5269", "192.0.2.2:5269"]}}), reactor)
+    first, got1 = _requester()
+    second, got2 = _requester("192.0.2.8:40000")
+    req = A.VerifyDialback("far.example", "local.example", "sid", "key")
+    defer.ensureDeferred(p.verify_dialback(first, req))
+    defer.ensureDeferred(p.verify_dialback(second, req))
+    assert [c[:2] for c in reactor.tcpClients] == [("192.0.2.1", 5269)]
+    assert got2 == [E.DialbackVerdict("far.example", "local.example", None,
+                                      "resource-constraint")]
+    first.closing = True
+    reactor.tcpClients[0][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    assert len(reactor.tcpClients) == 1             # 192.0.2.2 never tried
+    assert got1 and got1[0].valid is None
+    assert p._verifying == 0
