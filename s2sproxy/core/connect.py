@@ -58,6 +58,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterable, Sequence
 
+from s2sproxy.core import actions as A
+from s2sproxy.core import events as E
 from s2sproxy.core.limits import ADDRESS_CONNECT_TIMEOUT, MAX_ATTEMPTS, MAX_TARGETS
 from s2sproxy.core.srv import Target, order
 
@@ -320,6 +322,34 @@ class ConnectPlan:
         self._final = Exhausted("remote-server-timeout" if timeout
                                 else "remote-server-not-found", self._text())
         return self._final
+
+
+def connect_failed(timed_out: bool, message: str) -> AttemptFailed:
+    """The TCP connection was not made (rule 4)."""
+    if timed_out:
+        return AttemptFailed(FailureKind.TIMEOUT, "remote-server-timeout", "connect timed out")
+    return AttemptFailed(FailureKind.CONNECT, "remote-server-not-found",
+                         f"unreachable: {message}")
+
+
+def attempt_outcome(action: object, refused_by_peer: bool) -> AttemptFailed | None:
+    """What an attempt's stream reported: None for success (ready, or a dialback
+    verdict), else the kind of failure (rule 4; ``refused_by_peer``: the remote's own
+    dialback answer to our key, rule 4a)."""
+    if isinstance(action, A.StreamReady):
+        return None
+    if isinstance(action, E.DialbackVerdict):
+        if action.valid is not None:
+            return None
+        kind = FailureKind.TIMEOUT if action.condition == "remote-server-timeout" \
+            else FailureKind.SETUP
+        return AttemptFailed(kind, action.condition, f"no verdict: {action.condition}")
+    assert isinstance(action, A.StreamFailed), action
+    if refused_by_peer:
+        return AttemptFailed(FailureKind.FINAL, action.condition, action.text)
+    kind = FailureKind.TIMEOUT if action.condition == "remote-server-timeout" \
+        else FailureKind.SETUP
+    return AttemptFailed(kind, action.condition, action.text)
 
 
 def _where(address: str, port: int) -> str:

@@ -276,22 +276,10 @@ class Connector:
 
 
 def _failure(factory: OutboundFactory, action: Any) -> C.AttemptFailed | None:
-    """None for success; else what kind of failure (``core.connect`` rule 4)."""
-    K = C.FailureKind
+    """The attempt's outcome for the plan: Twisted's connect failure translated, the
+    rest decided by ``core.connect.attempt_outcome`` (rule 4)."""
     if action is None:                          # the TCP connection was not made
         reason = factory.reason
-        if reason is not None and reason.check(neterror.TimeoutError):
-            return C.AttemptFailed(K.TIMEOUT, "remote-server-timeout", "connect timed out")
-        msg = reason.getErrorMessage() if reason is not None else "?"
-        return C.AttemptFailed(K.CONNECT, "remote-server-not-found", f"unreachable: {msg}")
-    if isinstance(action, A.StreamReady):
-        return None
-    if isinstance(action, E.DialbackVerdict):
-        if action.valid is not None:
-            return None
-        kind = K.TIMEOUT if action.condition == "remote-server-timeout" else K.SETUP
-        return C.AttemptFailed(kind, action.condition, f"no verdict: {action.condition}")
-    if factory.stream.refused_by_peer:
-        return C.AttemptFailed(K.FINAL, action.condition, action.text)
-    kind = K.TIMEOUT if action.condition == "remote-server-timeout" else K.SETUP
-    return C.AttemptFailed(kind, action.condition, action.text)
+        timed_out = reason is not None and reason.check(neterror.TimeoutError) is not None
+        return C.connect_failed(timed_out, reason.getErrorMessage() if reason else "?")
+    return C.attempt_outcome(action, factory.stream.refused_by_peer)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from s2sproxy.core import actions as A
 from s2sproxy.core import connect as C
+from s2sproxy.core import events as E
 from s2sproxy.core.srv import Target
 
 DOMAIN = "remote.example"
@@ -277,3 +279,22 @@ def test_plan_step_repeats_until_answered():
     """next() gives the same pending step until its answer comes."""
     p = plan()
     assert p.next() == p.next() == C.LookupSrv(DOMAIN)
+
+
+@pytest.mark.parametrize("action, refused, kind", [
+    (A.StreamReady(), False, None),
+    (E.DialbackVerdict("a", "b", True), False, None),
+    (E.DialbackVerdict("a", "b", False), False, None),
+    (E.DialbackVerdict("a", "b", None, "remote-server-timeout"), False, C.FailureKind.TIMEOUT),
+    (E.DialbackVerdict("a", "b", None, "remote-server-not-found"), False, C.FailureKind.SETUP),
+    (A.StreamFailed("remote-server-not-found", "lost"), False, C.FailureKind.SETUP),
+    (A.StreamFailed("remote-server-timeout", "slow"), False, C.FailureKind.TIMEOUT),
+    (A.StreamFailed("remote-server-not-found", "invalid key"), True, C.FailureKind.FINAL),
+])
+def test_attempt_outcome_kinds(action, refused, kind):
+    """Rule 4: which outcomes move on to the next address (the decision is the core's;
+    tx only translates Twisted's connect failure)."""
+    out = C.attempt_outcome(action, refused)
+    assert (out.kind if out else None) is kind
+    assert C.connect_failed(True, "").kind is C.FailureKind.TIMEOUT
+    assert C.connect_failed(False, "refused").text == "unreachable: refused"
