@@ -17,7 +17,8 @@ Rules:
    until ours has closed (the peer answered our ``</stream:stream>``, so it has read
    everything written before it), then go on the bidi stream.  Nothing written is
    lost in the switch, and nothing overtakes what was written before it (RFC 6120
-   section 10.1).
+   section 10.1) -- unless the drained stream ends without the peer's close (our
+   close timer, a reset): what it carried is then the peer's to have read or not.
 3. When opening fails, everything queued is bounced with the failure's condition.  The
    next stanza tries again, except after ``backoff_after`` failures in a row: then the
    link waits (exponential, capped at ``backoff_max``) and bounces meanwhile.
