@@ -104,16 +104,21 @@ def _case_id(case) -> str:
     return f"{kinds}->{domain[:20]}:{'yes' if covered else 'no'}"
 
 
+def _write_pair(tmp_path, cert) -> None:
+    """The certificate and the test key as c.pem and k.pem, for the start-up check."""
+    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "k.pem").write_bytes(_KEY.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+
+
 @pytest.mark.parametrize("names, cn, domain, covered", CASES, ids=[_case_id(c) for c in CASES])
 def test_certificate_names_same_answer_for_peer_and_config(tmp_path, names, cn, domain,
                                                            covered):
     """The peer check and the start-up check accept exactly the same names."""
     cert = make_certificate(names, cn)
     assert certificate_valid_for(True, cert, domain) is covered
-    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "k.pem").write_bytes(_KEY.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    _write_pair(tmp_path, cert)
     if covered:
         check_certificate(tmp_path / "c.pem", tmp_path / "k.pem", domain, "d.certificate")
     else:
@@ -134,10 +139,7 @@ def test_config_message_lists_every_kind_of_name(tmp_path):
     """The start-up refusal names what the certificate does cover, by kind."""
     cert = make_certificate([dns("a.example"), srv("_xmpp-server.b.example"),
                              xmpp("c.example")], cn="d.example")
-    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "k.pem").write_bytes(_KEY.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    _write_pair(tmp_path, cert)
     with pytest.raises(ConfigError) as e:
         check_certificate(tmp_path / "c.pem", tmp_path / "k.pem", "x.example", "d.cert")
     assert str(e.value) == (f"d.cert: {tmp_path}/c.pem does not cover x.example (names: "
@@ -146,10 +148,7 @@ def test_config_message_lists_every_kind_of_name(tmp_path):
 
 def test_config_message_for_cn_only_certificate_says_cn_is_not_used(tmp_path):
     cert = make_certificate([], cn="x.example")
-    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "k.pem").write_bytes(_KEY.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    _write_pair(tmp_path, cert)
     with pytest.raises(ConfigError) as e:
         check_certificate(tmp_path / "c.pem", tmp_path / "k.pem", "x.example", "d.cert")
     assert str(e.value) == (f"d.cert: {tmp_path}/c.pem does not cover x.example (names: "
