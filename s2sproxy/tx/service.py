@@ -300,10 +300,11 @@ class Proxy(service.MultiService):
             self._release(proto)
             st = proto.stream
             log.info("{label} stream authenticated: {originating} -> {receiving} "
-                     "method={method} tls={tls} bidi={bidi} stream={sid} peer={peer}",
+                     "method={method} tls={tls} bidi={bidi} direct_tls={direct} "
+                     "stream={sid} peer={peer}",
                      label=proto.label, originating=a.originating, receiving=a.receiving,
-                     method=a.method, tls=st.secure, bidi=st.bidi, sid=st.stream_id,
-                     peer=proto.peer)
+                     method=a.method, tls=st.secure, bidi=st.bidi,
+                     direct=st.config.direct_tls, sid=st.stream_id, peer=proto.peer)
             if st.bidi:
                 self._attach_bidi(proto, a.originating, a.receiving)
         elif t is A.BidiNegotiated:
@@ -346,9 +347,11 @@ class Proxy(service.MultiService):
                      tls=st.secure)
         else:
             log.info("remote stream ready: {local} -> {remote} method={method} tls={tls} "
-                     "bidi={bidi} peer_certificate_valid={valid} peer={peer}",
+                     "bidi={bidi} direct_tls={direct} peer_certificate_valid={valid} "
+                     "peer={peer}",
                      local=f.pair[0], remote=f.pair[1], method=st.auth_method,
-                     tls=st.secure, bidi=st.bidi, valid=st.peer_verified, peer=proto.peer)
+                     tls=st.secure, bidi=st.bidi, direct=st.config.direct_tls,
+                     valid=st.peer_verified, peer=proto.peer)
         self._run_ops(f.router, f.router.stream_ready(f.pair, proto, self.reactor.seconds()))
 
     def link_failed(self, factory: _OutboundFactory, condition: str, text: str) -> None:

@@ -1,0 +1,213 @@
+"""The federation world (issue 8) with every backend version: Direct TLS both ways with
+Prosody, the whole interop matrix at once, and the fallback paths of the resolver.
+
+Each test runs once per backend (the ``backend`` fixture: ejabberd 24.12, then 23.01,
+each behind a fresh s2sproxy); the remote servers, Knot and the zone stay up throughout.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import harness
+import versions
+import world as W
+from conversation import converse_all, deliver_one
+from matrix import MATRIX, Cell
+
+pytestmark = pytest.mark.integration
+
+REMOTE_SERVERS = {
+    # label, the server's two domains (certificate trusted -> EXTERNAL, not -> dialback),
+    # whether it offers bidi
+    "p12": ("Prosody 0.12.3", "p12.example", "p12db.example", True),
+    "p13": ("Prosody 13.0.1", "p13.example", "p13db.example", True),
+    "ejr": ("ejabberd 24.12", "ej.example", "ejdb.example", False),
+}
+
+
+def _log(backend) -> str:
+    return backend.proxy.log_text()
+
+
+def inbound(log: str, remote: str, local: str) -> list[dict]:
+    """The public streams authenticated remote -> local, as dicts of their fields."""
+    pat = (rf"public stream authenticated: {re.escape(remote)} -> {re.escape(local)} "
+           r"method=(\w+) tls=(\w+) bidi=(\w+) direct_tls=(\w+)")
+    return [dict(method=m, tls=t, bidi=b, direct_tls=d) for m, t, b, d in re.findall(pat, log)]
+
+
+def outbound(log: str, local: str, remote: str) -> list[dict]:
+    pat = (rf"remote stream ready: {re.escape(local)} -> {re.escape(remote)} "
+           r"method=(\w+) tls=(\w+) bidi=(\w+) direct_tls=(\w+) peer_certificate_valid=(\w+)")
+    return [dict(method=m, tls=t, bidi=b, direct_tls=d, valid=v)
+            for m, t, b, d, v in re.findall(pat, log)]
+
+
+def test_direct_tls_both_ways_with_prosody(world, backend):
+    """s2sproxy reaches Prosody 13 by Direct TLS (its _xmpps-server SRV record comes
+    first), and Prosody 0.12 reaches s2sproxy's Direct TLS listener the same way; both
+    authenticate with EXTERNAL, so the certificate each chose by SNI was the right one."""
+    alice, tom = W.ALPHA.account(backend.tag), W.BY_NAME["p13.example"].account(backend.tag)
+    pat = W.BY_NAME["p12.example"].account(backend.tag)
+    out = harness.run_async(lambda: _two(alice, tom, pat, world.trust.bundle), 90)
+    assert out[0][0] is not None, out
+    assert out[1][0] is not None, out
+    log = _log(backend)
+    assert re.search(r"remote connection to xmpp\.p13\.example \[127\.0\.0\.21\]:5270 "
+                     r"\(direct TLS\) for p13\.example", log), log[-4000:]
+    assert outbound(log, "alpha.example", "p13.example") == [dict(
+        method="external", tls="True", bidi="True", direct_tls="True", valid="True")], \
+        log[-4000:]
+    assert inbound(log, "p12.example", "alpha.example") == [dict(
+        method="external", tls="True", bidi="True", direct_tls="True")], log[-4000:]
+    print(f"\n[{backend.version.version}] alpha -> p13 (s2sproxy dials Direct TLS) "
+          f"{out[0][0]:.2f}s; p12 -> alpha (Prosody dials Direct TLS) {out[1][0]:.2f}s")
+
+
+async def _two(alice, tom, pat, ca):
+    return [await deliver_one(alice, tom, ca), await deliver_one(pat, alice, ca)]
+
+
+def test_every_remote_and_auth_method_at_once(world, backend):
+    """The interop matrix row of this backend: every remote server, by dialback and by
+    SASL EXTERNAL, all conversations at the same time.  Each must deliver every message,
+    answer every ping, exchange caps, keep one bidi connection per domain pair where the
+    remote offers bidi (two one-way connections with ejabberd), raise no flag, and make
+    no ejabberd log "Unexpected info"."""
+    cells = []
+    for key, (label, ext, db, bidi) in REMOTE_SERVERS.items():
+        for auth, served, remote in (("EXTERNAL", W.ALPHA, ext), ("dialback", W.BETA, db)):
+            cells.append((key, label, auth, served, W.BY_NAME[remote], bidi))
+    pairs = [(s.account(backend.tag), r.account(backend.tag)) for _k, _l, _a, s, r, _b in cells]
+    results = harness.run_async(lambda: converse_all(pairs, world.trust.bundle), 240)
+    log = _log(backend)
+    m = W.metrics(backend.metrics_port)
+    failures = []
+    for (key, label, auth, served, remote, bidi), seen in zip(cells, results):
+        problems = []
+        if seen.error:
+            problems.append(seen.error)
+        if seen.delivered != seen.expected:
+            problems.append(f"delivered {seen.delivered}/{seen.expected}")
+        missing = [k for k, v in seen.pings.items() if v is None]
+        if len(seen.pings) != 4 or missing:
+            problems.append(f"pings {seen.pings}")
+        if seen.disco != [True, True]:
+            problems.append(f"disco {seen.disco}")
+        method = "external" if auth == "EXTERNAL" else "dialback"
+        ins = inbound(log, remote.name, served.name)
+        outs = outbound(log, served.name, remote.name)
+        streams = ins + outs
+        if any(s["method"] != method for s in streams) or not streams:
+            problems.append(f"authentication {streams}, expected {method}")
+        if bidi:
+            shape = "bidi"
+            if len(streams) != 1 or streams[0]["bidi"] != "True":
+                problems.append(f"expected one bidi connection, got {streams}")
+            rows = [s["dir"] for s in world.remotes[key].s2s_sessions()
+                    if s["host"] == remote.name and s["remote"] == served.name]
+            if rows != ["<->"]:
+                problems.append(f"Prosody's s2s show for {remote.name}: {rows}")
+        else:
+            shape = "2 one-way"
+            if len(ins) != 1 or len(outs) != 1 or any(s["bidi"] != "False" for s in streams):
+                problems.append(f"expected two one-way connections, got {streams}")
+        ok = not problems
+        summary = (f"{seen.delivered}/{seen.expected} msgs, "
+                   f"{sum(v is not None for v in seen.pings.values())}/4 pings, "
+                   f"caps, {shape}, {seen.elapsed:.1f} s")
+        MATRIX.put(f"ejabberd {backend.version.version}", label, auth, Cell(ok, summary, problems))
+        if problems:
+            failures.append(f"{label} {auth} ({served.name} <-> {remote.name}): {problems}")
+    flags = {k: v for k, v in m.items() if k.startswith("s2sproxy_flags_total")}
+    if flags:
+        failures.append(f"flags raised: {flags}")
+    for name, text in (("backend ejabberd", backend.ejabberd.log_text()),
+                       ("remote ejabberd", world.ejr.log_text())):
+        if "Unexpected info" in text:
+            failures.append(f"{name} logged Unexpected info")
+    if "Traceback" in log:
+        failures.append("s2sproxy logged a traceback")
+    assert not failures, "\n".join(failures) + "\n" + log[-3000:]
+
+
+FALLBACK_CASES = {
+    # domain: (what fails first, the attempt that must fail, bound in seconds)
+    "fb-refused.example": ("first SRV target refuses (127.0.0.99)",
+                           r"remote connection to dead\.example \[127\.0\.0\.99\]:5269", 5),
+    "fb-v6.example": ("AAAA ::1 refuses, A 127.0.0.40 answers",
+                      r"remote connection to dual\.fb-v6\.example \[::1\]:5279", 5),
+    "fb-nosrv.example": ("no SRV record: the domain's A on 5269",
+                         None, 5),
+    "fb-cert.example": ("first target's certificate names another domain",
+                        r"remote connection to xmpp\.p13\.example \[127\.0\.0\.21\]:5269", 8),
+}
+
+
+def test_fallback_on_the_real_resolver_path(world, backend):
+    """Each broken first way is passed over and the message delivered, within its bound;
+    a domain whose SRV target is "." is bounced at once without a connection."""
+    alice = W.ALPHA.account(backend.tag)
+    targets = [W.BY_NAME[d].account(backend.tag) for d in FALLBACK_CASES]
+
+    async def run_all():
+        out = [await deliver_one(alice, t, world.trust.bundle) for t in targets]
+        out.append(await deliver_one(alice, harness.Account(f"nobody@{W.NO_SERVICE}",
+                                                            "x", "127.0.0.1"),
+                                     world.trust.bundle, timeout=10))
+        return out
+
+    async def bounce_none():
+        c = await harness.Client.connected(alice, world.trust.bundle)
+        try:
+            import time
+            t0 = time.monotonic()
+            c.send_message(f"nobody@{W.NO_SERVICE}", "anyone?")
+            err = await c.wait_message(15, match=lambda m: m.type == "error")
+            return err.xml, time.monotonic() - t0
+        finally:
+            await c.close()
+
+    out = harness.run_async(lambda: _sequential(alice, targets, world.trust.bundle), 150)
+    none_xml, none_took = harness.run_async(bounce_none, 40)
+    log = _log(backend)
+    report = []
+    failures = []
+    for (domain, (what, failed_attempt, bound)), (took, why) in zip(FALLBACK_CASES.items(), out):
+        report.append(f"{domain}: {what}: " + (f"delivered in {took:.2f}s" if took is not None
+                                                else f"FAILED {why}"))
+        if took is None or took > bound:
+            failures.append(f"{domain}: {why or f'took {took:.2f}s > {bound}s'}")
+        if failed_attempt and not re.search(failed_attempt, log):
+            failures.append(f"{domain}: no attempt matching {failed_attempt!r}")
+        if not outbound(log, "alpha.example", domain):
+            failures.append(f"{domain}: no remote stream ready")
+    cert = outbound(log, "alpha.example", "fb-cert.example")
+    if cert and cert[-1]["valid"] != "True":
+        failures.append(f"fb-cert.example: {cert}")
+    report.append(f"{W.NO_SERVICE}: SRV target '.': bounced in {none_took:.2f}s")
+    if "remote-server-not-found" not in none_xml:
+        failures.append(f"{W.NO_SERVICE}: {none_xml}")
+    if re.search(rf"remote connection to \S+ \[[^]]+\]:\d+ \(\w+[^)]*\) for "
+                 rf"{re.escape(W.NO_SERVICE)}", log):
+        failures.append(f"{W.NO_SERVICE}: a connection was tried")
+    print(f"\n[{backend.version.version}] fallback:\n  " + "\n  ".join(report))
+    assert not failures, "\n".join(failures) + "\n" + log[-4000:]
+
+
+async def _sequential(alice, targets, ca):
+    return [await deliver_one(alice, t, ca) for t in targets]
+
+
+def test_versions_running_are_the_intended_ones(world, backend):
+    """The matrix means what it says: each server reports the version it is labelled."""
+    assert f"ejabberd {backend.version.version}" in backend.ejabberd.log_text() \
+        or backend.version.version in backend.ejabberd.ctl("status", check=False).stdout
+    for key, server in world.remotes.items():
+        want = {"p12": "0.12", "p13": "13.0", "ejr": "24.12"}[key]
+        text = server.log_text()
+        assert want in text, f"{key}: {want} not in its log"
+    assert versions is not None
