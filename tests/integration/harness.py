@@ -928,7 +928,8 @@ def s2sproxy_command(config_path: Path, log_path: Path, python: str = sys.execut
 
 def start_s2sproxy(run: RunDir, *, backend_port: int | None = None, dns_port: int | None = None,
                    config_path: Path | None = None, python: str = sys.executable,
-                   timeout: float = 20.0, **config_kw) -> S2SProxy:
+                   timeout: float = 20.0, listen_host: str = PROXY_IP,
+                   **config_kw) -> S2SProxy:
     """Write the config (unless ``config_path``), start s2sproxy, and wait until
     127.0.0.30:5269 accepts TCP connections (bounded by ``timeout``).
 
@@ -954,10 +955,10 @@ def start_s2sproxy(run: RunDir, *, backend_port: int | None = None, dns_port: in
         if proc.poll() is not None:
             raise HarnessError(f"s2sproxy exited with {proc.returncode} while starting\n"
                                + tail(console, 30) + "\n" + tail(log_path, 30))
-        return tcp_listening(PROXY_IP, PROXY_STARTTLS_PORT)
+        return tcp_listening(listen_host, PROXY_STARTTLS_PORT)
 
     try:
-        wait_for(ready, timeout, f"s2sproxy to listen on {PROXY_IP}:{PROXY_STARTTLS_PORT}",
+        wait_for(ready, timeout, f"s2sproxy to listen on {listen_host}:{PROXY_STARTTLS_PORT}",
                  on_timeout=lambda: tail(console, 30) + "\n" + tail(log_path, 30))
     except BaseException:
         proxy.stop()

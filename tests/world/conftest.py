@@ -45,7 +45,7 @@ def world(request):
                 raise harness.HarnessError(v.missing())
     except harness.HarnessError as e:
         pytest.fail(str(e), pytrace=False)
-    harness.check_fixed_ports_free()
+    W.check_ports_free()
     w = W.World(versions)
     try:
         w.start()

@@ -56,7 +56,7 @@ def test_direct_tls_both_ways_with_prosody(world, backend):
     assert out[0][0] is not None, out
     assert out[1][0] is not None, out
     log = _log(backend)
-    assert re.search(r"remote connection to xmpp\.p13\.example \[127\.0\.0\.21\]:5270 "
+    assert re.search(r"remote connection to xmpp\.p13\.example \[127\.0\.1\.21\]:5270 "
                      r"\(direct TLS\) for p13\.example", log), log[-4000:]
     assert outbound(log, "alpha.example", "p13.example") == [dict(
         method="external", tls="True", bidi="True", direct_tls="True", valid="True")], \
@@ -136,14 +136,14 @@ def test_every_remote_and_auth_method_at_once(world, backend):
 
 FALLBACK_CASES = {
     # domain: (what fails first, the attempt that must fail, bound in seconds)
-    "fb-refused.example": ("first SRV target refuses (127.0.0.99)",
-                           r"remote connection to dead\.example \[127\.0\.0\.99\]:5269", 5),
-    "fb-v6.example": ("AAAA ::1 refuses, A 127.0.0.40 answers",
+    "fb-refused.example": ("first SRV target refuses (127.0.1.99)",
+                           r"remote connection to dead\.example \[127\.0\.1\.99\]:5269", 5),
+    "fb-v6.example": ("AAAA ::1 refuses, A 127.0.1.40 answers",
                       r"remote connection to dual\.fb-v6\.example \[::1\]:5279", 5),
     "fb-nosrv.example": ("no SRV record: the domain's A on 5269",
                          None, 5),
     "fb-cert.example": ("first target's certificate names another domain",
-                        r"remote connection to xmpp\.p13\.example \[127\.0\.0\.21\]:5269", 8),
+                        r"remote connection to xmpp\.p13\.example \[127\.0\.1\.21\]:5269", 8),
 }
 
 

@@ -9,15 +9,17 @@ private mount namespace whose /etc/resolv.conf says so).  No static address over
 anywhere: the only path is SRV / A / AAAA / CNAME, as on the internet.  Domains are
 under ``.example``: Prosody's libunbound answers every ``*.test`` name with NXDOMAIN.
 
-Addresses (loopback only)::
+Addresses (loopback only; 127.0.1.0/24, apart from tests/integration's 127.0.0.x, so the
+two suites never hold the same port)::
 
     127.0.0.53:53        Knot, authoritative for "example"
-    127.0.0.30           s2sproxy public listeners, 5269 STARTTLS and 5270 Direct TLS
-    127.0.0.10           backend ejabberd c2s (its s2s on 127.0.0.1:15269, deploy/EJABBERD.md)
-    127.0.0.20 and ::1   Prosody 0.12 (dual stack): 5222, 5269, 5270 Direct TLS
-    127.0.0.21           Prosody 13: 5222, 5269, 5270 Direct TLS
-    127.0.0.40           ejabberd 24.12 as a remote server: 5222, s2s 5279
-    127.0.0.99           nothing (connections refused)
+    127.0.1.30           s2sproxy public listeners, 5269 STARTTLS and 5270 Direct TLS
+    127.0.1.10           backend ejabberd: c2s 5222, internal s2s 15269 (the listener
+                         deploy/EJABBERD.md moves to 127.0.0.1, here on its own address)
+    127.0.1.20 and ::1   Prosody 0.12 (dual stack): 5222, 5269, 5270 Direct TLS
+    127.0.1.21           Prosody 13: 5222, 5269, 5270 Direct TLS
+    127.0.1.40           ejabberd 24.12 as a remote server: 5222, s2s 5279
+    127.0.1.99           nothing (connections refused)
 
 Domains: two served behind s2sproxy (alpha, beta) and two per remote server, one
 whose certificate the others trust (SASL EXTERNAL both ways) and one whose certificate
@@ -34,8 +36,8 @@ comes from a CA nobody trusts (dialback both ways)::
 
 and the fallback domains of item 4 (each: how the first way fails, what works)::
 
-    fb-refused.example  SRV 0 -> 127.0.0.99 (refused), SRV 10 -> Prosody 0.12
-    fb-v6.example       target has AAAA ::1 (nothing on 5279) and A 127.0.0.40 (ejabberd)
+    fb-refused.example  SRV 0 -> 127.0.1.99 (refused), SRV 10 -> Prosody 0.12
+    fb-v6.example       target has AAAA ::1 (nothing on 5279) and A 127.0.1.40 (ejabberd)
     fb-nosrv.example    no SRV: the domain's own A, port 5269 (Prosody 0.12)
     fb-cert.example     SRV 0 -> Prosody 13 with a certificate for another name,
                         SRV 10 -> Prosody 0.12 with the right one (trust.secure_domains)
@@ -63,13 +65,24 @@ HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "templates"
 
 DNS_IP = "127.0.0.53"
-PROXY_IP = harness.PROXY_IP
-BACKEND_C2S_IP = harness.EJABBERD_IP
-P12_IP = "127.0.0.20"
-P13_IP = "127.0.0.21"
-EJR_IP = "127.0.0.40"
+PROXY_IP = "127.0.1.30"
+BACKEND_C2S_IP = "127.0.1.10"
+BACKEND_S2S = ("127.0.1.10", 15269)
+P12_IP = "127.0.1.20"
+P13_IP = "127.0.1.21"
+EJR_IP = "127.0.1.40"
 EJR_S2S_PORT = 5279
-DEAD_IP = "127.0.0.99"
+DEAD_IP = "127.0.1.99"
+FIXED_LISTENERS = [(DNS_IP, 53), (PROXY_IP, 5269), (PROXY_IP, 5270), (BACKEND_C2S_IP, 5222),
+                   BACKEND_S2S, (P12_IP, 5222), (P12_IP, 5269), (P13_IP, 5269),
+                   (EJR_IP, 5222), (EJR_IP, EJR_S2S_PORT)]
+
+
+def check_ports_free() -> None:
+    busy = [f"{h}:{p}" for h, p in FIXED_LISTENERS if harness.tcp_listening(h, p)]
+    if busy:
+        raise HarnessError(f"world addresses already in use: {', '.join(busy)} (another "
+                           f"world run?); peer processes: {harness.peer_processes()}")
 PASSWORD = "world-pw-1"
 
 
@@ -258,8 +271,7 @@ class WorldEjabberd(harness.Ejabberd):
         self.domains = list(domains)
         self.remote = backend_dns_port is None
         self.dns_port = 53 if self.remote else backend_dns_port
-        self.s2s_ip, self.s2s_port = (c2s_ip, s2s_port) if self.remote else \
-            (harness.EJABBERD_INTERNAL_IP, harness.EJABBERD_INTERNAL_S2S_PORT)
+        self.s2s_ip, self.s2s_port = (c2s_ip, s2s_port) if self.remote else BACKEND_S2S
         self.dist_port = harness.free_port()
         self.node = f"ejabberd-{name}-{secrets.token_hex(3)}@localhost"
         self.proc = None
@@ -297,6 +309,11 @@ class WorldEjabberd(harness.Ejabberd):
             (self.dir / "resolv.conf").write_text(f"nameserver {DNS_IP}\n")
         else:
             config = harness.apply_deploy_snippet(config, starttls)
+            # the snippet's internal listener, on this world's own address
+            config = config.replace("  ip: 127.0.0.1\n  module: ejabberd_s2s_in",
+                                    f"  ip: {BACKEND_S2S[0]}\n  module: ejabberd_s2s_in")
+            if f"  ip: {BACKEND_S2S[0]}\n  module: ejabberd_s2s_in" not in config:
+                raise HarnessError("deploy snippet: internal s2s listener not found")
             inetrc = (harness.DEPLOY_DIR / "ejabberd" / "inetrc").read_text().replace(
                 "{nameserver, {127,0,0,1}, 15353}",
                 f"{{nameserver, {{127,0,0,1}}, {backend_dns_port}}}")
@@ -372,8 +389,8 @@ def write_proxy_config(run: harness.RunDir, trust: Trust, *, backend_port: int,
         f"direct_tls = [{q(f'tcp:5270:interface={PROXY_IP}')}]",
         "",
         "[backend]",
-        f"host = {q(harness.EJABBERD_INTERNAL_IP)}",
-        f"port = {harness.EJABBERD_INTERNAL_S2S_PORT}",
+        f"host = {q(BACKEND_S2S[0])}",
+        f"port = {BACKEND_S2S[1]}",
         f"listen = {q(f'tcp:{backend_port}:interface=127.0.0.1')}",
         f"dns_port = {backend_dns_port}",
         "",
@@ -480,7 +497,7 @@ class World:
         ej.start(60)
         try:
             proxy = harness.start_s2sproxy(run, config_path=config, backend_port=backend_port,
-                                           dns_port=dns_port)
+                                           dns_port=dns_port, listen_host=PROXY_IP)
         except BaseException:
             ej.stop()
             raise
