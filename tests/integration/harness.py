@@ -55,6 +55,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from versions import EJABBERD_2412, PROSODY_012, PeerVersion  # tests/integration/versions.py
+
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "templates"
 REPO_ROOT = HERE.parent.parent
@@ -484,14 +486,20 @@ class Ejabberd:
     ``s2s_port``: 5269 when federating directly, 15269 behind s2sproxy (the
     "listen change").  ``dns_port``: the one DNS responder its inetrc names
     (127.0.0.1).  ``starttls``: s2s_use_starttls, "required" or "optional".
-    ``trusts_ca``: s2s_cafile is the test CA (SASL EXTERNAL possible)."""
+    ``trusts_ca``: s2s_cafile is the test CA (SASL EXTERNAL possible).
+    ``version``: which ejabberd runs it (versions.py; EJABBERD_2301 has no bidi)."""
 
     def __init__(self, run: RunDir, *, dns_port: int, s2s_port: int = EJABBERD_INTERNAL_S2S_PORT,
                  s2s_ip: str = EJABBERD_IP, starttls: str = "required", trusts_ca: bool = True,
                  bidi: bool = False, loglevel: str = "info", leaf: Leaf | None = None,
-                 behind_proxy: bool = False) -> None:
+                 behind_proxy: bool = False, version: PeerVersion = EJABBERD_2412) -> None:
         if starttls not in ("required", "optional", "true", "false"):
             raise ValueError(f"starttls={starttls!r}")
+        if version.kind != "ejabberd":
+            raise ValueError(f"version={version}: not an ejabberd")
+        if bidi and not version.has_mod_s2s_bidi:
+            raise ValueError(f"bidi=True: {version} has no mod_s2s_bidi")
+        self.version = version  # versions.py: which ejabberdctl runs this node
         self.run = run
         self.dir = run.path / "ejabberd"
         self.config_dir = self.dir / "config"
@@ -543,13 +551,13 @@ class Ejabberd:
         return self.logs_dir / "ejabberd.log"
 
     def _ctl_base(self) -> list[str]:
-        return [_which("ejabberdctl") or "ejabberdctl", "--config-dir", str(self.config_dir),
+        return [self.version.ejabberdctl, "--config-dir", str(self.config_dir),
                 "--logs", str(self.logs_dir), "--spool", str(self.spool_dir)]
 
     def ctl(self, *args: str, timeout: float = 30.0, check: bool = True) -> subprocess.CompletedProcess:
         """Run ``ejabberdctl --config-dir ... ARGS`` against this node."""
         return _run(self._ctl_base() + list(args), timeout, f"ejabberdctl {args[0] if args else ''}",
-                    check=check)
+                    check=check, env=self.version.environ())
 
     def launch(self) -> None:
         """Start ``ejabberdctl ... foreground`` (returns at once; see wait_ready)."""
@@ -558,7 +566,7 @@ class Ejabberd:
         out = open(self.console_log, "ab")
         self.proc = subprocess.Popen(self._ctl_base() + ["foreground"], stdin=subprocess.DEVNULL,
                                      stdout=out, stderr=subprocess.STDOUT, cwd="/",
-                                     start_new_session=True)
+                                     start_new_session=True, env=self.version.environ())
         out.close()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -670,11 +678,16 @@ class Prosody:
     ``local_test_address``: where local.test resolves for Prosody (its hoststxt):
     127.0.0.30 (s2sproxy) or 127.0.0.10 (ejabberd, direct federation).
     ``bidi``: load mod_s2s_bidi.  ``trusts_ca``: ssl.cafile is the test CA, so
-    peers' certificates verify and SASL EXTERNAL is possible; otherwise dialback."""
+    peers' certificates verify and SASL EXTERNAL is possible; otherwise dialback.
+    ``version``: which Prosody runs it (versions.py, e.g. PROSODY_13)."""
 
     def __init__(self, run: RunDir, *, local_test_address: str = PROXY_IP, bidi: bool = True,
                  trusts_ca: bool = True, ip: str = PROSODY_IP, leaf: Leaf | None = None,
-                 extra_hosts: dict[str, str] | None = None) -> None:
+                 extra_hosts: dict[str, str] | None = None,
+                 version: PeerVersion = PROSODY_012) -> None:
+        if version.kind != "prosody":
+            raise ValueError(f"version={version}: not a Prosody")
+        self.version = version  # versions.py: which prosody/prosodyctl run it
         self.run = run
         self.dir = run.path / "prosody"
         self.ip = ip
@@ -709,14 +722,14 @@ class Prosody:
     def launch(self) -> None:
         if self.proc is not None:
             raise HarnessError("prosody already started")
-        cmd = ["prosody", "-F", "--config", str(self.config)]
+        cmd = [self.version.prosody, "-F", "--config", str(self.config)]
         if os.geteuid() == 0:
             cmd = [_which("setpriv") or "setpriv", "--reuid=prosody", "--regid=prosody",
                    "--init-groups"] + cmd
         out = open(self.dir / "console.log", "ab")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=subprocess.STDOUT, cwd=str(self.dir),
-                                     start_new_session=True)
+                                     start_new_session=True, env=self.version.environ())
         out.close()
 
     def wait_ready(self, timeout: float = 15.0) -> None:
@@ -744,8 +757,9 @@ class Prosody:
 
     def prosodyctl(self, *args: str, timeout: float = 20.0,
                    check: bool = True) -> subprocess.CompletedProcess:
-        return _run(["prosodyctl", "--config", str(self.config), *args], timeout,
-                    f"prosodyctl {args[0] if args else ''}", check=check)
+        return _run([self.version.prosodyctl, "--config", str(self.config), *args], timeout,
+                    f"prosodyctl {args[0] if args else ''}", check=check,
+                    env=self.version.environ())
 
     def register(self, user: str, password: str) -> None:
         self.prosodyctl("register", user, REMOTE_DOMAIN, password)
