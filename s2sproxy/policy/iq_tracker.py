@@ -1,11 +1,16 @@
 """Which iq get/set are waiting for an answer (RFC 6120 section 8.2.3: every request
 gets exactly one result or error).
 
-Entries are keyed by (requester JID, id): an answer arrives with ``to`` = requester and
-the same id, from the responder's domain, on any stream of that domain pair.  Entries
-expire after ``timeout``; the shell answers expired ones (and those whose stream died)
-with ``remote-server-timeout`` so no requester waits forever.  At most ``max_entries``
-are kept: beyond that the oldest is forgotten (and counted), never answered early.
+Entries are keyed by (requester JID, id, responder JID as addressed): one requester may
+use one id for several requests at once (RFC 6120 section 8.1.3 asks uniqueness per
+stream only; Prosody's PEP sends ``id='disco'`` to every resource of a contact).  An
+answer arrives with ``to`` = requester, the same id and ``from`` = the responder, on any
+stream of that domain pair.  An answer from the responder in other letter case, or
+from a full JID of a bare JID asked, matches the oldest such request; an answer from
+another resource never matches a request to a full JID.  Entries expire after ``timeout``; the shell answers
+expired ones (and those whose stream died) with ``remote-server-timeout`` so no
+requester waits forever.  At most ``max_entries`` are kept: beyond that the oldest is
+forgotten (and counted), never answered early.
 """
 
 from __future__ import annotations
@@ -27,29 +32,49 @@ class IqTracker:
     def __init__(self, timeout: float, max_entries: int) -> None:
         self.timeout = timeout
         self.max_entries = max_entries
-        self._pending: OrderedDict[tuple[str, str], Pending] = OrderedDict()
+        self._pending: OrderedDict[tuple[str, str, str], Pending] = OrderedDict()
+        # (requester, id) -> responders with a pending request, oldest first
+        self._responders: dict[tuple[str, str], list[str]] = {}
         self.evicted = 0
 
     def __len__(self) -> int:
         return len(self._pending)
 
     def request(self, stanza: Stanza, now: float, node: str | None = None) -> None:
-        key = (stanza.from_, stanza.id or "")
+        key = (stanza.from_, stanza.id or "", stanza.to)
         slim = Stanza("iq", b"", stanza.from_, stanza.to, stanza.type, stanza.id,
                       stanza.child_ns, stanza.from_domain, stanza.to_domain)
+        if key in self._pending:
+            self._forget(key)           # the same request again: the newer one stands
         self._pending[key] = Pending(slim, now + self.timeout, node)
-        self._pending.move_to_end(key)
+        self._responders.setdefault(key[:2], []).append(key[2])
         while len(self._pending) > self.max_entries:
-            self._pending.popitem(last=False)
+            self._forget(next(iter(self._pending)))
             self.evicted += 1
 
     def response(self, stanza: Stanza) -> Pending | None:
         """The request ``stanza`` (a result or error) answers, removed; or None."""
-        key = (stanza.to, stanza.id or "")
+        key = (stanza.to, stanza.id or "", stanza.from_)
         p = self._pending.get(key)
-        if p is None or p.request.to_domain != stanza.from_domain:
-            return None
-        del self._pending[key]
+        if p is None:
+            answering = stanza.from_.lower()
+            bare = answering.split("/", 1)[0]
+            for responder in self._responders.get(key[:2], ()):
+                r = responder.lower()
+                if r == answering or ("/" not in r and r == bare):
+                    key, p = (*key[:2], responder), self._pending[(*key[:2], responder)]
+                    break
+            else:
+                return None
+        self._forget(key)
+        return p
+
+    def _forget(self, key: tuple[str, str, str]) -> Pending:
+        p = self._pending.pop(key)
+        responders = self._responders[key[:2]]
+        responders.remove(key[2])
+        if not responders:
+            del self._responders[key[:2]]
         return p
 
     def expire(self, now: float) -> list[Pending]:
@@ -60,18 +85,18 @@ class IqTracker:
             key, p = next(iter(self._pending.items()))
             if p.deadline > now:
                 break
-            del self._pending[key]
-            out.append(p)
+            out.append(self._forget(key))
         return out
 
     def fail_all(self) -> list[Pending]:
         """Every request still waiting (s2sproxy is stopping)."""
         out = list(self._pending.values())
         self._pending.clear()
+        self._responders.clear()
         return out
 
     def fail_pair(self, pair: tuple[str, str]) -> list[Pending]:
         """Requests sent over a domain pair whose stream died."""
         gone = [k for k, p in self._pending.items()
                 if (p.request.from_domain, p.request.to_domain) == pair]
-        return [self._pending.pop(k) for k in gone]
+        return [self._forget(k) for k in gone]

@@ -170,6 +170,37 @@ def test_iq_tracker_is_bounded():
     assert t.response(answer(stanza(id_="4"))) is not None
 
 
+def test_iq_tracker_same_id_to_several_responders_is_several_requests():
+    """Prosody's PEP asks every resource of a contact for disco#info at once, all with
+    id 'disco' (RFC 6120 8.1.3 lets an id be unique per stream only): each answer
+    matches its own request, and one unanswered comes back on expiry."""
+    t = IqTracker(timeout=10, max_entries=100)
+    frm = f"juliet@{REMOTE}"
+    for res in ("a", "b", "c"):
+        t.request(stanza(id_="disco", frm=frm, to=f"romeo@{LOCAL}/{res}"), 0)
+    assert len(t) == 3
+    for res in ("b", "a"):
+        got = t.response(stanza(type_="result", id_="disco", frm=f"romeo@{LOCAL}/{res}",
+                                to=frm))
+        assert got is not None and got.request.to == f"romeo@{LOCAL}/{res}"
+    assert t.response(stanza(type_="result", id_="disco", frm=f"romeo@{LOCAL}/b",
+                             to=frm)) is None          # answered already
+    assert [p.request.to for p in t.expire(10)] == [f"romeo@{LOCAL}/c"]
+
+
+def test_iq_tracker_answer_from_another_address_of_the_responder_matches():
+    """A request to a bare JID answered from a full one of that account (or in other
+    letter case) still matches; from another account it never does."""
+    t = IqTracker(timeout=10, max_entries=100)
+    req = stanza(id_="v1", frm=f"juliet@{REMOTE}/b", to=f"romeo@{LOCAL}")
+    t.request(req, 0)
+    for other in ("romeo@other.example/x", f"mercutio@{LOCAL}/x", LOCAL):
+        assert t.response(stanza(type_="result", id_="v1", frm=other, to=req.from_)) is None
+    got = t.response(stanza(type_="result", id_="v1", frm=f"Romeo@{LOCAL}/orchard",
+                            to=req.from_))
+    assert got is not None and len(t) == 0
+
+
 def test_policy_expired_requests_are_returned_for_timeout_errors():
     """Policy.expired gives the requests to answer with remote-server-timeout."""
     p = policy(iq_timeout=5)

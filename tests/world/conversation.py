@@ -46,8 +46,11 @@ async def converse(local: Account, remote: Account, ca_file: Path) -> Seen:
     t0 = time.monotonic()
     a = b = None
     try:
+        # One resource per conversation: the same local user talks to several remotes
+        # at once.
         a, b = await asyncio.gather(
-            harness.Client.connected(local, ca_file, feature=f"urn:s2sproxy:test:{local.bare}"),
+            harness.Client.connected(local, ca_file, feature=f"urn:s2sproxy:test:{local.bare}",
+                                     resource=remote.bare.split("@")[1]),
             harness.Client.connected(remote, ca_file,
                                      feature=f"urn:s2sproxy:test:{remote.bare}"))
         for c in (a, b):

@@ -221,8 +221,7 @@ class WorldProsody(harness.Prosody):
         self.admin_socket = self.dir / "data" / "prosody.sock"
         self.proc: subprocess.Popen | None = None
         self.domains = list(domains)
-        if version is not None:
-            self.version = version
+        self.version = version or harness.PROSODY_012
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
         (self.dir / "certs").mkdir(exist_ok=True)
         (self.dir / "hosts").write_text("127.0.0.1 localhost\n")
@@ -277,8 +276,7 @@ class WorldEjabberd(harness.Ejabberd):
         self.proc = None
         self.beam_pid = None
         self._started_pids = {}
-        if version is not None:
-            self.version = version
+        self.version = version or harness.EJABBERD_2412
         for d in (self.config_dir, self.logs_dir, self.spool_dir):
             d.mkdir(parents=True, exist_ok=True)
         certfiles = []
@@ -341,11 +339,8 @@ class WorldEjabberd(harness.Ejabberd):
         out = open(self.console_log, "ab")
         self.proc = subprocess.Popen(self._foreground_command(), stdin=subprocess.DEVNULL,
                                      stdout=out, stderr=subprocess.STDOUT, cwd="/",
-                                     start_new_session=True, env=self._env())
+                                     start_new_session=True, env=self.version.environ())
         out.close()
-
-    def _env(self) -> dict | None:
-        return None
 
     def wait_ready(self, timeout: float = 40.0) -> None:
         assert self.proc is not None
