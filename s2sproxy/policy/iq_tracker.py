@@ -1,8 +1,8 @@
 """Which iq get/set are waiting for an answer (RFC 6120 section 8.2.3: every request
 gets exactly one result or error).
 
-Entries are keyed by (requester JID, id, responder JID as addressed): one requester may
-use one id for several requests at once (RFC 6120 section 8.1.3 asks uniqueness per
+Requests are found by (requester JID, id, responder JID as addressed): one requester may
+use one id for several requests at once, even the same request twice (RFC 6120 section 8.1.3 asks uniqueness per
 stream only; Prosody's PEP sends ``id='disco'`` to every resource of a contact).  An
 answer arrives with ``to`` = requester, the same id and ``from`` = the responder, on any
 stream of that domain pair.  An answer from the responder in other letter case, or
@@ -32,49 +32,51 @@ class IqTracker:
     def __init__(self, timeout: float, max_entries: int) -> None:
         self.timeout = timeout
         self.max_entries = max_entries
-        self._pending: OrderedDict[tuple[str, str, str], Pending] = OrderedDict()
-        # (requester, id) -> responders with a pending request, oldest first
-        self._responders: dict[tuple[str, str], list[str]] = {}
+        # in insertion (= deadline) order; a sequence number keys each request, since the
+        # same request may be pending twice (each gets its answer)
+        self._pending: OrderedDict[int, Pending] = OrderedDict()
+        # (requester, id) -> (responder, seq) of each pending request, oldest first
+        self._index: dict[tuple[str, str], list[tuple[str, int]]] = {}
+        self._seq = 0
         self.evicted = 0
 
     def __len__(self) -> int:
         return len(self._pending)
 
     def request(self, stanza: Stanza, now: float, node: str | None = None) -> None:
-        key = (stanza.from_, stanza.id or "", stanza.to)
+        self._seq = seq = self._seq + 1
         slim = Stanza("iq", b"", stanza.from_, stanza.to, stanza.type, stanza.id,
                       stanza.child_ns, stanza.from_domain, stanza.to_domain)
-        if key in self._pending:
-            self._forget(key)           # the same request again: the newer one stands
-        self._pending[key] = Pending(slim, now + self.timeout, node)
-        self._responders.setdefault(key[:2], []).append(key[2])
+        self._pending[seq] = Pending(slim, now + self.timeout, node)
+        self._index.setdefault((stanza.from_, stanza.id or ""), []).append((stanza.to, seq))
         while len(self._pending) > self.max_entries:
             self._forget(next(iter(self._pending)))
             self.evicted += 1
 
     def response(self, stanza: Stanza) -> Pending | None:
         """The request ``stanza`` (a result or error) answers, removed; or None."""
-        key = (stanza.to, stanza.id or "", stanza.from_)
-        p = self._pending.get(key)
-        if p is None:
-            answering = stanza.from_.lower()
-            bare = answering.split("/", 1)[0]
-            for responder in self._responders.get(key[:2], ()):
-                r = responder.lower()
-                if r == answering or ("/" not in r and r == bare):
-                    key, p = (*key[:2], responder), self._pending[(*key[:2], responder)]
-                    break
-            else:
-                return None
-        self._forget(key)
-        return p
+        waiting = self._index.get((stanza.to, stanza.id or ""))
+        if not waiting:
+            return None
+        answering = stanza.from_
+        for responder, seq in waiting:
+            if responder == answering:
+                return self._forget(seq)
+        answering = answering.lower()
+        bare = answering.split("/", 1)[0]
+        for responder, seq in waiting:
+            r = responder.lower()
+            if r == answering or ("/" not in r and r == bare):
+                return self._forget(seq)
+        return None
 
-    def _forget(self, key: tuple[str, str, str]) -> Pending:
-        p = self._pending.pop(key)
-        responders = self._responders[key[:2]]
-        responders.remove(key[2])
-        if not responders:
-            del self._responders[key[:2]]
+    def _forget(self, seq: int) -> Pending:
+        p = self._pending.pop(seq)
+        key = (p.request.from_, p.request.id or "")
+        waiting = self._index[key]
+        waiting.remove((p.request.to, seq))
+        if not waiting:
+            del self._index[key]
         return p
 
     def expire(self, now: float) -> list[Pending]:
@@ -82,21 +84,21 @@ class IqTracker:
         deadline order, so this stops at the first live one)."""
         out = []
         while self._pending:
-            key, p = next(iter(self._pending.items()))
+            seq, p = next(iter(self._pending.items()))
             if p.deadline > now:
                 break
-            out.append(self._forget(key))
+            out.append(self._forget(seq))
         return out
 
     def fail_all(self) -> list[Pending]:
         """Every request still waiting (s2sproxy is stopping)."""
         out = list(self._pending.values())
         self._pending.clear()
-        self._responders.clear()
+        self._index.clear()
         return out
 
     def fail_pair(self, pair: tuple[str, str]) -> list[Pending]:
         """Requests sent over a domain pair whose stream died."""
-        gone = [k for k, p in self._pending.items()
+        gone = [s for s, p in self._pending.items()
                 if (p.request.from_domain, p.request.to_domain) == pair]
-        return [self._forget(k) for k in gone]
+        return [self._forget(s) for s in gone]

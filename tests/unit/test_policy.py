@@ -188,6 +188,17 @@ def test_iq_tracker_same_id_to_several_responders_is_several_requests():
     assert [p.request.to for p in t.expire(10)] == [f"romeo@{LOCAL}/c"]
 
 
+def test_iq_tracker_the_same_request_twice_gets_two_answers():
+    """Prosody 13 sent one caps query twice (two presences) before the first answer."""
+    t = IqTracker(timeout=10, max_entries=100)
+    req = stanza(id_="disco", frm=f"juliet@{REMOTE}", to=f"romeo@{LOCAL}/a")
+    t.request(req, 0)
+    t.request(req, 1)
+    answer_ = stanza(type_="result", id_="disco", frm=req.to, to=req.from_)
+    assert [t.response(answer_) is not None for _ in range(3)] == [True, True, False]
+    assert len(t) == 0
+
+
 def test_iq_tracker_answer_from_another_address_of_the_responder_matches():
     """A request to a bare JID answered from a full one of that account (or in other
     letter case) still matches; from another account it never does."""
