@@ -100,6 +100,9 @@ class OutboundStream(StreamBase):
                       else OutboundState.HEADER)
         self.stream_id = ""
         self.bidi = False
+        # The peer offered bidi as <bidi xmlns='urn:xmpp:bidi'/>, the request's
+        # namespace (ejabberd 24.10 to 25.02): not a XEP-0288 offer, so not requested.
+        self.peer_bidi_misnamed = False
         self.auth_method = ""
         self.peer_verified = False
         self._sasl_done = False
@@ -201,11 +204,13 @@ class OutboundStream(StreamBase):
                        f"{xml_escape(c.verify_key)}</db:verify>".encode())
             self.state = OutboundState.DIALBACK
             return
-        if c.request_bidi and not self.bidi and self.secure \
-                and tree.find(f"{{{NS_BIDI_FEATURE}}}bidi") is not None:
-            self._send(f"<bidi xmlns='{NS_BIDI}'/>".encode())
-            self.bidi = True
-            self._emit(A.BidiNegotiated())
+        if c.request_bidi and not self.bidi and self.secure:
+            if tree.find(f"{{{NS_BIDI_FEATURE}}}bidi") is not None:
+                self._send(f"<bidi xmlns='{NS_BIDI}'/>".encode())
+                self.bidi = True
+                self._emit(A.BidiNegotiated())
+            elif tree.find(f"{{{NS_BIDI}}}bidi") is not None:
+                self.peer_bidi_misnamed = True
         mechanisms = [m.text for m in
                       tree.iterfind(f"{{{NS_SASL}}}mechanisms/{{{NS_SASL}}}mechanism")]
         if c.sasl_external and self.secure and "EXTERNAL" in mechanisms \

@@ -352,6 +352,11 @@ class Proxy(service.MultiService):
                      local=f.pair[0], remote=f.pair[1], method=st.auth_method,
                      tls=st.secure, bidi=st.bidi, direct=st.config.direct_tls,
                      valid=st.peer_verified, peer=proto.peer)
+            if st.peer_bidi_misnamed:
+                log.info("remote {remote} offers bidi in the request's namespace "
+                         "(<bidi xmlns='urn:xmpp:bidi'/>, ejabberd 24.10 to 25.02): not "
+                         "negotiated; its stanzas to {local} come on its own connection",
+                         remote=f.pair[1], local=f.pair[0])
         self._run_ops(f.router, f.router.stream_ready(f.pair, proto, self.reactor.seconds()))
 
     def link_failed(self, factory: _OutboundFactory, condition: str, text: str) -> None:

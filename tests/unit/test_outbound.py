@@ -201,6 +201,24 @@ def test_outbound_remote_requests_bidi_then_sasl_external():
     assert (s.auth_method, s.bidi) == ("external", True)
 
 
+def test_outbound_remote_bidi_in_the_request_namespace_is_not_requested():
+    """ejabberd 24.12 (Debian) offers <bidi xmlns='urn:xmpp:bidi'/> as its feature: that
+    is the request's namespace, not an XEP-0288 offer.  Nothing is requested, the stream
+    goes on with SASL EXTERNAL as if bidi were not offered, and the misnaming is noted."""
+    _ca, _ck, leaf, _k = certificate(REMOTE)
+    s = to_remote()
+    secured(s, E.TlsEstablished(True, leaf))
+    features = PROSODY_FEATURES.replace(b"<bidi xmlns='urn:xmpp:features:bidi'/>",
+                                        b"<bidi xmlns='urn:xmpp:bidi'/>")
+    actions = merge(s.handle(E.DataReceived(REMOTE_HEADER2 + features)))
+    assert actions == [A.SendBytes(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' "
+                                   b"mechanism='EXTERNAL'>bG9jYWwuZXhhbXBsZQ==</auth>")]
+    assert (s.bidi, s.peer_bidi_misnamed) == (False, True)
+    s.handle(E.DataReceived(b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>"))
+    actions = merge(s.handle(E.DataReceived(REMOTE_HEADER3 + b"<stream:features/>")))
+    assert actions == [A.CancelTimer("handshake"), A.StreamReady()]
+
+
 def test_outbound_remote_external_failure_falls_back_to_dialback():
     """When the remote refuses EXTERNAL, dialback is used on the same stream."""
     s = to_remote()

@@ -112,9 +112,13 @@ def test_every_remote_and_auth_method_at_once(world, backend):
             if rows != ["<->"]:
                 problems.append(f"Prosody's s2s show for {remote.name}: {rows}")
         else:
+            # ejabberd 24.12 offers bidi in the wrong namespace and looks for the same in
+            # ours: never bidi, never a stream closed over it.
             shape = "2 one-way"
             if len(ins) != 1 or len(outs) != 1 or any(s["bidi"] != "False" for s in streams):
                 problems.append(f"expected two one-way connections, got {streams}")
+            if f"remote {remote.name} offers bidi in the request's namespace" not in log:
+                problems.append("ejabberd's misnamed bidi feature not seen")
         ok = not problems
         summary = (f"{seen.delivered}/{seen.expected} msgs, "
                    f"{sum(v is not None for v in seen.pings.values())}/4 pings, "
@@ -143,7 +147,8 @@ FALLBACK_CASES = {
     "fb-nosrv.example": ("no SRV record: the domain's A on 5269",
                          None, 5),
     "fb-cert.example": ("first target's certificate names another domain",
-                        r"remote connection to xmpp\.p13\.example \[127\.0\.1\.21\]:5269", 8),
+                        r"remote stream 127\.0\.1\.21:5269 closed: policy-violation "
+                        r"certificate not trusted", 8),
 }
 
 
@@ -152,13 +157,6 @@ def test_fallback_on_the_real_resolver_path(world, backend):
     a domain whose SRV target is "." is bounced at once without a connection."""
     alice = W.ALPHA.account(backend.tag)
     targets = [W.BY_NAME[d].account(backend.tag) for d in FALLBACK_CASES]
-
-    async def run_all():
-        out = [await deliver_one(alice, t, world.trust.bundle) for t in targets]
-        out.append(await deliver_one(alice, harness.Account(f"nobody@{W.NO_SERVICE}",
-                                                            "x", "127.0.0.1"),
-                                     world.trust.bundle, timeout=10))
-        return out
 
     async def bounce_none():
         c = await harness.Client.connected(alice, world.trust.bundle)
@@ -203,11 +201,10 @@ async def _sequential(alice, targets, ca):
 
 
 def test_versions_running_are_the_intended_ones(world, backend):
-    """The matrix means what it says: each server reports the version it is labelled."""
-    assert f"ejabberd {backend.version.version}" in backend.ejabberd.log_text() \
-        or backend.version.version in backend.ejabberd.ctl("status", check=False).stdout
-    for key, server in world.remotes.items():
-        want = {"p12": "0.12", "p13": "13.0", "ejr": "24.12"}[key]
-        text = server.log_text()
-        assert want in text, f"{key}: {want} not in its log"
-    assert versions is not None
+    """The matrix means what it says: each server's own log names its version."""
+    ej = r"ejabberd {}(-\S+)? is started"
+    want = {backend.ejabberd: ej.format(re.escape(backend.version.version)),
+            world.p12: r"Prosody version 0\.12\.3\b", world.p13: r"Prosody version 13\.0\.1\b",
+            world.ejr: ej.format(re.escape(versions.EJABBERD_2412.version))}
+    for server, pattern in want.items():
+        assert re.search(pattern, server.log_text()), f"{server.dir}: no {pattern!r} in its log"

@@ -292,7 +292,11 @@ class WorldEjabberd(harness.Ejabberd):
             # ca_file validates our own certfiles (both CAs); s2s_cafile is what peers'
             # certificates are checked against: the world CA only.
             "CA_FILE": trust.bundle, "S2S_CAFILE": trust.world_file,
-            "MOD_S2S_BIDI_LINE": "", "LOGLEVEL": "info", "NODE": self.node,
+            # A remote ejabberd runs mod_s2s_bidi, as a 24.12 operator would; the backend
+            # never does (deploy/EJABBERD.md).
+            "MOD_S2S_BIDI_LINE": "  mod_s2s_bidi: {}" if self.remote
+            and self.version.has_mod_s2s_bidi else "",
+            "LOGLEVEL": "info", "NODE": self.node,
             "DIST_PORT": self.dist_port,
             # Each node its own cookie: ejabberd derives its rr- iq ids and dialback
             # secret from it (lab README).
