@@ -46,13 +46,15 @@ async def converse(local: Account, remote: Account, ca_file: Path) -> Seen:
     t0 = time.monotonic()
     a = b = None
     try:
-        # One resource per conversation: the same local user talks to several remotes
-        # at once.
+        # One resource per conversation (the same local user talks to several remotes at
+        # once), each with caps of its own: slixmpp asks one resource per caps hash, and
+        # the other conversations' resources come and go.
+        resource = remote.bare.split("@")[1]
         a, b = await asyncio.gather(
-            harness.Client.connected(local, ca_file, feature=f"urn:s2sproxy:test:{local.bare}",
-                                     resource=remote.bare.split("@")[1]),
+            harness.Client.connected(local, ca_file, resource=resource,
+                                     feature=f"urn:s2sproxy:test:{local.bare}/{resource}"),
             harness.Client.connected(remote, ca_file,
-                                     feature=f"urn:s2sproxy:test:{remote.bare}"))
+                                     feature=f"urn:s2sproxy:test:{remote.bare}/it"))
         for c in (a, b):
             await c.xmpp.plugin["xep_0115"].update_caps()
         for i in range(MESSAGES):
@@ -74,7 +76,7 @@ async def converse(local: Account, remote: Account, ca_file: Path) -> Seen:
         for asker, other in ((a, b), (b, a)):
             info = await asker.xmpp.plugin["xep_0030"].get_info(jid=other.xmpp.boundjid,
                                                                 timeout=15)
-            seen.disco.append(f"urn:s2sproxy:test:{other.account.bare}"
+            seen.disco.append(f"urn:s2sproxy:test:{other.xmpp.boundjid}"
                               in info["disco_info"]["features"])
             deadline = time.monotonic() + 30
             while await asker.xmpp.plugin["xep_0115"].get_caps(jid=other.xmpp.boundjid) \

@@ -135,6 +135,19 @@ def test_every_remote_and_auth_method_at_once(world, backend):
             failures.append(f"{name} logged Unexpected info")
     if "Traceback" in log:
         failures.append("s2sproxy logged a traceback")
+    # Every stanza went on a stream authenticated for its own domain pair: no peer ever
+    # complained (a stream error toward us), and no Prosody saw one for an unverified
+    # pair (it would log it and close with invalid-from / not-authorized).
+    for m_ in re.finditer(r".*stream error from peer.*", log):
+        failures.append(f"s2sproxy: {m_.group(0)[:300]}")
+    for key in ("p12", "p13"):
+        for m_ in re.finditer(r".*(invalid-from|not-authorized|unverified|unauthed host).*",
+                              world.remotes[key].log_text()):
+            failures.append(f"{key}: {m_.group(0)[:300]}")
+    # p13db.example's SRV target is a CNAME chain (s2s.p13db -> alias.p13 -> xmpp.p13):
+    # s2sproxy followed it to verify p13db's dialback key.
+    if not re.search(r"verify connection to s2s\.p13db\.example \[127\.0\.1\.21\]:5269", log):
+        failures.append("p13db.example: the CNAME chain was not followed")
     assert not failures, "\n".join(failures) + "\n" + log[-3000:]
 
 
@@ -183,6 +196,10 @@ def test_fallback_on_the_real_resolver_path(world, backend):
             failures.append(f"{domain}: no attempt matching {failed_attempt!r}")
         if not outbound(log, "alpha.example", domain):
             failures.append(f"{domain}: no remote stream ready")
+    # fb-refused's second target is dual stack: IPv6 is tried first, and answers.
+    if not re.search(r"remote stream ready: alpha\.example -> fb-refused\.example .* "
+                     r"peer=::1:5269", log):
+        failures.append("fb-refused.example: not reached over IPv6 (::1)")
     cert = outbound(log, "alpha.example", "fb-cert.example")
     if cert and cert[-1]["valid"] != "True":
         failures.append(f"fb-cert.example: {cert}")
