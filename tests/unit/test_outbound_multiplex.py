@@ -144,7 +144,8 @@ def test_outbound_multiplex_unsolicited_valid_on_bidi_stream_authenticates_nothi
     actions = s.handle(E.DataReceived(answer))
     assert not any(isinstance(a, A.PairReady) for a in actions)
     assert s.verified == {LOCAL} and s.state is OutboundState.READY
-    assert s.handle(E.DataReceived(result(OTHER, "valid")))[-1] == A.PairReady(OTHER, REMOTE)
+    actions = s.handle(E.DataReceived(result(OTHER, "valid")))
+    assert actions[-1] == A.PairReady(OTHER, REMOTE)
 
 
 def test_outbound_multiplex_unsolicited_valid_on_one_way_stream_is_refused():
@@ -249,3 +250,71 @@ def test_outbound_multiplex_bound_counts_the_first_pair_and_waiting_ones():
                                                tried=False)]
     s.handle(E.DataReceived(result(OTHER, "error", body=NOT_AUTHORIZED)))
     assert s.multiplex(THIRD)[0].data.startswith(b"<db:result from='third.example'")
+
+
+# -- the stream and the router together: what goes on the wire ------------------------
+
+def wired(stream: OutboundStream):
+    """A router toward remotes whose ops, and the stream's actions, are run as the
+    shell runs them; returns (router, run, wire) with everything written in order."""
+    from s2sproxy.core.routing import Multiplex, Router, Write
+    r = Router(queue_limit=10, max_age=60, idle_timeout=600,
+               max_pairs=MAX_MULTIPLEXED_PAIRS)
+    wire: list[bytes] = []
+
+    def actions(out) -> None:
+        for a in out:
+            if isinstance(a, A.SendBytes):
+                wire.append(a.data)
+            elif isinstance(a, A.PairReady):
+                run(r.pair_ready((a.originating, a.receiving), stream, 0))
+            elif isinstance(a, A.PairFailed):
+                run(r.pair_failed((a.originating, a.receiving), stream, a.condition,
+                                  a.text, 0, tried=a.tried))
+
+    def run(ops) -> None:
+        for op in ops:
+            if isinstance(op, Write):
+                assert op.handle is stream
+                wire.append(op.data)
+            elif isinstance(op, Multiplex):
+                actions(op.handle.multiplex(op.pair[0]))
+    run(r.stream_ready((LOCAL, REMOTE), stream, 0, shareable=stream.shareable))
+    return r, run, actions, wire
+
+
+def stanza(local: str, n: int):
+    from s2sproxy.core.stanza import Stanza
+    raw = f"<message from='a@{local}' to='b@{REMOTE}' id='{n}'/>".encode()
+    return Stanza("message", raw, f"a@{local}", f"b@{REMOTE}", None, str(n), None, local,
+                  REMOTE)
+
+
+def test_outbound_multiplex_wire_has_a_pairs_stanzas_only_after_its_valid():
+    """On the wire of one stream: the db:result for other.example, then local.example's
+    stanzas as they come, and other.example's only after the remote's 'valid', in
+    order, in one write."""
+    s = ready()
+    r, run, actions, wire = wired(s)
+    run(r.send((OTHER, REMOTE), [stanza(OTHER, 1)], 1))
+    run(r.send((LOCAL, REMOTE), [stanza(LOCAL, 2)], 1))
+    run(r.send((OTHER, REMOTE), [stanza(OTHER, 3)], 2))
+    assert wire == [ASK2.data, stanza(LOCAL, 2).raw]
+    actions(s.handle(E.DataReceived(result(OTHER, "valid"))))
+    assert wire == [ASK2.data, stanza(LOCAL, 2).raw,
+                    stanza(OTHER, 1).raw + stanza(OTHER, 3).raw]
+
+
+@pytest.mark.parametrize("answer", [
+    result(OTHER, "error", body=NOT_AUTHORIZED), result(OTHER, "valid", frm="evil.example"),
+    result(THIRD, "valid")])
+def test_outbound_multiplex_wire_never_has_an_unverified_pairs_stanzas(answer):
+    """An error, an answer from another domain or for another pair: nothing of
+    other.example's is ever written on the stream (bidi, so the stray answers are
+    not even a stream error)."""
+    s = ready(bidi=True)
+    r, run, actions, wire = wired(s)
+    run(r.send((OTHER, REMOTE), [stanza(OTHER, 1)], 1))
+    actions(s.handle(E.DataReceived(answer)))
+    run(r.send((OTHER, REMOTE), [stanza(OTHER, 2)], 2))
+    assert not any(b"a@other.example" in w for w in wire)
