@@ -141,10 +141,12 @@ class Settings:
     log_level: str
     source: Path = field(default=Path("."))
     allow_private_targets: bool = False  # dns.allow_private_targets (core.connect rule 3b)
+    multiplex: bool = True   # outgoing.multiplex: XEP-0220 sender multiplexing to remotes
 
 
 _TOP_KEYS = {"secret_file", "domain", "public", "backend", "queue", "trust", "remote",
-             "limits", "timeouts", "dns", "policy", "keepalive", "flags", "metrics", "log"}
+             "outgoing", "limits", "timeouts", "dns", "policy", "keepalive", "flags",
+             "metrics", "log"}
 
 
 def load(path: str | os.PathLike) -> Settings:
@@ -180,6 +182,8 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
         "system_cas", "ca_file", "require_valid_certificates", "secure_domains",
         "insecure_domains"}), base)
     remotes = _remotes(data.get("remote", {}))
+    # Not under [remote], whose keys are remote domains ([remote."DOMAIN"]).
+    outgoing = _table(data, "outgoing", {"multiplex"})
     limits = _table(data, "limits", {"max_stanza_size", "max_depth",
                                      "pre_auth_max_stanza_size", "pre_auth_max_elements",
                                      "max_unauthenticated",
@@ -241,6 +245,7 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
         log_level=level,
         source=source,
         allow_private_targets=_bool(dns, "dns.allow_private_targets", False),
+        multiplex=_bool(outgoing, "outgoing.multiplex", True),
     )
 
 

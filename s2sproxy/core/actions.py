@@ -83,6 +83,36 @@ class StreamFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class PairReady:
+    """A further domain pair is authenticated on this outgoing stream (XEP-0220 sender
+    multiplexing): the remote answered 'valid' to our ``db:result`` for it."""
+    originating: str
+    receiving: str
+
+
+@dataclass(frozen=True, slots=True)
+class PairFailed:
+    """A further domain pair was not authenticated on this outgoing stream.
+    ``outcome`` is what happened ("invalid", "error CONDITION", "timeout", or "not
+    tried" when the stream could not ask, ``tried`` False: nothing was refused, the
+    pair needs a stream of its own); ``condition`` is the stanza error for what waited
+    for the pair."""
+    originating: str
+    receiving: str
+    outcome: str
+    condition: str
+    text: str = ""
+    tried: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RetireStream:
+    """This outgoing stream should carry nothing more: stop writing on it and close it
+    cleanly; the pairs it carried go on other streams."""
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Flag:
     """Something unexpected, with its stable reason code and the action taken
     (forward, drop, bounce, close).  ``raw`` is the offending element, if any."""
@@ -99,4 +129,4 @@ class Flag:
 
 Action = (SendBytes | StartTls | CloseConnection | Authenticated | BidiNegotiated
           | DeliverStanzas | VerifyDialback | SetTimer | CancelTimer | StreamReady
-          | StreamFailed | Flag)
+          | StreamFailed | PairReady | PairFailed | RetireStream | Flag)

@@ -30,6 +30,19 @@ CLOSE_GRACE = 10.0
 #: seconds per shutdown phase for the peers' ``</stream:stream>`` (``tx.shutdown``)
 SHUTDOWN_WAIT = 5.0
 
+#: domain pairs one outgoing stream of ours to a remote may carry, its first pair
+#: included, by XEP-0220 sender multiplexing (``core.outbound``, ``core.routing``);
+#: beyond: the next pair opens a connection of its own.  Each pair waiting for its
+#: answer holds a timer; 64 keeps one stream's dialback state small while a virtual
+#: host with many domains still needs few connections per remote.
+MAX_MULTIPLEXED_PAIRS = 64
+
+#: seconds during which a remote domain gets no multiplexed pair after one failed on a
+#: stream of ours (an error, 'invalid', no answer in time, or the stream closed while
+#: the answer was awaited): a remote that refuses multiplexing, or kills the whole
+#: stream over it, costs one attempt per hour, not one per pair (``core.routing``)
+MULTIPLEX_HOLDOFF = 3600.0
+
 # -- outgoing connections (``core.connect``) ------------------------------------------
 
 #: SRV targets looked up, and connections attempted, per remote domain and attempt

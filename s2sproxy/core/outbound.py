@@ -17,8 +17,9 @@ Invariants:
 1. STARTTLS is used whenever offered (unless ``tls='never'``); with ``tls='required'``
    a peer that does not offer it fails the stream.
 2. Bidi is requested only with ``request_bidi`` (never toward ejabberd).  Stanzas from
-   the peer are accepted only on a bidi stream, only from ``receiving`` to
-   ``originating``.
+   the peer are accepted only on a bidi stream, only from ``receiving`` to a domain
+   verified on it: ``originating``, or a further one once the peer answered 'valid' to
+   its ``db:result`` (invariant 6; XEP-0288 lets the peer use every such pair).
 3. Exactly one ``StreamReady`` or ``StreamFailed``/``DialbackVerdict`` per stream.
 4. The remote's certificate must be valid for ``receiving`` when the trust policy says
    the domain may not use dialback; otherwise an invalid one is only noted.  This holds
@@ -29,6 +30,22 @@ Invariants:
 5. ``refused_by_peer`` is set when the remote answered our ``db:result`` with
    ``invalid`` or an error: its verdict on our key, which another address of the same
    domain would repeat (``core.connect`` rule 4a).
+6. Sender multiplexing (XEP-0220 section 2.6.1, "MAY be used without further
+   negotiation"): ``multiplex(domain)`` asks for (domain, ``receiving``) on this
+   stream with a further ``db:result``.  Only with ``max_pairs`` > 1 (our streams to
+   remotes, never toward ejabberd), on a READY stream we are not closing and that did
+   not retire, whose peer declared the dialback namespace on its header or offered
+   the dialback feature; at most ``max_pairs`` pairs, the first and the waiting ones
+   included.  A pair is verified only by a typed ``db:result`` from ``receiving`` to a
+   domain we asked for on this stream, while it waits for it; anything else
+   authenticates nothing (section 3.1, unsolicited dialback).  Its outcome is one
+   ``PairReady`` or ``PairFailed``: 'valid'; 'invalid' (``internal-server-error`` for
+   what waited, section 2.1.1); 'error' (``remote-server-timeout``, section 2.5: not a
+   stream error, the stream goes on); no answer within ``timeout``.  After 'invalid'
+   the stream retires (``RetireStream``): the peer MUST close it (section 2.2.1), and
+   we SHOULD NOT send stanzas for the other pairs on it (section 2.1.1).  A stream
+   that ends while pairs wait reports nothing more for them (the router's
+   ``stream_closed`` does).
 """
 
 from __future__ import annotations
@@ -46,8 +63,8 @@ from s2sproxy.core.inbound import TrustPolicy
 from s2sproxy.core.serialize import escape as xml_escape
 from s2sproxy.core.stanza import STANZA_NAMES
 from s2sproxy.core.stream import (DB_RESULT, DB_VERIFY, FEATURES, NS_BIDI, NS_BIDI_FEATURE,
-                                  NS_SASL, NS_TLS, STREAM_ERROR, StreamBase,
-                                  peer_stream_error)
+                                  NS_DIALBACK, NS_DIALBACK_FEATURE, NS_SASL, NS_TLS,
+                                  STREAM_ERROR, StreamBase, peer_stream_error)
 from s2sproxy.core.xmlstream import Element, StreamOpened
 
 
@@ -84,6 +101,7 @@ class OutboundConfig:
     sasl_external: bool = False  # we present a certificate for ``originating``
     trust: TrustPolicy | None = None   # None: the peer's certificate is not checked
     actions: dict | None = None        # policy.actions (reason -> close | drop)
+    max_pairs: int = 1          # domain pairs this stream may carry (1: no multiplexing)
 
 
 _PEER_CLOSE_WAIT = 10.0
@@ -109,6 +127,14 @@ class OutboundStream(StreamBase):
         self._external_failed = False
         self._finished = False
         self.refused_by_peer = False
+        # Sender multiplexing (invariant 6): the sender domains verified on this stream
+        # (``originating`` once ready), those waiting for the peer's answer, and every
+        # one ever asked for (a late answer for one of them is ignored).
+        self.peer_dialback = False
+        self.verified: set[str] = set()
+        self.retired = False
+        self._pending: set[str] = set()
+        self._asked: set[str] = set()
 
     def start(self) -> list[A.Action]:
         """The TCP connection is up: send our header (after the handshake, for Direct
@@ -132,12 +158,16 @@ class OutboundStream(StreamBase):
         self.stream_id = h.attrs.get("id", "")
         if not self.stream_id:
             raise RemoteProtocolError("invalid-xml", "stream header without id")
+        if NS_DIALBACK in h.namespaces.values():
+            self.peer_dialback = True       # XEP-0220 section 2.4.1
         self.state = OutboundState.FEATURES
 
     def _on_element(self, el: Element) -> None:
         name = el.name
         st = self.state
         if st is OutboundState.READY:
+            if name == DB_RESULT and self._pair_answer(el):
+                return
             kind = STANZA_NAMES.get(name)
             if kind is not None and self.bidi:
                 self._stanza(kind, el)
@@ -186,6 +216,8 @@ class OutboundStream(StreamBase):
     def _features(self, el: Element) -> None:
         tree = el.tree()
         c = self.config
+        if tree.find(f"{{{NS_DIALBACK_FEATURE}}}dialback") is not None:
+            self.peer_dialback = True       # XEP-0220 section 2.4.2
         if not self.secure:
             if tree.find(f"{{{NS_TLS}}}starttls") is not None and c.tls != "never":
                 self._send(f"<starttls xmlns='{NS_TLS}'/>".encode())
@@ -267,6 +299,7 @@ class OutboundStream(StreamBase):
 
     def _ready(self) -> None:
         self.state = OutboundState.READY
+        self.verified.add(self.config.originating)
         self._finished = True
         self._emit(A.CancelTimer("handshake"))
         self._emit(A.StreamReady())
@@ -287,12 +320,99 @@ class OutboundStream(StreamBase):
         self._emit_close()
 
     def _stanza_refused(self, frm_domain: str, to_domain: str) -> tuple[str, str] | None:
-        """On our bidi stream the remote may send only receiving -> originating."""
+        """On our bidi stream the remote may send only from receiving to a domain
+        verified here (invariant 2)."""
         if frm_domain != self.config.receiving:
             return "invalid-from", f"{frm_domain} is not authenticated on this stream"
-        if to_domain != self.config.originating:
-            return "host-unknown", f"this stream serves {self.config.originating} only"
+        if to_domain not in self.verified:
+            served = ", ".join(sorted(self.verified))
+            return "host-unknown", f"this stream serves {served} only"
         return None
+
+    # -- sender multiplexing (invariant 6) ---------------------------------------------
+
+    def multiplex_refusal(self) -> str | None:
+        """Why this stream cannot take a further domain pair now; None when it can."""
+        c = self.config
+        refusal = self._carry_refusal()
+        if refusal is not None:
+            return refusal
+        if not self.peer_dialback:
+            return "the peer did not advertise dialback"
+        if len(self.verified) + len(self._pending) >= c.max_pairs:
+            return f"{c.max_pairs} domain pairs on this stream already"
+        return None
+
+    def _carry_refusal(self) -> str | None:
+        """Why this stream may not be used for a further pair at all, even one already
+        verified on it."""
+        if self.config.mode is not Mode.ORIGINATE or self.config.max_pairs <= 1:
+            return "multiplexing is off for this stream"
+        if self.state is not OutboundState.READY:
+            return "the stream is not ready"
+        if self.local_closed:
+            return "the stream is closing"
+        if self.retired:
+            return "the stream is retired"
+        return None
+
+    @property
+    def shareable(self) -> bool:
+        """May this stream take a further domain pair now?"""
+        return self.multiplex_refusal() is None
+
+    def multiplex(self, originating: str) -> list[A.Action]:
+        """Ask the peer to accept stanzas from ``originating`` to ``receiving`` on this
+        stream too: a ``db:result`` with the XEP-0185 key over this stream's id, and a
+        timer for the answer.  The outcome comes as ``PairReady`` or ``PairFailed``
+        (at once when the pair is already verified, or cannot be asked for here)."""
+        c = self.config
+        if originating in self.verified and self._carry_refusal() is None:
+            return [A.PairReady(originating, c.receiving)]
+        if originating in self._pending:
+            return []
+        refusal = self.multiplex_refusal()
+        if refusal is not None:
+            return [A.PairFailed(originating, c.receiving, "not tried", "", refusal,
+                                 tried=False)]
+        self._pending.add(originating)
+        self._asked.add(originating)
+        key = c.keys.key(c.receiving, originating, self.stream_id)
+        out = self._out = []
+        self._send(f"<db:result from='{xml_escape(originating)}' "
+                   f"to='{xml_escape(c.receiving)}'>{key}</db:result>".encode())
+        self._emit(A.SetTimer(f"pair {originating}", c.timeout))
+        self._out = []
+        return out
+
+    def _pair_answer(self, el: Element) -> bool:
+        """The peer's typed db:result for a pair we asked for on this stream: act on
+        it while the pair waits (True: handled).  Anything else is not an answer."""
+        a = el.attrs
+        local = a.get("to")
+        c = self.config
+        if local not in self._asked or "type" not in a or a.get("from") != c.receiving:
+            return False
+        if local not in self._pending or self.local_closed:
+            return True     # too late (its timer fired, or we are closing): nothing
+        self._pending.discard(local)
+        self._emit(A.CancelTimer(f"pair {local}"))
+        r = c.receiving
+        t = a["type"]
+        if t == "valid":
+            self.verified.add(local)
+            self._emit(A.PairReady(local, r))
+        elif t == "invalid":
+            self._emit(A.PairFailed(local, r, "invalid", "internal-server-error",
+                                    f"dialback refused by {r}: invalid key"))
+            self.retired = True
+            self._emit(A.RetireStream(f"{r} refused {local}'s dialback key (the remote "
+                                      f"closes the stream after 'invalid')"))
+        else:
+            cond = _db_error(el)
+            self._emit(A.PairFailed(local, r, f"error {cond}", "remote-server-timeout",
+                                    f"dialback error from {r}: {cond}"))
+        return True
 
     # -- endings -------------------------------------------------------------------------
 
@@ -326,6 +446,12 @@ class OutboundStream(StreamBase):
             if ev.name == "handshake" and not self._finished:
                 self._fail("remote-server-timeout", "no answer in time")
                 self._stream_error("connection-timeout")
+            elif ev.name.startswith("pair ") and ev.name[5:] in self._pending:
+                local = ev.name[5:]
+                self._pending.discard(local)
+                self._emit(A.PairFailed(local, self.config.receiving, "timeout",
+                                        "remote-server-timeout",
+                                        f"no dialback answer in {self.config.timeout:g} s"))
 
 
 def _db_error(el: Element) -> str:

@@ -27,6 +27,20 @@ Rules:
 5. Nothing here reads a clock: every call is given ``now``.
 6. After ``shutdown()`` nothing waits and nothing is opened: what is queued is bounced
    at once, and so is every later stanza without a ready link.
+7. Sender multiplexing (XEP-0220 section 2.6.1), with ``max_pairs`` > 1 (the router
+   toward remotes): a link to open is first asked for on a ready stream of ours to the
+   same remote that was ready as shareable (``core.outbound`` decides that) and
+   carries fewer than ``max_pairs`` pairs, the waiting ones included (``Multiplex``);
+   only without one is a new stream opened.  Never on a borrowed stream.  The link
+   waits, as for a stream being opened, until the shell reports ``pair_ready`` for
+   exactly that stream; until then nothing of the pair is written on it (the per-pair
+   rule: a stanza goes only on a stream authenticated for its pair).  A pair that
+   fails there bounces what waited (rule 3); one that could not be asked opens a
+   stream of its own.  A failure, or the stream closing while a pair waits for its
+   answer, stops multiplexing toward that remote for ``holdoff`` seconds.  A stream
+   carrying several pairs is idle only when all of them are, is never drained for a
+   borrowed bidi stream of one of them (the others would lose it), and when it
+   retires (``retire``) its pairs drain as in rule 2.
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Hashable
 
+from s2sproxy.core.limits import MULTIPLEX_HOLDOFF
 from s2sproxy.core.stanza import Stanza
 
 Pair = tuple[str, str]
@@ -62,6 +77,14 @@ class Open:
 
 
 @dataclass(frozen=True, slots=True)
+class Multiplex:
+    """Ask for ``pair`` on ``handle``, a ready stream of ours to the same remote
+    (rule 7); the shell reports ``pair_ready`` or ``pair_failed``."""
+    pair: Pair
+    handle: Hashable
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     handle: Hashable
 
@@ -73,7 +96,7 @@ class Bounce:
     text: str = ""
 
 
-Op = Write | Open | Close | Bounce
+Op = Write | Open | Multiplex | Close | Bounce
 
 
 class ByteBudget:
@@ -87,7 +110,7 @@ class ByteBudget:
 
 class Link:
     __slots__ = ("pair", "state", "handle", "borrowed", "queue", "failures", "retry_at",
-                 "condition", "last_used", "failed_at", "queued_bytes", "draining")
+                 "condition", "last_used", "failed_at", "queued_bytes", "draining", "via")
 
     def __init__(self, pair: Pair) -> None:
         self.pair = pair
@@ -102,13 +125,28 @@ class Link:
         self.failed_at = 0.0
         self.queued_bytes = 0
         self.draining: Any = None      # DRAINING: the stream being closed
+        self.via: Any = None           # CONNECTING by Multiplex: the stream asked on
+
+
+class Carrier:
+    """A stream of ours (never a borrowed one) as rule 7 sees it: the pairs ready on
+    it, those asked for on it, and whether it may take more."""
+    __slots__ = ("handle", "remote", "pairs", "pending", "shareable")
+
+    def __init__(self, handle: Hashable, remote: str, shareable: bool) -> None:
+        self.handle = handle
+        self.remote = remote
+        self.pairs: dict[Pair, None] = {}       # ordered sets
+        self.pending: dict[Pair, None] = {}
+        self.shareable = shareable
 
 
 class Router:
     def __init__(self, queue_limit: int, max_age: float, idle_timeout: float,
                  backoff_after: int = 2, backoff_base: float = 5.0,
                  backoff_max: float = 300.0, max_bytes: int = 2 * 1024 * 1024,
-                 budget: ByteBudget | None = None) -> None:
+                 budget: ByteBudget | None = None, max_pairs: int = 1,
+                 holdoff: float = MULTIPLEX_HOLDOFF) -> None:
         self.queue_limit = queue_limit
         self.max_bytes = max_bytes
         self.budget = budget if budget is not None else ByteBudget(64 * max_bytes)
@@ -119,6 +157,11 @@ class Router:
         self.backoff_max = backoff_max
         self.links: dict[Pair, Link] = {}
         self.closing = False
+        self.max_pairs = max_pairs          # rule 7 (1: no multiplexing)
+        self.holdoff = holdoff
+        self.carriers: dict[Any, Carrier] = {}
+        self._carriers_to: dict[str, dict[Any, Carrier]] = {}    # by remote domain
+        self.held_off: dict[str, float] = {}     # remote -> no multiplexing until
 
     # -- stanzas -------------------------------------------------------------------------
 
@@ -154,9 +197,20 @@ class Router:
                 link.queued_bytes += size
                 budget.used += size
         if link.state is LinkState.IDLE and link.queue:
-            link.state = LinkState.CONNECTING
-            ops.append(Open(pair))
+            ops.append(self._open(link, now))
         return ops
+
+    def _open(self, link: Link, now: float) -> Open | Multiplex:
+        """Rule 7, else a new stream: ``link`` is connecting from now on."""
+        link.state = LinkState.CONNECTING
+        remote = link.pair[1]
+        if self.max_pairs > 1 and now >= self.held_off.get(remote, 0.0):
+            for c in self._carriers_to.get(remote, {}).values():
+                if c.shareable and len(c.pairs) + len(c.pending) < self.max_pairs:
+                    c.pending[link.pair] = None
+                    link.via = c.handle
+                    return Multiplex(link.pair, c.handle)
+        return Open(link.pair)
 
     def shutdown(self) -> list[Op]:
         """s2sproxy is stopping: bounce everything waiting (rule 6).  Ready links
@@ -177,44 +231,157 @@ class Router:
     # -- streams -------------------------------------------------------------------------
 
     def stream_ready(self, pair: Pair, handle: Hashable, now: float,
-                     borrowed: bool = False) -> list[Op]:
+                     borrowed: bool = False, shareable: bool = False) -> list[Op]:
         """A stream for ``pair`` is authenticated (ours) or a bidi stream of the remote
-        covers it (``borrowed``)."""
+        covers it (``borrowed``).  ``shareable``: that stream of ours may take further
+        pairs (rule 7)."""
         link = self.links.get(pair)
         if link is None:
             link = self.links[pair] = Link(pair)
         ops: list[Op] = []
         if self.closing and borrowed:
             return []       # rule 6: no stream is taken on any more
+        carrier = None if borrowed else self._carrier(handle, pair[1], shareable)
+        if link.via is not None and link.via is not handle:
+            ops += self._release(link.via, pair)     # asked for there, ready here
+        link.via = None
         if link.state is LinkState.DRAINING:
             if not borrowed:
-                return [Close(handle)]          # the bidi stream is taking over
+                return ops + self._release(handle, pair)   # the bidi stream takes over
             link.handle, link.borrowed = handle, True
-            return []
+            return ops
         if link.state is LinkState.READY and link.handle != handle:
             if link.borrowed and not borrowed:
-                return [Close(handle)]          # keep the remote's bidi stream
+                return ops + self._release(handle, pair)   # keep the remote's bidi stream
             if not link.borrowed:
+                old = link.handle
+                if self._carries_others(old, pair):
+                    # rule 7: a shared stream of ours stays, the others need it
+                    return ops + ([] if borrowed else self._release(handle, pair))
                 # rule 2 (or a duplicate of ours): drain ours before using the new one
+                self._forget_carrier(old)
                 link.state = LinkState.DRAINING
-                link.draining, link.handle, link.borrowed = link.handle, handle, borrowed
+                link.draining, link.handle, link.borrowed = old, handle, borrowed
                 link.failures = 0
-                return [Close(link.draining)]
+                if carrier is not None:
+                    carrier.pairs[pair] = None
+                return ops + [Close(old)]
         link.state = LinkState.READY
         link.handle = handle
         link.borrowed = borrowed
         link.failures = 0
         link.last_used = now
+        if carrier is not None:
+            carrier.pending.pop(pair, None)
+            carrier.pairs[pair] = None
         if link.queue:
             ops.append(Write(handle, b"".join(s.raw for s, _ in link.queue)))
             self._clear(link)
         return ops
 
+    # -- sender multiplexing (rule 7) ----------------------------------------------------
+
+    def pair_ready(self, pair: Pair, handle: Hashable, now: float) -> list[Op]:
+        """The remote verified ``pair`` on ``handle``, where it was asked for."""
+        if handle not in self.carriers:
+            return []           # closed or retired since: its pairs went elsewhere
+        link = self.links.get(pair)
+        if link is not None and link.handle is handle \
+                and link.state in (LinkState.READY, LinkState.DRAINING):
+            return []           # told twice
+        if link is None or link.state is not LinkState.CONNECTING or link.via is not handle:
+            return self._release(handle, pair)      # no longer waiting for it there
+        return self.stream_ready(pair, handle, now)
+
+    def pair_failed(self, pair: Pair, handle: Hashable, condition: str, text: str,
+                    now: float, tried: bool = True) -> list[Op]:
+        """``pair`` was not verified on ``handle``: the remote refused it or did not
+        answer (``tried``), or the stream could not ask for it."""
+        c = self.carriers.get(handle)
+        if tried:
+            self.held_off[pair[1]] = now + self.holdoff
+        elif c is not None:
+            c.shareable = False     # the stream itself said it takes no more
+        link = self.links.get(pair)
+        waiting = link is not None and link.state is LinkState.CONNECTING \
+            and link.via is handle
+        ops = self._release(handle, pair) if c is not None and not (
+            link is not None and link.handle is handle) else []
+        if not waiting:
+            return ops
+        link.via = None
+        if not tried:
+            return ops + self._own_stream(link)
+        return ops + self.stream_failed(pair, condition, text, now)
+
+    def retire(self, handle: Hashable, now: float) -> list[Op]:
+        """``handle`` must carry nothing more (the remote refused a pair on it with
+        'invalid', and closes it): it is closed cleanly; its ready pairs drain as in
+        rule 2 and reopen once it has closed, pairs asked for on it open at once."""
+        c = self._forget_carrier(handle)
+        if c is None:
+            return []
+        ops: list[Op] = []
+        for pair in c.pending:
+            link = self.links.get(pair)
+            if link is not None and link.state is LinkState.CONNECTING \
+                    and link.via is handle:
+                link.via = None
+                ops += self._own_stream(link)
+        for pair in c.pairs:
+            link = self.links.get(pair)
+            if link is not None and link.state is LinkState.READY and link.handle is handle:
+                link.state = LinkState.DRAINING
+                link.draining, link.handle, link.borrowed = handle, None, False
+        ops.append(Close(handle))
+        return ops
+
+    def _own_stream(self, link: Link) -> list[Op]:
+        """``link`` was asked for on a stream that cannot answer any more: it opens a
+        stream of its own for what waits (rule 4), or rests."""
+        if link.queue and not self.closing:
+            return [Open(link.pair)]
+        link.state = LinkState.IDLE
+        return []
+
+    def _carrier(self, handle: Hashable, remote: str, shareable: bool) -> Carrier:
+        c = self.carriers.get(handle)
+        if c is None:
+            c = self.carriers[handle] = Carrier(handle, remote, shareable)
+            self._carriers_to.setdefault(remote, {})[handle] = c
+        return c
+
+    def _forget_carrier(self, handle: Hashable) -> Carrier | None:
+        c = self.carriers.pop(handle, None)
+        if c is not None:
+            to = self._carriers_to[c.remote]
+            del to[handle]
+            if not to:
+                del self._carriers_to[c.remote]
+        return c
+
+    def _carries_others(self, handle: Hashable, pair: Pair) -> bool:
+        c = self.carriers.get(handle)
+        return c is not None and any(p != pair for p in (*c.pairs, *c.pending))
+
+    def _release(self, handle: Hashable, pair: Pair) -> list[Op]:
+        """Our stream ``handle`` does not carry ``pair`` (any more): it is closed when
+        it carries nothing else."""
+        c = self.carriers.get(handle)
+        if c is None:
+            return []
+        c.pairs.pop(pair, None)
+        c.pending.pop(pair, None)
+        if c.pairs or c.pending:
+            return []
+        self._forget_carrier(handle)
+        return [Close(handle)]
+
     def stream_failed(self, pair: Pair, condition: str, text: str, now: float) -> list[Op]:
         """Opening a stream for ``pair`` failed before it was ready."""
         link = self.links.get(pair)
-        if link is None or link.state is not LinkState.CONNECTING:
-            return []
+        if link is None or link.state is not LinkState.CONNECTING or link.via is not None:
+            return []       # (a stale attempt: the link now waits for a Multiplex)
         ops: list[Op] = [Bounce(s, condition, text) for s, _ in link.queue]
         self._clear(link)
         link.failures += 1
@@ -232,6 +399,10 @@ class Router:
     def stream_closed(self, handle: Hashable, now: float) -> list[Op]:
         """A ready stream went away (closed by the peer, dead, or closed by us)."""
         ops: list[Op] = []
+        c = self._forget_carrier(handle)
+        if c is not None and c.pending:
+            # Rule 7: the remote may have ended the stream over our db:result.
+            self.held_off[c.remote] = now + self.holdoff
         for link in self.links.values():
             if link.state is LinkState.DRAINING:
                 if link.draining is handle:
@@ -242,19 +413,21 @@ class Router:
                         continue
                     link.state = LinkState.IDLE
                     if link.queue and not self.closing:
-                        link.state = LinkState.CONNECTING
-                        ops.append(Open(link.pair))
+                        ops.append(self._open(link, now))
                 elif link.handle is handle:
                     link.handle = None          # the new stream went first: wait
                     link.borrowed = False
+                continue
+            if link.state is LinkState.CONNECTING and link.via is handle:
+                link.via = None             # asked for on it, unanswered
+                ops += self._own_stream(link)
                 continue
             if link.handle is handle and link.state is LinkState.READY:
                 link.handle = None
                 link.borrowed = False
                 link.state = LinkState.IDLE
                 if link.queue and not self.closing:
-                    link.state = LinkState.CONNECTING
-                    ops.append(Open(link.pair))
+                    ops.append(self._open(link, now))
         return ops
 
     def _clear(self, link: Link) -> None:
@@ -286,13 +459,38 @@ class Router:
                                   f"not delivered within {self.max_age:g} s"))
             if (link.state is LinkState.READY and not link.borrowed
                     and now - link.last_used >= self.idle_timeout):
-                ops.append(Close(link.handle))
-                link.state = LinkState.IDLE
-                link.handle = None
+                ops += self._idle_close(link, now)
             if link.state is LinkState.BACKOFF and now >= link.retry_at:
                 link.state = LinkState.IDLE
             # Failures are remembered for backoff_max, so that back-off can build up.
             forgettable = not link.failures or now - link.failed_at >= self.backoff_max
             if link.state is LinkState.IDLE and not q and forgettable:
                 del self.links[pair]
+        for remote, until in list(self.held_off.items()):
+            if now >= until:
+                del self.held_off[remote]
         return ops
+
+    def _idle_close(self, link: Link, now: float) -> list[Op]:
+        """Rule 4: close our idle stream; one carrying several pairs (rule 7) only once
+        none of them has had traffic for ``idle_timeout``, and none waits for its
+        answer on it."""
+        handle = link.handle
+        c = self.carriers.get(handle)
+        on_it = [link]
+        if c is not None:
+            if c.pending:
+                return []
+            for p in c.pairs:
+                other = self.links.get(p)
+                if other is None or other is link or other.handle is not handle \
+                        or other.state is not LinkState.READY:
+                    continue
+                if now - other.last_used < self.idle_timeout:
+                    return []
+                on_it.append(other)
+            self._forget_carrier(handle)
+        for other in on_it:
+            other.state = LinkState.IDLE
+            other.handle = None
+        return [Close(handle)]

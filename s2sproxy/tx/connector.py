@@ -176,7 +176,7 @@ class Connector:
                 Mode.ORIGINATE, local, remote, p.keys, s.max_stanza_size, s.max_depth,
                 tls="required", timeout=s.auth_timeout, direct_tls=attempt.direct_tls,
                 request_bidi=True, sasl_external=True, trust=p.trust_policy,
-                actions=p.stream_actions))
+                actions=p.stream_actions, max_pairs=p.to_remote.max_pairs))
         try:
             result = await self.run(self.plan(remote), make, "remote", p.to_remote, pair)
         except Exception as e:  # noqa: BLE001 (the tx boundary)

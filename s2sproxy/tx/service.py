@@ -6,7 +6,10 @@ Two routers (``core.routing``), one per direction:
   ejabberd's internal listener, opened on demand.
 * ``to_remote``: (local, remote) pairs, each either the remote's own bidi stream to us
   (preferred) or an outgoing stream of ours (SRV/XEP-0368, TLS, certificate check,
-  SASL EXTERNAL or dialback, bidi requested).
+  SASL EXTERNAL or dialback, bidi requested).  With ``outgoing.multiplex``, a further
+  pair toward a remote is asked for on a ready stream of ours to it (XEP-0220 sender
+  multiplexing; ``core.routing`` rule 7 decides where, ``core.outbound`` invariant 6
+  whether the stream can).
 
 A stanza goes to ``to_backend`` when its ``to`` domain is served, else to
 ``to_remote``.  A bounce is a stanza too: it is routed back the other way.
@@ -30,7 +33,7 @@ from s2sproxy.core import routing as R
 from s2sproxy.core.admission import Admission
 from s2sproxy.core.dialback import DialbackKeys
 from s2sproxy.core.inbound import InboundConfig, InboundStream, Role, TrustPolicy
-from s2sproxy.core.limits import MAX_VERIFICATIONS
+from s2sproxy.core.limits import MAX_MULTIPLEXED_PAIRS, MAX_VERIFICATIONS
 from s2sproxy.core.outbound import OutboundState, OutboundStream
 from s2sproxy.core.stanza import Stanza, bounce_stanza
 from s2sproxy.logs import get_logger
@@ -85,8 +88,9 @@ class Proxy(service.MultiService):
                        idle_timeout=settings.idle_timeout, backoff_after=q.backoff_after,
                        backoff_base=q.backoff_base, backoff_max=q.backoff_max,
                        max_bytes=q.max_bytes, budget=R.ByteBudget(q.max_total_bytes))
-        self.to_backend = R.Router(**routers)
-        self.to_remote = R.Router(**routers)
+        self.to_backend = R.Router(**routers)       # never multiplexed toward ejabberd
+        self.to_remote = R.Router(**routers, max_pairs=MAX_MULTIPLEXED_PAIRS
+                                  if settings.multiplex else 1)
         self.streams: set[StreamProtocol] = set()
         self.admission = Admission(settings.max_unauthenticated,
                                    settings.max_unauthenticated_per_source)
@@ -292,7 +296,9 @@ class Proxy(service.MultiService):
                 return
             factory = getattr(proto, "factory", None)
             if factory is not None and factory.label == "remote":
-                self.to_remote.activity(factory.pair, self.reactor.seconds())
+                now = self.reactor.seconds()
+                for pair in {(s.to_domain, s.from_domain) for s in stanzas}:
+                    self.to_remote.activity(pair, now)
             self.route(stanzas, proto)
         elif t is A.Flag:
             self._flag(a, proto)
@@ -316,6 +322,8 @@ class Proxy(service.MultiService):
                     self._attach_bidi(proto, originating, receiving)
         elif t is A.VerifyDialback:
             defer.ensureDeferred(self.verify_dialback(proto, a))
+        elif t is A.PairReady or t is A.PairFailed or t is A.RetireStream:
+            self._multiplexed(proto, a)
         elif t is A.StreamReady or t is A.StreamFailed or t is E.DialbackVerdict:
             f = proto.factory
             if f.planned:
@@ -357,7 +365,46 @@ class Proxy(service.MultiService):
                          "(<bidi xmlns='urn:xmpp:bidi'/>, ejabberd 24.10 to 25.02): not "
                          "negotiated; its stanzas to {local} come on its own connection",
                          remote=f.pair[1], local=f.pair[0])
-        self._run_ops(f.router, f.router.stream_ready(f.pair, proto, self.reactor.seconds()))
+        self._run_ops(f.router, f.router.stream_ready(f.pair, proto, self.reactor.seconds(),
+                                                      shareable=st.shareable))
+
+    # -- sender multiplexing (core.routing rule 7, core.outbound invariant 6) -----------
+
+    def _multiplex(self, op: R.Multiplex) -> None:
+        """Ask for ``op.pair`` on ``op.handle``, a ready stream of ours to the remote."""
+        proto = op.handle
+        local, remote = op.pair
+        if proto.closing:       # (the router forgets a stream as it closes: not expected)
+            self._multiplexed(proto, A.PairFailed(local, remote, "not tried", "",
+                                                  "the stream is closing", tried=False))
+            return
+        actions = proto.stream.multiplex(local)
+        if any(type(a) is A.SendBytes for a in actions):
+            log.info("remote stream {sid} multiplexing {local} -> {remote} (dialback) "
+                     "peer={peer}", sid=proto.stream.stream_id, local=local, remote=remote,
+                     peer=proto.peer)
+        proto.run(actions)
+
+    def _multiplexed(self, proto: StreamProtocol, a: Any) -> None:
+        """What the stream says about a pair asked for on it, or about itself."""
+        now = self.reactor.seconds()
+        sid = proto.stream.stream_id
+        if type(a) is A.RetireStream:
+            log.info("remote stream {sid} retired: {text}", sid=sid, text=a.text)
+            self._run_ops(self.to_remote, self.to_remote.retire(proto, now))
+            return
+        pair = (a.originating, a.receiving)
+        if type(a) is A.PairReady:
+            log.info("remote stream {sid} multiplexing {local} -> {remote}: valid",
+                     sid=sid, local=a.originating, remote=a.receiving)
+            self._run_ops(self.to_remote, self.to_remote.pair_ready(pair, proto, now))
+            return
+        (log.warn if a.tried else log.info)(
+            "remote stream {sid} multiplexing {local} -> {remote}: {outcome} ({text})",
+            sid=sid, local=a.originating, remote=a.receiving, outcome=a.outcome,
+            text=a.text)
+        self._run_ops(self.to_remote, self.to_remote.pair_failed(
+            pair, proto, a.condition, a.text, now, tried=a.tried))
 
     def link_failed(self, factory: _OutboundFactory, condition: str, text: str) -> None:
         """Opening the stream of ``factory.pair`` failed: bounce what waits for it."""
@@ -452,6 +499,8 @@ class Proxy(service.MultiService):
                     self.connector.open_backend(op.pair)
                 else:
                     defer.ensureDeferred(self._open_remote(op.pair))
+            elif t is R.Multiplex:
+                self._multiplex(op)
             elif t is R.Close:
                 op.handle.close()
             elif t is R.Bounce:

@@ -237,3 +237,14 @@ def test_config_trust_domain_in_both_lists_under_two_spellings(conf):
     assert error_of(conf('[trust]\nsecure_domains = ["bücher.example"]\n'
                          'insecure_domains = ["XN--BCHER-KVA.example"]\n')) == (
         "trust.insecure_domains: bücher.example is also in trust.secure_domains")
+
+
+def test_config_outgoing_multiplex_defaults_to_true(conf):
+    """outgoing.multiplex (XEP-0220 sender multiplexing on our streams to remotes) is
+    on unless set to false, and must be a boolean; [outgoing] knows no other key."""
+    assert load(conf()).multiplex is True
+    assert load(conf("[outgoing]\nmultiplex = false\n")).multiplex is False
+    assert error_of(conf("[outgoing]\nmultiplex = 1\n")) == \
+        "outgoing.multiplex: must be true or false, not 1"
+    assert error_of(conf("[outgoing]\nmultiplexing = true\n")).startswith(
+        "outgoing.multiplexing: unknown key")

@@ -102,6 +102,26 @@ OUTBOUND_VERIFY = [PEER_HEADER + b"<stream:features/>",
                    b"type='valid'/>", b"</stream:stream>"]
 
 
+# Our stream, ready and bidi, with other.example -> remote.example asked for (XEP-0220
+# sender multiplexing): the remote's answers for it and for pairs never asked for,
+# stanzas to both domains, the pair's timer.
+OUTBOUND_MULTIPLEX = [
+    b"<message from='juliet@remote.example' to='romeo@other.example'/>",
+    b"<db:result from='remote.example' to='other.example' type='valid'/>"
+    b"<db:result from='remote.example' to='third.example' type='valid'/>",
+    STANZAS.replace(b"remote.example", b"@@").replace(b"local.example", b"remote.example")
+    .replace(b"@@", b"other.example"),
+    b"<db:result from='remote.example' to='other.example' type='invalid'/>"
+    b"<db:result from='remote.example' to='other.example' type='error'><error "
+    b"type='cancel'><not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"
+    b"</error></db:result>", E.TimerFired("pair other.example"), STREAM_ERROR]
+
+
+def multiplexing():
+    from tests.unit.test_outbound_multiplex import multiplexing as make
+    return make(bidi=True)
+
+
 def verifier():
     return OutboundStream(OutboundConfig(Mode.VERIFY, REMOTE, LOCAL, KEYS, 20000, 16,
                                          tls="never", verify_stream_id="sid",
@@ -114,6 +134,7 @@ MACHINES = {
     "inbound backend": (lambda: inbound(Role.BACKEND, max_size=4000), BACKEND),
     "outbound backend": (backend, OUTBOUND_BACKEND),
     "outbound remote": (to_remote, OUTBOUND_REMOTE),
+    "outbound remote, multiplexing": (multiplexing, OUTBOUND_MULTIPLEX),
     "outbound verify": (verifier, OUTBOUND_VERIFY),
 }
 
