@@ -225,3 +225,38 @@ def test_versions_running_are_the_intended_ones(world, backend):
             world.ejr: ej.format(re.escape(versions.EJABBERD_2412.version))}
     for server, pattern in want.items():
         assert re.search(pattern, server.log_text()), f"{server.dir}: no {pattern!r} in its log"
+
+
+@pytest.mark.parametrize("remote", ["p13.example", "fb-nosrv.example"])
+def test_second_domain_pair_on_our_connection(world, backend, remote):
+    """XEP-0220 sender multiplexing with a real Prosody (13, then 0.12): s2sproxy has its
+    own stream alpha.example -> REMOTE (alice speaks first, or the tests above dialled
+    it); bianca@beta.example's message to REMOTE goes on that same connection
+    after a second db:result, which Prosody verifies by dialback (calling
+    beta.example's authoritative server: s2sproxy, through Knot).  The answer comes back
+    either way; stanzas of beta's pair are written only after Prosody said valid."""
+    other = W.BY_NAME[remote].account(backend.tag)
+    bianca = W.BETA.account(backend.tag)
+    first = harness.run_async(lambda: deliver_one(W.ALPHA.account(backend.tag), other,
+                                                  world.trust.bundle), 60)
+    assert first[0] is not None, first
+    log0 = _log(backend)
+    assert outbound(log0, "alpha.example", remote), f"no stream of ours to {remote} yet"
+    dials_before = len(re.findall(rf"remote connection to \S+ \[[^]]+\]:\d+ \([^)]+\) for "
+                                  rf"{re.escape(remote)}\n", log0))
+    there = harness.run_async(lambda: deliver_one(bianca, other, world.trust.bundle), 60)
+    back = harness.run_async(lambda: deliver_one(other, bianca, world.trust.bundle), 60)
+    log = _log(backend)
+    assert there[0] is not None, there
+    assert back[0] is not None, back
+    sid = re.search(rf"remote stream (\S+) multiplexing beta\.example -> {re.escape(remote)} "
+                    r"\(dialback\)", log)
+    assert sid, log[-4000:]
+    assert f"remote stream {sid.group(1)} multiplexing beta.example -> {remote}: valid" in log
+    dials = len(re.findall(rf"remote connection to \S+ \[[^]]+\]:\d+ \([^)]+\) for "
+                           rf"{re.escape(remote)}\n", log))
+    assert dials == dials_before, "a new connection was opened for beta's pair"
+    back_way = ("the bidi stream" if not inbound(log, remote, "beta.example")
+                else "a connection of its own")
+    print(f"\n[{backend.version.version}] beta -> {remote} multiplexed on stream "
+          f"{sid.group(1)}: {there[0]:.2f}s; the answer came on {back_way}: {back[0]:.2f}s")
