@@ -25,3 +25,27 @@ class DialbackKeys:
         """Constant-time comparison of a presented key with the derived one."""
         expected = self.key(receiving, originating, stream_id)
         return hmac.compare_digest(expected.encode(), key.strip().encode("utf-8", "replace"))
+
+
+class Verification:
+    """How a key another server gave us is to be checked (``verification_route``)."""
+    REFUSE = "refuse"       # our own outgoing connection came back: never trusted
+    TRUSTED = "trusted"     # ejabberd's stream from a trusted backend address
+    BUSY = "busy"           # MAX_VERIFICATIONS in flight: resource-constraint
+    ASK = "ask"             # ask the authoritative server (or ejabberd itself)
+
+
+def verification_route(*, own_connection: bool, backend: bool, peer_host: str,
+                       trusted_addresses: frozenset[str] | tuple[str, ...],
+                       in_flight: int, bound: int) -> str:
+    """A connection of ours that came back to us (a remote's DNS pointing at our
+    listener) is refused, never trusted by address: it would loop every stanza.  A
+    backend stream from ``trusted_addresses`` is trusted without asking.  Otherwise at
+    most ``bound`` verifications are in flight."""
+    if own_connection:
+        return Verification.REFUSE
+    if backend and peer_host in trusted_addresses:
+        return Verification.TRUSTED
+    if in_flight >= bound:
+        return Verification.BUSY
+    return Verification.ASK

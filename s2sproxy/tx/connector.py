@@ -1,5 +1,7 @@
 """Outgoing connections: the backend leg, streams to remote servers, and dialback
-verification, executed for ``core.connect.ConnectPlan``.
+verification, executed for ``core.connect.ConnectPlan``; and further domain pairs asked
+for on a ready stream of ours (XEP-0220 sender multiplexing, decided by
+``core.routing`` and ``core.outbound``).
 
 The plan decides which addresses to try, which to refuse and what to do after each
 failure; this module does the DNS queries (``tx.resolver``), ``connectTCP`` and TLS,
@@ -273,6 +275,44 @@ class Connector:
                                                f"internal error: {e!r}")
         proto, action = await factory.outcome
         return proto, action, _failure(factory, action)
+
+    # -- sender multiplexing (core.routing rule 7, core.outbound invariant 6) -----------
+
+    def multiplex(self, op: R.Multiplex) -> None:
+        """Ask for ``op.pair`` on ``op.handle``, a ready stream of ours to the remote."""
+        proto = op.handle
+        local, remote = op.pair
+        if proto.closing:       # (the router forgets a stream as it closes: not expected)
+            self.multiplexed(proto, A.PairFailed(local, remote, "not tried", "",
+                                                 "the stream is closing", tried=False))
+            return
+        actions = proto.stream.multiplex(local)
+        if any(type(a) is A.SendBytes for a in actions):
+            log.info("remote stream {sid} multiplexing {local} -> {remote} (dialback) "
+                     "peer={peer}", sid=proto.stream.stream_id, local=local, remote=remote,
+                     peer=proto.peer)
+        proto.run(actions)
+
+    def multiplexed(self, proto: StreamProtocol, a: Any) -> None:
+        """What the stream says about a pair asked for on it, or about itself."""
+        p = self.proxy
+        router, now, sid = p.to_remote, p.reactor.seconds(), proto.stream.stream_id
+        if type(a) is A.RetireStream:
+            log.info("remote stream {sid} retired: {text}", sid=sid, text=a.text)
+            p._run_ops(router, router.retire(proto, now))
+            return
+        pair = (a.originating, a.receiving)
+        if type(a) is A.PairReady:
+            log.info("remote stream {sid} multiplexing {local} -> {remote}: valid",
+                     sid=sid, local=a.originating, remote=a.receiving)
+            p._run_ops(router, router.pair_ready(pair, proto, now))
+            return
+        (log.warn if a.tried else log.info)(
+            "remote stream {sid} multiplexing {local} -> {remote}: {outcome} ({text})",
+            sid=sid, local=a.originating, remote=a.receiving, outcome=a.outcome,
+            text=a.text)
+        p._run_ops(router, router.pair_failed(pair, proto, a.condition, a.text, now,
+                                              tried=a.tried))
 
 
 def _failure(factory: OutboundFactory, action: Any) -> C.AttemptFailed | None:

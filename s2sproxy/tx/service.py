@@ -33,7 +33,7 @@ from s2sproxy.core import routing as R
 from s2sproxy.core.admission import Admission
 from s2sproxy.core.dialback import DialbackKeys
 from s2sproxy.core.inbound import InboundConfig, InboundStream, Role, TrustPolicy
-from s2sproxy.core.limits import MAX_MULTIPLEXED_PAIRS, MAX_VERIFICATIONS
+from s2sproxy.core.limits import MAX_MULTIPLEXED_PAIRS
 from s2sproxy.core.outbound import OutboundState, OutboundStream
 from s2sproxy.core.stanza import Stanza, bounce_stanza
 from s2sproxy.logs import get_logger
@@ -47,6 +47,7 @@ from s2sproxy.tx.flags import FlagRecorder
 from s2sproxy.tx import shutdown
 from s2sproxy.tx.protocol import StreamProtocol
 from s2sproxy.tx.resolver import RemoteResolver
+from s2sproxy.tx.verify import Verifier
 from s2sproxy.tx.tls import ClientContexts, ContextFactory, ServerContexts, TrustStore
 
 log = get_logger(__name__)
@@ -105,7 +106,7 @@ class Proxy(service.MultiService):
         ka = settings.keepalive
         self.keepalive = K.Keepalive(K.KeepaliveConfig(ka.whitespace, ka.ping, ka.timeout),
                                      new_ping_id)   # the one registry of our pings
-        self._verifying = 0         # dialback verifications in flight
+        self.verifier = Verifier(self)
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = reactor
         self._build_listeners()
@@ -321,9 +322,9 @@ class Proxy(service.MultiService):
                 for originating, receiving in st.authenticated:
                     self._attach_bidi(proto, originating, receiving)
         elif t is A.VerifyDialback:
-            defer.ensureDeferred(self.verify_dialback(proto, a))
+            defer.ensureDeferred(self.verifier.verify(proto, a))
         elif t is A.PairReady or t is A.PairFailed or t is A.RetireStream:
-            self._multiplexed(proto, a)
+            self.connector.multiplexed(proto, a)
         elif t is A.StreamReady or t is A.StreamFailed or t is E.DialbackVerdict:
             f = proto.factory
             if f.planned:
@@ -367,44 +368,6 @@ class Proxy(service.MultiService):
                          remote=f.pair[1], local=f.pair[0])
         self._run_ops(f.router, f.router.stream_ready(f.pair, proto, self.reactor.seconds(),
                                                       shareable=st.shareable))
-
-    # -- sender multiplexing (core.routing rule 7, core.outbound invariant 6) -----------
-
-    def _multiplex(self, op: R.Multiplex) -> None:
-        """Ask for ``op.pair`` on ``op.handle``, a ready stream of ours to the remote."""
-        proto = op.handle
-        local, remote = op.pair
-        if proto.closing:       # (the router forgets a stream as it closes: not expected)
-            self._multiplexed(proto, A.PairFailed(local, remote, "not tried", "",
-                                                  "the stream is closing", tried=False))
-            return
-        actions = proto.stream.multiplex(local)
-        if any(type(a) is A.SendBytes for a in actions):
-            log.info("remote stream {sid} multiplexing {local} -> {remote} (dialback) "
-                     "peer={peer}", sid=proto.stream.stream_id, local=local, remote=remote,
-                     peer=proto.peer)
-        proto.run(actions)
-
-    def _multiplexed(self, proto: StreamProtocol, a: Any) -> None:
-        """What the stream says about a pair asked for on it, or about itself."""
-        now = self.reactor.seconds()
-        sid = proto.stream.stream_id
-        if type(a) is A.RetireStream:
-            log.info("remote stream {sid} retired: {text}", sid=sid, text=a.text)
-            self._run_ops(self.to_remote, self.to_remote.retire(proto, now))
-            return
-        pair = (a.originating, a.receiving)
-        if type(a) is A.PairReady:
-            log.info("remote stream {sid} multiplexing {local} -> {remote}: valid",
-                     sid=sid, local=a.originating, remote=a.receiving)
-            self._run_ops(self.to_remote, self.to_remote.pair_ready(pair, proto, now))
-            return
-        (log.warn if a.tried else log.info)(
-            "remote stream {sid} multiplexing {local} -> {remote}: {outcome} ({text})",
-            sid=sid, local=a.originating, remote=a.receiving, outcome=a.outcome,
-            text=a.text)
-        self._run_ops(self.to_remote, self.to_remote.pair_failed(
-            pair, proto, a.condition, a.text, now, tried=a.tried))
 
     def link_failed(self, factory: _OutboundFactory, condition: str, text: str) -> None:
         """Opening the stream of ``factory.pair`` failed: bounce what waits for it."""
@@ -500,7 +463,7 @@ class Proxy(service.MultiService):
                 else:
                     defer.ensureDeferred(self._open_remote(op.pair))
             elif t is R.Multiplex:
-                self._multiplex(op)
+                self.connector.multiplex(op)
             elif t is R.Close:
                 op.handle.close()
             elif t is R.Bounce:
@@ -517,44 +480,7 @@ class Proxy(service.MultiService):
         self.metrics.bounces.labels(condition).inc()
         self.send_generated([back])
 
-    # -- outgoing connections (tx.connector) and dialback verification ------------------
+    # -- outgoing connections (tx.connector) -------------------------------------------
 
     async def _open_remote(self, pair: R.Pair) -> None:
         await self.connector.open_remote(pair)
-
-    async def verify_dialback(self, requester: StreamProtocol, req: A.VerifyDialback) -> None:
-        """Ask whether ``req.key`` was issued by ``req.originating``'s server: ejabberd
-        itself for keys ejabberd gave the backend listener (or trusted by its source
-        address), else the remote's authoritative server.  A connection of ours that
-        came back to us (a remote's DNS pointing at our listener) is refused, never
-        trusted by address: it would loop every stanza."""
-        s = self.settings
-        if self.connector.is_own_connection(requester.peer):
-            log.warn("{label} stream {peer} is our own outgoing connection come back "
-                     "({originating} -> {receiving}): refused", label=requester.label,
-                     peer=requester.peer, originating=req.originating,
-                     receiving=req.receiving)
-            requester.run(requester.stream.fail(
-                "policy-violation", "this connection comes from s2sproxy itself"))
-            return
-        backend = isinstance(requester.stream, InboundStream) \
-            and requester.stream.role is Role.BACKEND
-        if backend and requester.peer.rsplit(":", 1)[0] in s.backend.trusted_addresses:
-            verdict = E.DialbackVerdict(req.originating, req.receiving, True)
-        elif self._verifying >= MAX_VERIFICATIONS:
-            verdict = E.DialbackVerdict(req.originating, req.receiving, None,
-                                        "resource-constraint")
-        else:
-            self._verifying += 1
-            try:
-                # Stops between attempts once the asking stream is gone.
-                verdict = await self.connector.verify(
-                    req, backend, wanted=lambda: not getattr(requester, "closing", False))
-            finally:
-                self._verifying -= 1
-        log.info("dialback verification {originating} -> {receiving}: {verdict}",
-                 originating=req.originating, receiving=req.receiving,
-                 verdict={True: "valid", False: "invalid"}.get(verdict.valid,
-                                                               verdict.condition))
-        requester.handle(verdict)
-

@@ -137,7 +137,7 @@ def test_backend_db_result_trusted_by_source_address(tmp_path, peer, trusted):
     reactor = MemoryReactorClock()
     p = Proxy(settings(tmp_path, backend={"trusted_addresses": ["127.0.0.1"]}), reactor)
     requester, ran = _backend_requester(peer)
-    defer.ensureDeferred(p.verify_dialback(
+    defer.ensureDeferred(p.verifier.verify(
         requester, A.VerifyDialback("local.example", "remote.example", "sid", "key")))
     if trusted:
         assert reactor.tcpClients == []

@@ -275,7 +275,7 @@ def test_verify_dialback_toward_secure_domain_needs_tls(tmp_path, trust):
     p, reactor, _b = proxy_with(tmp_path, trust=trust,
                                 remote={"remote.example": {"starttls": ["192.0.2.1:5269"]}})
     requester = Requester()
-    defer.ensureDeferred(p.verify_dialback(
+    defer.ensureDeferred(p.verifier.verify(
         requester, A.VerifyDialback("remote.example", "local.example", "in-1", "key")))
     proto, wire = connect(reactor)
     proto.dataReceived(header("remote.example") + b"<stream:features><dialback "
@@ -335,16 +335,16 @@ def test_dialback_verifications_in_flight_are_bounded_and_stop_with_their_stream
         tmp_path, monkeypatch):
     """Beyond MAX_VERIFICATIONS in flight the extra db:result gets resource-constraint
     at once; a verification whose asking stream has gone tries no further address."""
-    import s2sproxy.tx.service as S
-    monkeypatch.setattr(S, "MAX_VERIFICATIONS", 1)
+    import s2sproxy.tx.verify as V
+    monkeypatch.setattr(V, "MAX_VERIFICATIONS", 1)
     reactor = MemoryReactorClock()
     p = Proxy(settings(tmp_path, remote={"far.example": {
         "starttls": ["192.0.2.1:5269", "192.0.2.2:5269"]}}), reactor)
     first, got1 = _requester()
     second, got2 = _requester("192.0.2.8:40000")
     req = A.VerifyDialback("far.example", "local.example", "sid", "key")
-    defer.ensureDeferred(p.verify_dialback(first, req))
-    defer.ensureDeferred(p.verify_dialback(second, req))
+    defer.ensureDeferred(p.verifier.verify(first, req))
+    defer.ensureDeferred(p.verifier.verify(second, req))
     assert [c[:2] for c in reactor.tcpClients] == [("192.0.2.1", 5269)]
     assert got2 == [E.DialbackVerdict("far.example", "local.example", None,
                                       "resource-constraint")]
@@ -352,4 +352,4 @@ def test_dialback_verifications_in_flight_are_bounded_and_stop_with_their_stream
     reactor.tcpClients[0][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
     assert len(reactor.tcpClients) == 1             # 192.0.2.2 never tried
     assert got1 and got1[0].valid is None
-    assert p._verifying == 0
+    assert p.verifier.in_flight == 0

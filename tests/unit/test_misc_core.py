@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from s2sproxy.core.dialback import DialbackKeys
+from s2sproxy.core.dialback import DialbackKeys, verification_route
 from s2sproxy.core.srv import Target, order
 from s2sproxy.core.stanza import ERROR_TYPES, Stanza, bounce
 
@@ -29,6 +29,21 @@ def test_dialback_check_rejects_other_pair_or_id():
     assert not k.check("b.example", "a.example", "id1", key)
     assert not k.check("a.example", "b.example", "id2", key)
     assert not DialbackKeys(b"another-secret-xx").check("a.example", "b.example", "id1", key)
+
+
+@pytest.mark.parametrize("own, backend, host, in_flight, route", [
+    (True, True, "127.0.0.1", 0, "refuse"),      # our own connection: even if trusted
+    (False, True, "127.0.0.1", 999, "trusted"),  # trusted backend address: no bound
+    (False, False, "127.0.0.1", 0, "ask"),       # the public side is never trusted
+    (False, True, "127.0.0.2", 0, "ask"),
+    (False, False, "192.0.2.1", 256, "busy"),
+    (False, False, "192.0.2.1", 255, "ask"),
+])
+def test_verification_route(own, backend, host, in_flight, route):
+    """Who checks a dialback key given to us: refused, trusted, busy or asked."""
+    assert verification_route(own_connection=own, backend=backend, peer_host=host,
+                              trusted_addresses=("127.0.0.1",), in_flight=in_flight,
+                              bound=256) == route
 
 
 def test_srv_order_priority_then_weight():
