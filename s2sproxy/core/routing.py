@@ -110,7 +110,8 @@ class ByteBudget:
 
 class Link:
     __slots__ = ("pair", "state", "handle", "borrowed", "queue", "failures", "retry_at",
-                 "condition", "last_used", "failed_at", "queued_bytes", "draining", "via")
+                 "condition", "last_used", "failed_at", "queued_bytes", "draining", "via",
+                 "shareable")
 
     def __init__(self, pair: Pair) -> None:
         self.pair = pair
@@ -125,6 +126,7 @@ class Link:
         self.failed_at = 0.0
         self.queued_bytes = 0
         self.draining: Any = None      # DRAINING: the stream being closed
+        self.shareable = False         # DRAINING: ``handle`` may take more pairs after
         self.via: Any = None           # CONNECTING by Multiplex: the stream asked on
 
 
@@ -234,44 +236,44 @@ class Router:
                      borrowed: bool = False, shareable: bool = False) -> list[Op]:
         """A stream for ``pair`` is authenticated (ours) or a bidi stream of the remote
         covers it (``borrowed``).  ``shareable``: that stream of ours may take further
-        pairs (rule 7)."""
+        pairs (rule 7) -- once it carries ``pair``, not while ``pair`` drains into it."""
         link = self.links.get(pair)
         if link is None:
             link = self.links[pair] = Link(pair)
         ops: list[Op] = []
         if self.closing and borrowed:
             return []       # rule 6: no stream is taken on any more
-        carrier = None if borrowed else self._carrier(handle, pair[1], shareable)
         if link.via is not None and link.via is not handle:
             ops += self._release(link.via, pair)     # asked for there, ready here
         link.via = None
         if link.state is LinkState.DRAINING:
             if not borrowed:
-                return ops + self._release(handle, pair)   # the bidi stream takes over
+                return ops + self._unused(handle, pair)    # it already switches
             link.handle, link.borrowed = handle, True
             return ops
         if link.state is LinkState.READY and link.handle != handle:
             if link.borrowed and not borrowed:
-                return ops + self._release(handle, pair)   # keep the remote's bidi stream
+                return ops + self._unused(handle, pair)    # keep the remote's bidi stream
             if not link.borrowed:
                 old = link.handle
                 if self._carries_others(old, pair):
                     # rule 7: a shared stream of ours stays, the others need it
-                    return ops + ([] if borrowed else self._release(handle, pair))
-                # rule 2 (or a duplicate of ours): drain ours before using the new one
+                    return ops + ([] if borrowed else self._unused(handle, pair))
+                # rule 2 (or a duplicate of ours): drain ours before using the new one,
+                # which becomes a carrier only then (nothing is asked for on it before)
                 self._forget_carrier(old)
                 link.state = LinkState.DRAINING
                 link.draining, link.handle, link.borrowed = old, handle, borrowed
+                link.shareable = shareable
                 link.failures = 0
-                if carrier is not None:
-                    carrier.pairs[pair] = None
                 return ops + [Close(old)]
         link.state = LinkState.READY
         link.handle = handle
         link.borrowed = borrowed
         link.failures = 0
         link.last_used = now
-        if carrier is not None:
+        if not borrowed:
+            carrier = self._carrier(handle, pair[1], shareable)
             carrier.pending.pop(pair, None)
             carrier.pairs[pair] = None
         if link.queue:
@@ -317,24 +319,22 @@ class Router:
     def retire(self, handle: Hashable, now: float) -> list[Op]:
         """``handle`` must carry nothing more (the remote refused a pair on it with
         'invalid', and closes it): it is closed cleanly; its ready pairs drain as in
-        rule 2 and reopen once it has closed, pairs asked for on it open at once."""
-        c = self._forget_carrier(handle)
-        if c is None:
-            return []
+        rule 2 and reopen once it has closed, pairs asked for on it open at once, and a
+        pair draining into it waits for its own drain, then opens a new stream."""
+        used = self.carriers.get(handle) is not None
         ops: list[Op] = []
-        for pair in c.pending:
-            link = self.links.get(pair)
-            if link is not None and link.state is LinkState.CONNECTING \
-                    and link.via is handle:
+        for link in self.links.values():
+            if link.state is LinkState.CONNECTING and link.via is handle:
                 link.via = None
                 ops += self._own_stream(link)
-        for pair in c.pairs:
-            link = self.links.get(pair)
-            if link is not None and link.state is LinkState.READY and link.handle is handle:
+                used = True
+            elif link.state is LinkState.READY and link.handle is handle:
                 link.state = LinkState.DRAINING
                 link.draining, link.handle, link.borrowed = handle, None, False
-        ops.append(Close(handle))
-        return ops
+                used = True
+            elif link.state is LinkState.DRAINING and link.handle is handle:
+                used = True         # (``_close`` makes it wait for its drain)
+        return (ops + self._close(handle)) if used else ops
 
     def _own_stream(self, link: Link) -> list[Op]:
         """``link`` was asked for on a stream that cannot answer any more: it opens a
@@ -374,7 +374,23 @@ class Router:
         c.pending.pop(pair, None)
         if c.pairs or c.pending:
             return []
+        return self._close(handle)
+
+    def _unused(self, handle: Hashable, pair: Pair) -> list[Op]:
+        """A stream of ours that came up for ``pair`` is not used for it: released if
+        it carries pairs (rule 7), else closed."""
+        if handle in self.carriers:
+            return self._release(handle, pair)
+        return self._close(handle)
+
+    def _close(self, handle: Hashable) -> list[Op]:
+        """Close our stream ``handle``: it is no carrier any more, and a link draining
+        into it waits for its drain to complete and then opens a new stream (rule 4)
+        -- nothing is written on it after its ``Close``."""
         self._forget_carrier(handle)
+        for link in self.links.values():
+            if link.state is LinkState.DRAINING and link.handle is handle:
+                link.handle = None
         return [Close(handle)]
 
     def stream_failed(self, pair: Pair, condition: str, text: str, now: float) -> list[Op]:
@@ -409,7 +425,8 @@ class Router:
                     link.draining = None
                     if link.handle is not None:
                         link.state = LinkState.CONNECTING
-                        ops += self.stream_ready(link.pair, link.handle, now, link.borrowed)
+                        ops += self.stream_ready(link.pair, link.handle, now, link.borrowed,
+                                                 link.shareable)
                         continue
                     link.state = LinkState.IDLE
                     if link.queue and not self.closing:
@@ -489,8 +506,7 @@ class Router:
                 if now - other.last_used < self.idle_timeout:
                     return []
                 on_it.append(other)
-            self._forget_carrier(handle)
         for other in on_it:
             other.state = LinkState.IDLE
             other.handle = None
-        return [Close(handle)]
+        return self._close(handle)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import sys
 
-from hypothesis import given, settings, strategies as hs
+from hypothesis import example, given, settings, strategies as hs
 
 from s2sproxy.core.routing import (Bounce, Close, LinkState, Multiplex, Open, Router,
                                    Write)
@@ -232,6 +232,44 @@ def test_router_shutdown_while_a_pair_waits_bounces_it_and_opens_nothing():
     assert r.stream_closed("s", 2) == []
 
 
+
+def drained_into_a_late_attempt() -> Router:
+    """A is ready on our "X" when an older attempt of ours for A, "H", comes up late:
+    rule 2 closes "X" and A drains into "H"."""
+    r = router()
+    r.send(A, [st(A, 1)], 0)                                  # Open(A): attempt "H"
+    assert r.stream_ready(A, "S", 1, borrowed=True) == [Write("S", b"<a1/>")]
+    r.stream_closed("S", 2)                                   # the remote's bidi goes
+    assert r.send(A, [st(A, 2)], 3) == [Open(A)]              # attempt "X"
+    assert r.stream_ready(A, "X", 4, shareable=True) == [Write("X", b"<a2/>")]
+    assert r.stream_ready(A, "H", 5, shareable=True) == [Close("X")]
+    assert r.links[A].state is LinkState.DRAINING
+    return r
+
+
+def test_router_stream_drained_into_takes_no_pair_before_the_drain_completes():
+    """Nothing is asked for on "H" while A drains into it (B opens a stream of its
+    own): "H" is not written on before "X" has closed, so it is no carrier yet.  Once
+    the drain completes, "H" is A's stream, shareable as it was reported."""
+    r = drained_into_a_late_attempt()
+    assert r.send(B, [st(B, 1)], 6) == [Open(B)]
+    assert "H" not in r.carriers
+    assert r.send(A, [st(A, 3)], 7) == []
+    assert r.stream_closed("X", 8) == [Write("H", b"<a3/>")]
+    assert r.send(C, [st(C, 1)], 9) == [Multiplex(C, "H")]
+
+
+def test_router_retiring_the_stream_a_pair_drains_into_writes_nothing_on_it():
+    """"H" retires (closed by us) while A still drains into it: A keeps waiting for
+    "X" to close, then opens a new stream; nothing is ever written on "H"."""
+    r = drained_into_a_late_attempt()
+    assert r.retire("H", 7) == [Close("H")]
+    assert r.send(A, [st(A, 3)], 8) == []
+    assert r.stream_closed("X", 9) == [Open(A)]
+    assert r.stream_closed("H", 10) == []
+    assert r.stream_ready(A, "Y", 11) == [Write("Y", b"<a3/>")]
+
+
 # -- the per-pair rule, under random sequences ---------------------------------------
 
 PAIRS = [A, B, C]
@@ -253,6 +291,12 @@ def sequences(draw):
 
 @settings(max_examples=200, deadline=None)
 @given(sequences())
+# A drains from "ours3" into a late attempt "ours4", where B was asked for, refused,
+# and "ours4" retired: A's queue must not be written on "ours4" once "ours3" closed.
+@example([("send", A, 0, 0), ("borrowed", A, 0, 0), ("closed", A, 0, 0),
+          ("send", A, 0, 0), ("opened", A, 0, 1), ("opened", A, 0, 1),
+          ("send", B, 0, 0), ("answer", B, 0, 0), ("retire", A, 1, 0),
+          ("send", A, 0, 0), ("closed", A, 0, 0)])
 def test_router_never_writes_a_pair_on_a_stream_not_authenticated_for_it(steps):
     """The router is driven as the shell drives it, answering what it asks for in any
     order, with stray reports (a 'valid' for a pair never asked for on that stream, or
