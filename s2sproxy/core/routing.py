@@ -249,6 +249,8 @@ class Router:
         if link.state is LinkState.DRAINING:
             if not borrowed:
                 return ops + self._unused(handle, pair)    # it already switches
+            if link.handle is not None and not link.borrowed:
+                ops += self._unused(link.handle, pair)     # the bidi stream takes over
             link.handle, link.borrowed = handle, True
             return ops
         if link.state is LinkState.READY and link.handle != handle:

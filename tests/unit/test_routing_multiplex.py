@@ -270,6 +270,19 @@ def test_router_retiring_the_stream_a_pair_drains_into_writes_nothing_on_it():
     assert r.stream_ready(A, "Y", 11) == [Write("Y", b"<a3/>")]
 
 
+
+def test_router_bidi_stream_taking_over_a_drain_closes_the_stream_drained_into():
+    """The remote's bidi stream comes while A drains into "H": the bidi stream takes
+    A over (rule 2), and "H", which carries nothing now, is closed at once, never left
+    open and unused."""
+    r = drained_into_a_late_attempt()
+    assert r.stream_ready(A, "S", 6, borrowed=True) == [Close("H")]
+    assert r.send(A, [st(A, 3)], 7) == []
+    assert r.stream_closed("X", 8) == [Write("S", b"<a3/>")]
+    assert r.stream_closed("H", 9) == [] and "H" not in r.carriers
+    assert r.tick(10_000) == []
+
+
 # -- the per-pair rule, under random sequences ---------------------------------------
 
 PAIRS = [A, B, C]
@@ -297,14 +310,20 @@ def sequences(draw):
           ("send", A, 0, 0), ("opened", A, 0, 1), ("opened", A, 0, 1),
           ("send", B, 0, 0), ("answer", B, 0, 0), ("retire", A, 1, 0),
           ("send", A, 0, 0), ("closed", A, 0, 0)])
+# The remote's bidi stream takes A over while it drains into "ours4": "ours4" must
+# not stay open, unused.
+@example([("send", A, 0, 0), ("borrowed", A, 0, 0), ("closed", A, 0, 0),
+          ("send", A, 0, 0), ("opened", A, 0, 1), ("opened", A, 0, 1),
+          ("borrowed", A, 0, 0)])
 def test_router_never_writes_a_pair_on_a_stream_not_authenticated_for_it(steps):
     """The router is driven as the shell drives it, answering what it asks for in any
     order, with stray reports (a 'valid' for a pair never asked for on that stream, or
     after it closed) and streams that close, retire or are the remote's bidi streams:
     every stanza written on a stream is for a pair that stream is authenticated for
     (its first pair, a pair asked for on it and answered 'valid', or the remote's
-    bidi stream), never on a stream the router closed; and no stanza is lost (each
-    is written once, bounced once, or still waiting)."""
+    bidi stream), never on a stream the router closed; no stanza is lost (each is
+    written once, bounced once, or still waiting); and no stream of ours is left open
+    that carries nothing and is waited for by nothing."""
     r = router(max_pairs=2, queue_limit=100, max_age=1000)
     authenticated: dict[str, set] = {}
     live: list[str] = []                 # streams up, ours and the remote's
@@ -383,3 +402,7 @@ def test_router_never_writes_a_pair_on_a_stream_not_authenticated_for_it(steps):
             run(r.tick(now))
     waiting = [s.raw[1:-2] for link in r.links.values() for s, _ in link.queue]
     assert sorted(written + bounced + waiting) == sorted(sent)
+    for h in live:              # no stream of ours is left open for nothing
+        if h.startswith("ours") and h not in closed_by_router:
+            assert h in r.carriers or any(link.handle is h or link.via is h
+                                          for link in r.links.values()), h
