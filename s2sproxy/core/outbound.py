@@ -42,8 +42,9 @@ Invariants:
    ``PairReady`` or ``PairFailed``: 'valid'; 'invalid' (``internal-server-error`` for
    what waited, section 2.1.1); 'error' (``remote-server-timeout``, section 2.5: not a
    stream error, the stream goes on); no answer within ``timeout``.  After 'invalid'
-   the stream retires (``RetireStream``): the peer MUST close it (section 2.2.1), and
-   we SHOULD NOT send stanzas for the other pairs on it (section 2.1.1).  A stream
+   for a pair we asked for, even one that no longer waits (its timer fired), the
+   stream retires (``RetireStream``, once): the peer MUST close it (section 2.2.1),
+   and we SHOULD NOT send stanzas for the other pairs on it (section 2.1.1).  A stream
    that ends while pairs wait reports nothing more for them (the router's
    ``stream_closed`` does).
 """
@@ -129,7 +130,7 @@ class OutboundStream(StreamBase):
         self.refused_by_peer = False
         # Sender multiplexing (invariant 6): the sender domains verified on this stream
         # (``originating`` once ready), those waiting for the peer's answer, and every
-        # one ever asked for (a late answer for one of them is ignored).
+        # one ever asked for (a late 'invalid' for one of them still retires the stream).
         self.peer_dialback = False
         self.verified: set[str] = set()
         self.retired = False
@@ -386,29 +387,37 @@ class OutboundStream(StreamBase):
         return out
 
     def _pair_answer(self, el: Element) -> bool:
-        """The peer's typed db:result for a pair we asked for on this stream: act on
-        it while the pair waits (True: handled).  Anything else is not an answer."""
+        """The peer's typed db:result for a pair we asked for on this stream (True:
+        handled); anything else is not an answer.  While the pair waits, the answer is
+        its outcome; later (its timer fired, an 'error' came first) only 'invalid'
+        still counts: the peer closes the stream after it, which therefore retires."""
         a = el.attrs
         local = a.get("to")
         c = self.config
         if local not in self._asked or "type" not in a or a.get("from") != c.receiving:
             return False
-        if local not in self._pending or self.local_closed:
-            return True     # too late (its timer fired, or we are closing): nothing
-        self._pending.discard(local)
-        self._emit(A.CancelTimer(f"pair {local}"))
+        if self.local_closed:
+            return True     # we are closing: the router moved its pairs elsewhere
+        waiting = local in self._pending
+        if waiting:
+            self._pending.discard(local)
+            self._emit(A.CancelTimer(f"pair {local}"))
         r = c.receiving
         t = a["type"]
         if t == "valid":
-            self.verified.add(local)
-            self._emit(A.PairReady(local, r))
+            if waiting:
+                self.verified.add(local)
+                self._emit(A.PairReady(local, r))
         elif t == "invalid":
-            self._emit(A.PairFailed(local, r, "invalid", "internal-server-error",
-                                    f"dialback refused by {r}: invalid key"))
-            self.retired = True
-            self._emit(A.RetireStream(f"{r} refused {local}'s dialback key (the remote "
-                                      f"closes the stream after 'invalid')"))
-        else:
+            self.verified.discard(local)
+            if waiting:
+                self._emit(A.PairFailed(local, r, "invalid", "internal-server-error",
+                                        f"dialback refused by {r}: invalid key"))
+            if not self.retired:
+                self.retired = True
+                self._emit(A.RetireStream(f"{r} refused {local}'s dialback key (the "
+                                          f"remote closes the stream after 'invalid')"))
+        elif waiting:
             cond = _db_error(el)
             self._emit(A.PairFailed(local, r, f"error {cond}", "remote-server-timeout",
                                     f"dialback error from {r}: {cond}"))

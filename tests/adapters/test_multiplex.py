@@ -207,3 +207,30 @@ def test_multiplexed_pair_invalid_retires_the_stream_without_losing_anything(tmp
     assert bounced == [("m2", "internal-server-error")]
     assert "remote stream r2 retired: remote.example refused other.example's dialback " \
            "key (the remote closes the stream after 'invalid')" in logged
+
+
+def test_multiplexed_pair_invalid_after_its_timeout_retires_the_stream(tmp_path, logged):
+    """The remote answers 'invalid' for other.example after our timeouts.auth (its
+    stanzas were bounced then): the remote closes the stream after 'invalid', so it
+    retires all the same: closed cleanly, local.example's next stanza waits for the
+    close and goes on a new connection, nothing more is bounced."""
+    p, reactor = proxy(tmp_path)
+    bounced = []
+    p.bounce = lambda s, condition, text="": bounced.append((s.id, condition))
+    p.route([message(LOCAL, 1)])
+    proto, wire = ready_stream(p, reactor)
+    p.route([message(OTHER, 2)])
+    reactor.advance(p.settings.auth_timeout + 1)          # the pair's timer fires
+    assert bounced == [("m2", "remote-server-timeout")]
+    wire.clear()
+    proto.dataReceived(f"<db:result from='{REMOTE}' to='{OTHER}' type='invalid'/>"
+                       .encode())
+    assert wire.value() == b"</stream:stream>"
+    p.route([message(LOCAL, 3)])                          # the remote is closing it
+    assert wire.value() == b"</stream:stream>"
+    proto.dataReceived(b"</stream:stream>")
+    _proto2, wire2 = ready_stream(p, reactor, 1)
+    assert wire2.value().endswith(message(LOCAL, 3).raw)
+    assert bounced == [("m2", "remote-server-timeout")]
+    assert "remote stream r2 retired: remote.example refused other.example's dialback " \
+           "key (the remote closes the stream after 'invalid')" in logged

@@ -131,6 +131,27 @@ def test_outbound_multiplex_no_answer_in_time_fails_the_pair_and_a_late_answer_i
     assert s.verified == {LOCAL} and s.state is OutboundState.READY
 
 
+RETIRE = A.RetireStream("remote.example refused other.example's dialback key (the remote "
+                        "closes the stream after 'invalid')")
+
+
+@pytest.mark.parametrize("bidi", [False, True])
+@pytest.mark.parametrize("first", [
+    E.TimerFired(f"pair {OTHER}"),                             # our timer fired
+    E.DataReceived(result(OTHER, "error", body=NOT_AUTHORIZED)),   # a dialback error
+])
+def test_outbound_multiplex_invalid_after_the_pairs_outcome_still_retires(first, bidi):
+    """'invalid' for a pair we asked for, once it no longer waits (our timer fired, or
+    an 'error' came first): nothing more is reported for the pair, but the remote MUST
+    close the stream after 'invalid' (section 2.2.1) and we SHOULD NOT write other
+    pairs on it (section 2.1.1): the stream retires all the same, once."""
+    s = multiplexing(bidi=bidi)
+    s.handle(first)
+    assert s.handle(E.DataReceived(result(OTHER, "invalid"))) == [RETIRE]
+    assert s.retired and s.multiplex_refusal() == "the stream is retired"
+    assert s.handle(E.DataReceived(result(OTHER, "invalid"))) == []
+
+
 @pytest.mark.parametrize("answer", [
     result(OTHER, "valid", frm="evil.example"),        # another sender of the answer
     result(THIRD, "valid"),                            # a pair never asked for
