@@ -38,7 +38,8 @@ from s2sproxy.core.serialize import escape as xml_escape
 from s2sproxy.core.stanza import ERROR_TYPES, STANZA_NAMES
 from s2sproxy.core.stream import (DB_RESULT, DB_VERIFY, NS_BIDI, NS_BIDI_FEATURE,
                                   NS_DIALBACK_FEATURE, NS_SASL, NS_TLS, STREAM_ERROR,
-                                  NewStreamId, StreamBase, peer_stream_error)
+                                  NewStreamId, Refusal, StreamBase,
+                                  peer_stream_error)
 from s2sproxy.core.xmlstream import Element, StreamOpened
 
 
@@ -416,11 +417,11 @@ class InboundStream(StreamBase):
                                    "stanza before authentication", el)
         return super()._stanza(kind, el)
 
-    def _stanza_refused(self, frm_domain: str, to_domain: str) -> tuple[str, str] | None:
+    def _stanza_refused(self, frm_domain: str, to_domain: str) -> Refusal | None:
         """XEP-0220: stanzas are accepted per authenticated (from, to) domain pair."""
         if (frm_domain, to_domain) in self.authenticated:
             return None
         if self.role is Role.PUBLIC and to_domain not in self.config.served:
-            return "host-unknown", f"{to_domain} is not served here"
+            return "host-unknown", f"{to_domain} is not served here", True
         return "invalid-from", (f"{frm_domain} is not authenticated for {to_domain} "
-                                f"on this stream")
+                                f"on this stream"), True

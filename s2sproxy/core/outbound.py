@@ -19,7 +19,10 @@ Invariants:
 2. Bidi is requested only with ``request_bidi`` (never toward ejabberd).  Stanzas from
    the peer are accepted only on a bidi stream, only from ``receiving`` to a domain
    verified on it: ``originating``, or a further one once the peer answered 'valid' to
-   its ``db:result`` (invariant 6; XEP-0288 lets the peer use every such pair).
+   its ``db:result`` (invariant 6; XEP-0288 lets the peer use every such pair).  One
+   to a further domain we asked for that is not verified (waiting, refused, timed
+   out) is flagged ``host-unknown`` and dropped: never a reason to end the stream
+   that carries the verified pairs.
 3. Exactly one ``StreamReady`` or ``StreamFailed``/``DialbackVerdict`` per stream.
 4. The remote's certificate must be valid for ``receiving`` when the trust policy says
    the domain may not use dialback; otherwise an invalid one is only noted.  This holds
@@ -36,17 +39,19 @@ Invariants:
    remotes, never toward ejabberd), on a READY stream we are not closing and that did
    not retire, whose peer declared the dialback namespace on its header or offered
    the dialback feature; at most ``max_pairs`` pairs, the first and the waiting ones
-   included.  A pair is verified only by a typed ``db:result`` from ``receiving`` to a
-   domain we asked for on this stream, while it waits for it; anything else
-   authenticates nothing (section 3.1, unsolicited dialback).  Its outcome is one
+   included.  A pair is verified only by a 'valid' ``db:result`` from ``receiving``
+   to a domain we asked for on this stream; anything else authenticates nothing
+   (section 3.1, unsolicited dialback).  While the pair waits, its outcome is one
    ``PairReady`` or ``PairFailed``: 'valid'; 'invalid' (``internal-server-error`` for
    what waited, section 2.1.1); 'error' (``remote-server-timeout``, section 2.5: not a
-   stream error, the stream goes on); no answer within ``timeout``.  After 'invalid'
-   for a pair we asked for, even one that no longer waits (its timer fired), the
-   stream retires (``RetireStream``, once): the peer MUST close it (section 2.2.1),
-   and we SHOULD NOT send stanzas for the other pairs on it (section 2.1.1).  A stream
-   that ends while pairs wait reports nothing more for them (the router's
-   ``stream_closed`` does).
+   stream error, the stream goes on); no answer within ``timeout``.  Late answers
+   count: a 'valid' after the pair's timer fired verifies it all the same (the peer
+   may use it from then on) and reports ``PairReady`` (the router takes it only if
+   the pair still waits for this stream).  After 'invalid' for a pair we asked for,
+   even one that no longer waits, the stream retires (``RetireStream``, once): the
+   peer MUST close it (section 2.2.1), and we SHOULD NOT send stanzas for the other
+   pairs on it (section 2.1.1).  A stream that ends while pairs wait reports nothing
+   more for them (the router's ``stream_closed`` does).
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ from s2sproxy.core.serialize import escape as xml_escape
 from s2sproxy.core.stanza import STANZA_NAMES
 from s2sproxy.core.stream import (DB_RESULT, DB_VERIFY, FEATURES, NS_BIDI, NS_BIDI_FEATURE,
                                   NS_DIALBACK, NS_DIALBACK_FEATURE, NS_SASL, NS_TLS,
-                                  STREAM_ERROR, StreamBase, peer_stream_error)
+                                  STREAM_ERROR, Refusal, StreamBase, peer_stream_error)
 from s2sproxy.core.xmlstream import Element, StreamOpened
 
 
@@ -130,7 +135,7 @@ class OutboundStream(StreamBase):
         self.refused_by_peer = False
         # Sender multiplexing (invariant 6): the sender domains verified on this stream
         # (``originating`` once ready), those waiting for the peer's answer, and every
-        # one ever asked for (a late 'invalid' for one of them still retires the stream).
+        # one ever asked for (late answers count: 'valid' verifies, 'invalid' retires).
         self.peer_dialback = False
         self.verified: set[str] = set()
         self.retired = False
@@ -320,14 +325,19 @@ class OutboundStream(StreamBase):
                                          "remote-server-not-found"))
         self._emit_close()
 
-    def _stanza_refused(self, frm_domain: str, to_domain: str) -> tuple[str, str] | None:
+    def _stanza_refused(self, frm_domain: str, to_domain: str) -> Refusal | None:
         """On our bidi stream the remote may send only from receiving to a domain
-        verified here (invariant 2)."""
+        verified here (invariant 2).  One to a domain we asked for but that is not
+        verified (waiting, refused, timed out) is dropped: it never ends the stream
+        that carries the verified pairs."""
         if frm_domain != self.config.receiving:
-            return "invalid-from", f"{frm_domain} is not authenticated on this stream"
+            return "invalid-from", f"{frm_domain} is not authenticated on this stream", True
+        if to_domain in self._asked and to_domain not in self.verified:
+            return ("host-unknown",
+                    f"{to_domain} was asked for on this stream but is not verified", False)
         if to_domain not in self.verified:
             served = ", ".join(sorted(self.verified))
-            return "host-unknown", f"this stream serves {served} only"
+            return "host-unknown", f"this stream serves {served} only", True
         return None
 
     # -- sender multiplexing (invariant 6) ---------------------------------------------
@@ -405,7 +415,7 @@ class OutboundStream(StreamBase):
         r = c.receiving
         t = a["type"]
         if t == "valid":
-            if waiting:
+            if local not in self.verified:      # late, too: the remote may use it now
                 self.verified.add(local)
                 self._emit(A.PairReady(local, r))
         elif t == "invalid":

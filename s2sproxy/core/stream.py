@@ -47,6 +47,8 @@ _PARSE_REASONS = {"restricted-xml": "restricted-xml", "policy-violation": "overs
 _ALWAYS_CLOSE = frozenset({"restricted-xml", "oversize", "malformed-xml", "before-auth"})
 _XML_LANG = f"{NS_XML} lang"
 _QNAME_END = re.compile(rb"[\s/>]")
+#: why a stanza is refused: (reason, text, whether policy.actions may close the stream)
+Refusal = tuple[str, str, bool]
 #: the language our own stream headers declare
 OUR_LANG = "en"
 
@@ -143,11 +145,14 @@ class StreamBase:
     # -- helpers for subclasses ----------------------------------------------------
 
     def _violation(self, reason: str, condition: str, text: str,
-                   el: Element | None = None) -> None:
+                   el: Element | None = None, closes: bool = True) -> None:
         """Flag an unexpected element with ``reason``; then close the stream with
-        ``condition`` (the default), or drop the element if so configured."""
-        action = "close" if reason in _ALWAYS_CLOSE \
-            else self.stream_actions.get(reason, "close")
+        ``condition`` (the default), or drop the element if so configured, or always
+        when not ``closes``."""
+        if reason in _ALWAYS_CLOSE:
+            action = "close"
+        else:
+            action = self.stream_actions.get(reason, "close") if closes else "drop"
         if el is not None:
             a = el.attrs
             self._emit(A.Flag(reason, action, text, el.name.rsplit(" ", 1)[-1],
@@ -241,7 +246,8 @@ class StreamBase:
                                    "malformed JID", el)
         refused = self._stanza_refused(frm_domain, to_domain)
         if refused is not None:
-            return self._violation(refused[0], refused[0], refused[1], el)
+            reason, text, closes = refused
+            return self._violation(reason, reason, text, el, closes)
         raw = el.raw
         if self._lang_attr is not None and _XML_LANG not in attrs:
             # RFC 6120 section 4.7.4: a stanza without xml:lang is in the stream's
@@ -259,9 +265,10 @@ class StreamBase:
         else:
             out.append(A.DeliverStanzas([stanza]))
 
-    def _stanza_refused(self, frm_domain: str, to_domain: str) -> tuple[str, str] | None:
-        """(reason, text) when this stream may not carry a stanza between these
-        domains; None when it may."""
+    def _stanza_refused(self, frm_domain: str, to_domain: str) -> Refusal | None:
+        """(reason, text, closes) when this stream may not carry a stanza between
+        these domains; None when it may.  Not ``closes``: the stanza is dropped
+        whatever ``policy.actions`` say for the reason."""
         raise NotImplementedError
 
     def fail(self, condition: str, text: str = "") -> list[A.Action]:

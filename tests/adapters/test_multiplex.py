@@ -234,3 +234,25 @@ def test_multiplexed_pair_invalid_after_its_timeout_retires_the_stream(tmp_path,
     assert bounced == [("m2", "remote-server-timeout")]
     assert "remote stream r2 retired: remote.example refused other.example's dialback " \
            "key (the remote closes the stream after 'invalid')" in logged
+
+
+def test_multiplexed_pair_valid_after_its_timeout_then_bidi_stanza_is_routed(tmp_path):
+    """A slow remote answers 'valid' for other.example after our timeouts.auth (its
+    stanzas were bounced then), and then, over bidi, sends to other.example: the
+    stanza is routed to ejabberd, and the stream carrying local.example stays."""
+    p, reactor = proxy(tmp_path)
+    bounced = []
+    p.bounce = lambda s, condition, text="": bounced.append((s.id, condition))
+    p.route([message(LOCAL, 1)])
+    proto, wire = ready_stream(p, reactor)
+    p.route([message(OTHER, 2)])
+    reactor.advance(p.settings.auth_timeout + 1)          # the pair's timer fires
+    assert bounced == [("m2", "remote-server-timeout")]
+    proto.dataReceived(valid(OTHER))                      # the remote's late answer
+    proto.dataReceived(f"<message from='v@{REMOTE}' to='u@{OTHER}' type='chat' "
+                       f"id='r1'/>".encode())
+    assert not proto.closing
+    assert [s.id for s, _ in p.to_backend.links[(REMOTE, OTHER)].queue] == ["r1"]
+    wire.clear()
+    p.route([message(LOCAL, 3)])
+    assert wire.value() == message(LOCAL, 3).raw

@@ -119,16 +119,20 @@ def test_outbound_multiplex_error_fails_the_pair_only():
     assert s.multiplex_refusal() is None
 
 
-def test_outbound_multiplex_no_answer_in_time_fails_the_pair_and_a_late_answer_is_ignored():
+def test_outbound_multiplex_no_answer_in_time_fails_the_pair_and_a_late_valid_counts():
     """Without an answer before the pair's timer, the pair fails with
-    remote-server-timeout; a 'valid' that comes later authenticates nothing and, on
-    this one-way stream, is no protocol error either."""
+    remote-server-timeout; a 'valid' that comes later is the remote's word all the
+    same (from now on it may use the pair, over bidi): the pair is verified on the
+    stream and reported ready again (the router uses it only if the pair still wants
+    this stream); on this one-way stream it is no protocol error either."""
     s = multiplexing()
     assert s.handle(E.TimerFired(f"pair {OTHER}")) == [
         A.PairFailed(OTHER, REMOTE, "timeout", "remote-server-timeout",
                      "no dialback answer in 5 s")]
-    assert s.handle(E.DataReceived(result(OTHER, "valid"))) == []
-    assert s.verified == {LOCAL} and s.state is OutboundState.READY
+    assert s.handle(E.DataReceived(result(OTHER, "valid"))) == [A.PairReady(OTHER, REMOTE)]
+    assert s.verified == {LOCAL, OTHER} and s.state is OutboundState.READY
+    assert s.multiplex(OTHER) == [A.PairReady(OTHER, REMOTE)]   # asked again: ready
+    assert s.handle(E.DataReceived(result(OTHER, "valid"))) == []   # told twice
 
 
 RETIRE = A.RetireStream("remote.example refused other.example's dialback key (the remote "
@@ -178,20 +182,51 @@ def test_outbound_multiplex_unsolicited_valid_on_one_way_stream_is_refused():
     assert actions[-1].condition == "unsupported-stanza-type"
 
 
+MSG2 = b"<message from='juliet@remote.example' to='romeo@other.example'/>"
+
+
 def test_outbound_multiplex_bidi_stanzas_for_the_second_pair_only_after_valid():
     """Invariant 2: on our bidi stream the remote may send to other.example only once
-    (other, remote) is verified on it; before, such a stanza is host-unknown."""
-    msg = b"<message from='juliet@remote.example' to='romeo@other.example'/>"
-    s = multiplexing(bidi=True)
-    actions = merge(s.handle(E.DataReceived(msg)))
-    assert actions[0].reason == "host-unknown"
-    assert actions[-1] == A.CloseConnection("host-unknown",
-                                            "this stream serves local.example only")
+    (other, remote) is verified on it; to a domain never asked for, a stanza is
+    host-unknown (closing the stream by default, policy.actions)."""
     s = multiplexing(bidi=True)
     s.handle(E.DataReceived(result(OTHER, "valid")))
-    assert merge(s.handle(E.DataReceived(msg))) == [("deliver", [msg])]
-    to_third = msg.replace(b"other.example", b"third.example")
-    assert merge(s.handle(E.DataReceived(to_third)))[-1].condition == "host-unknown"
+    assert merge(s.handle(E.DataReceived(MSG2))) == [("deliver", [MSG2])]
+    to_third = MSG2.replace(b"other.example", b"third.example")
+    actions = merge(s.handle(E.DataReceived(to_third)))
+    assert actions[0].reason == "host-unknown" and actions[0].action == "close"
+    assert actions[-1] == A.CloseConnection(
+        "host-unknown", "this stream serves local.example, other.example only")
+
+
+@pytest.mark.parametrize("before", [
+    [],                                                         # still waiting
+    [E.TimerFired(f"pair {OTHER}")],                            # no answer in time
+    [E.DataReceived(result(OTHER, "error", body=NOT_AUTHORIZED))],
+])
+def test_outbound_multiplex_bidi_stanza_to_an_unverified_asked_domain_is_only_dropped(before):
+    """A stanza to other.example, asked for but not verified on the stream: flagged
+    host-unknown and dropped, whatever policy.actions say -- never a stream error on a
+    stream that carries local.example too; local.example's stanzas go on."""
+    s = multiplexing(bidi=True)
+    for event in before:
+        s.handle(event)
+    actions = merge(s.handle(E.DataReceived(MSG2)))
+    assert [(a.reason, a.action, a.detail) for a in actions] == [
+        ("host-unknown", "drop",
+         "other.example was asked for on this stream but is not verified")]
+    to_local = MSG2.replace(b"other.example", b"local.example")
+    assert merge(s.handle(E.DataReceived(to_local))) == [("deliver", [to_local])]
+    assert s.state is OutboundState.READY
+
+
+def test_outbound_multiplex_late_valid_then_bidi_stanza_is_delivered():
+    """'valid' after our timer fired, then the remote (XEP-0288) sends to other.example
+    on the bidi stream: delivered, the stream carrying local.example goes on."""
+    s = multiplexing(bidi=True)
+    s.handle(E.TimerFired(f"pair {OTHER}"))
+    s.handle(E.DataReceived(result(OTHER, "valid")))
+    assert merge(s.handle(E.DataReceived(MSG2))) == [("deliver", [MSG2])]
 
 
 def test_outbound_multiplex_answer_after_our_close_is_ignored():
