@@ -37,9 +37,13 @@ Invariants:
    negotiation"): ``multiplex(domain)`` asks for (domain, ``receiving``) on this
    stream with a further ``db:result``.  Only with ``max_pairs`` > 1 (our streams to
    remotes, never toward ejabberd), on a READY stream we are not closing and that did
-   not retire, whose peer declared the dialback namespace on its header or offered
-   the dialback feature; at most ``max_pairs`` pairs, the first and the waiting ones
-   included.  A pair is verified only by a 'valid' ``db:result`` from ``receiving``
+   not retire, whose peer offered dialback with error handling (the stream feature
+   ``<dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback>``, section
+   2.4.2; Prosody and s2sproxy offer it): the dialback namespace on its header alone
+   is not enough, a peer that does not handle dialback errors may answer a further
+   ``db:result`` it refuses with a stream error, and the stanzas of the pairs already
+   on the stream would be lost; at most ``max_pairs`` pairs, the first and the
+   waiting ones included.  A pair is verified only by a 'valid' ``db:result`` from ``receiving``
    to a domain we asked for on this stream; anything else authenticates nothing
    (section 3.1, unsolicited dialback).  While the pair waits, its outcome is one
    ``PairReady`` or ``PairFailed``: 'valid'; 'invalid' (``internal-server-error`` for
@@ -69,8 +73,8 @@ from s2sproxy.core.inbound import TrustPolicy
 from s2sproxy.core.serialize import escape as xml_escape
 from s2sproxy.core.stanza import STANZA_NAMES
 from s2sproxy.core.stream import (DB_RESULT, DB_VERIFY, FEATURES, NS_BIDI, NS_BIDI_FEATURE,
-                                  NS_DIALBACK, NS_DIALBACK_FEATURE, NS_SASL, NS_TLS,
-                                  STREAM_ERROR, Refusal, StreamBase, peer_stream_error)
+                                  NS_DIALBACK_FEATURE, NS_SASL, NS_TLS, STREAM_ERROR,
+                                  Refusal, StreamBase, peer_stream_error)
 from s2sproxy.core.xmlstream import Element, StreamOpened
 
 
@@ -133,10 +137,11 @@ class OutboundStream(StreamBase):
         self._external_failed = False
         self._finished = False
         self.refused_by_peer = False
-        # Sender multiplexing (invariant 6): the sender domains verified on this stream
+        # Sender multiplexing (invariant 6): whether the peer offered dialback errors
+        # (in any features of this stream), the sender domains verified on this stream
         # (``originating`` once ready), those waiting for the peer's answer, and every
         # one ever asked for (late answers count: 'valid' verifies, 'invalid' retires).
-        self.peer_dialback = False
+        self.peer_dialback_errors = False
         self.verified: set[str] = set()
         self.retired = False
         self._pending: set[str] = set()
@@ -164,8 +169,6 @@ class OutboundStream(StreamBase):
         self.stream_id = h.attrs.get("id", "")
         if not self.stream_id:
             raise RemoteProtocolError("invalid-xml", "stream header without id")
-        if NS_DIALBACK in h.namespaces.values():
-            self.peer_dialback = True       # XEP-0220 section 2.4.1
         self.state = OutboundState.FEATURES
 
     def _on_element(self, el: Element) -> None:
@@ -222,8 +225,9 @@ class OutboundStream(StreamBase):
     def _features(self, el: Element) -> None:
         tree = el.tree()
         c = self.config
-        if tree.find(f"{{{NS_DIALBACK_FEATURE}}}dialback") is not None:
-            self.peer_dialback = True       # XEP-0220 section 2.4.2
+        if tree.find(f"{{{NS_DIALBACK_FEATURE}}}dialback/{{{NS_DIALBACK_FEATURE}}}errors") \
+                is not None:
+            self.peer_dialback_errors = True    # XEP-0220 section 2.4.2
         if not self.secure:
             if tree.find(f"{{{NS_TLS}}}starttls") is not None and c.tls != "never":
                 self._send(f"<starttls xmlns='{NS_TLS}'/>".encode())
@@ -348,8 +352,8 @@ class OutboundStream(StreamBase):
         refusal = self._carry_refusal()
         if refusal is not None:
             return refusal
-        if not self.peer_dialback:
-            return "the peer did not advertise dialback"
+        if not self.peer_dialback_errors:
+            return "the peer did not offer dialback errors"
         if len(self.verified) + len(self._pending) >= c.max_pairs:
             return f"{c.max_pairs} domain pairs on this stream already"
         return None

@@ -69,7 +69,7 @@ def remote_connections(reactor) -> list:
     return [c for c in reactor.tcpClients if c[:2] == ("192.0.2.1", 5269)]
 
 
-def ready_stream(p, reactor, index: int = 0):
+def ready_stream(p, reactor, index: int = 0, features: bytes = FEATURES):
     """Our stream for local.example -> remote.example (the remote's index-th
     connection attempt), through STARTTLS and dialback, bidi negotiated."""
     factory = remote_connections(reactor)[index][2]
@@ -80,7 +80,7 @@ def ready_stream(p, reactor, index: int = 0):
     proto.dataReceived(header("r1") + f"<stream:features><starttls xmlns='{NS_TLS}'/>"
                        f"</stream:features><proceed xmlns='{NS_TLS}'/>".encode())
     proto.handle(E.TlsEstablished(False, None))
-    proto.dataReceived(header("r2") + FEATURES)
+    proto.dataReceived(header("r2") + features)
     key = p.keys.key(REMOTE, LOCAL, "r2")
     assert wire.value().endswith(f"<bidi xmlns='urn:xmpp:bidi'/><db:result from='{LOCAL}' "
                                  f"to='{REMOTE}'>{key}</db:result>".encode())
@@ -168,6 +168,19 @@ def test_multiplexed_stream_closing_reopens_each_pair(tmp_path):
     p.route([message(OTHER, 3)])
     assert len(remote_connections(reactor)) == 2
     assert bounced == []
+
+
+def test_peer_without_dialback_errors_gets_a_connection_per_domain_pair(tmp_path):
+    """A remote that offers dialback without <errors/> (XEP-0220 section 2.4.2) is not
+    multiplexed to: it might end the stream over a refused db:result."""
+    p, reactor = proxy(tmp_path)
+    p.route([message(LOCAL, 1)])
+    proto, wire = ready_stream(p, reactor, features=FEATURES.replace(
+        b"><errors/></dialback>", b"/>"))
+    wire.clear()
+    p.route([message(OTHER, 2)])
+    assert len(remote_connections(reactor)) == 2
+    assert wire.value() == b""
 
 
 def test_multiplex_false_opens_a_connection_per_domain_pair(tmp_path):

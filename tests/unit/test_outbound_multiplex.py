@@ -41,15 +41,19 @@ def make(max_pairs: int = MAX_MULTIPLEXED_PAIRS) -> OutboundStream:
         request_bidi=True, sasl_external=True, trust=TrustPolicy(), max_pairs=max_pairs))
 
 
-def ready(bidi: bool = False, max_pairs: int = MAX_MULTIPLEXED_PAIRS) -> OutboundStream:
+def ready(bidi: bool = False, max_pairs: int = MAX_MULTIPLEXED_PAIRS,
+          features: bytes | None = None) -> OutboundStream:
     """Our stream local.example -> remote.example, ready after dialback (bidi
-    negotiated when ``bidi``); the remote advertised dialback with errors."""
+    negotiated when ``bidi``); after TLS the remote offered dialback with errors
+    (unless other ``features`` are given)."""
     s = make(max_pairs)
     s.start()
     s.handle(E.DataReceived(REMOTE_HEADER + FEATURES_TLS))
     s.handle(E.DataReceived(f"<proceed xmlns='{NS_TLS}'/>".encode()))
     s.handle(E.TlsEstablished(False, None))
-    s.handle(E.DataReceived(REMOTE_HEADER2 + (FEATURES_DB_BIDI if bidi else FEATURES_DB)))
+    if features is None:
+        features = FEATURES_DB_BIDI if bidi else FEATURES_DB
+    s.handle(E.DataReceived(REMOTE_HEADER2 + features))
     assert merge(s.handle(E.DataReceived(result(LOCAL, "valid")))) == [
         A.CancelTimer("handshake"), A.StreamReady()]
     assert s.bidi is bidi
@@ -271,12 +275,29 @@ def not_tried(reason: str) -> list:
     return [A.PairFailed(OTHER, REMOTE, "not tried", "", reason, tried=False)]
 
 
+NO_ERRORS = "the peer did not offer dialback errors"
+
+
 def test_outbound_multiplex_refused_without_the_peers_dialback():
     """A peer that advertised no dialback (no db namespace on its header, no dialback
     feature) is asked nothing: the pair is 'not tried' and no byte is sent."""
     s = sasl_ready_without_dialback()
-    assert s.multiplex_refusal() == "the peer did not advertise dialback"
-    assert s.multiplex(OTHER) == not_tried("the peer did not advertise dialback")
+    assert s.multiplex_refusal() == NO_ERRORS
+    assert s.multiplex(OTHER) == not_tried(NO_ERRORS)
+
+
+def test_outbound_multiplex_refused_without_dialback_errors():
+    """Dialback itself (the db namespace on its header, the feature without
+    <errors/>) is not enough: a peer that does not handle dialback errors (XEP-0220
+    section 2.4.2) may answer a further db:result it refuses with a stream error,
+    taking the first pair's stanzas with it.  Only a peer that offered
+    <dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback> is asked."""
+    plain = b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'/>" \
+            b"</stream:features>"
+    s = ready(features=plain)
+    assert s.multiplex_refusal() == NO_ERRORS
+    assert s.multiplex(OTHER) == not_tried(NO_ERRORS)
+    assert s.shareable is False
 
 
 def test_outbound_multiplex_refused_before_ready_after_close_and_toward_ejabberd():
