@@ -36,11 +36,20 @@ Rules:
    exactly that stream; until then nothing of the pair is written on it (the per-pair
    rule: a stanza goes only on a stream authenticated for its pair).  A pair that
    fails there bounces what waited (rule 3); one that could not be asked opens a
-   stream of its own.  A failure, or the stream closing while a pair waits for its
-   answer, stops multiplexing toward that remote for ``holdoff`` seconds.  A stream
-   carrying several pairs is idle only when all of them are, is never drained for a
-   borrowed bidi stream of one of them (the others would lose it), and when it
-   retires (``retire``) its pairs drain as in rule 2.
+   stream of its own.  So does one whose stream closes (or retires) while it waits
+   for its answer, keeping its queue: a deliberate deviation from XEP-0220 section
+   2.1.1, which treats that like a dialback error (what waited bounced with
+   ``remote-server-timeout``).  Nothing was refused -- the stream ended (the remote's
+   idle close or restart, the network; ``core.outbound`` asks only peers that handle
+   dialback errors, which answer a refusal with one, not by ending the stream) --
+   and the new stream asks with a key of its own, so bouncing would lose stanzas it
+   most likely delivers.  What waits too long still bounces (``max_age``), and so
+   does what waited if that stream fails (rule 3).  A failure, or the stream closing
+   while a pair waits for its answer, stops multiplexing toward that remote for
+   ``holdoff`` seconds.  A stream carrying several pairs is idle only when all of
+   them are, is never drained for a borrowed bidi stream of one of them (the others
+   would lose it), and when it retires (``retire``) its pairs drain as in rule 2.
+   A stream a pair drains into takes further pairs only once that drain completed.
 """
 
 from __future__ import annotations
