@@ -239,6 +239,12 @@ class Router:
         if link is not None:
             link.last_used = now
 
+    def activity_from(self, stanzas: list[Stanza], now: float) -> None:
+        """Stanzas the peer sent on a stream of ours (bidi): each is traffic on the
+        link of its pair the other way round, (its ``to`` domain, its ``from``)."""
+        for pair in {(s.to_domain, s.from_domain) for s in stanzas}:
+            self.activity(pair, now)
+
     # -- streams -------------------------------------------------------------------------
 
     def stream_ready(self, pair: Pair, handle: Hashable, now: float,

@@ -297,9 +297,7 @@ class Proxy(service.MultiService):
                 return
             factory = getattr(proto, "factory", None)
             if factory is not None and factory.label == "remote":
-                now = self.reactor.seconds()
-                for pair in {(s.to_domain, s.from_domain) for s in stanzas}:
-                    self.to_remote.activity(pair, now)
+                self.to_remote.activity_from(stanzas, self.reactor.seconds())
             self.route(stanzas, proto)
         elif t is A.Flag:
             self._flag(a, proto)

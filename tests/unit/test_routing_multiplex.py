@@ -140,13 +140,20 @@ def test_router_shared_stream_closing_with_only_ready_pairs_holds_nothing_off():
     assert r.send(B, [st(B, 2)], 5) == [Multiplex(B, "s2")]
 
 
+def from_remote(pair, n: int) -> Stanza:
+    """A stanza the remote sent to ``pair``'s local domain (on a bidi stream)."""
+    return Stanza("message", f"<r{n}/>".encode(), f"v@{pair[1]}", f"u@{pair[0]}", "chat",
+                  f"r{n}", None, pair[1], pair[0])
+
+
 def test_router_shared_stream_closes_only_when_every_pair_on_it_is_idle():
-    """Idle close is per stream: "s" stays while any pair on it has traffic, and is
-    closed once when all have been idle for idle_timeout."""
+    """Idle close is per stream: "s" stays while any pair on it has traffic (the
+    remote's stanzas to a pair's domain count, ``activity_from``), and is closed once
+    when all have been idle for idle_timeout."""
     r = shared()
     r.send(B, [st(B, 1)], 1)
     r.pair_ready(B, "s", 1)
-    r.activity(B, 50)
+    r.activity_from([from_remote(B, 1), from_remote(B, 2)], 50)
     assert r.tick(60) == []                 # A idle, B not: "s" stays
     assert r.send(A, [st(A, 2)], 61) == [Write("s", b"<a2/>")]
     assert r.tick(110) == []                # B idle now, A not
