@@ -376,20 +376,22 @@ class OutboundStream(StreamBase):
         """May this stream take a further domain pair now?"""
         return self.multiplex_refusal() is None
 
-    def multiplex(self, originating: str) -> list[A.Action]:
+    def multiplex(self, originating: str) -> tuple[bool, list[A.Action]]:
         """Ask the peer to accept stanzas from ``originating`` to ``receiving`` on this
         stream too: a ``db:result`` with the XEP-0185 key over this stream's id, and a
-        timer for the answer.  The outcome comes as ``PairReady`` or ``PairFailed``
-        (at once when the pair is already verified, or cannot be asked for here)."""
+        timer for the answer.  Returns whether it asked (False: already verified,
+        already asked, or not possible here) and the actions.  The outcome comes as
+        ``PairReady`` or ``PairFailed`` (at once when the pair is already verified, or
+        cannot be asked for here)."""
         c = self.config
         if originating in self.verified and self._carry_refusal() is None:
-            return [A.PairReady(originating, c.receiving)]
+            return False, [A.PairReady(originating, c.receiving)]
         if originating in self._pending:
-            return []
+            return False, []
         refusal = self.multiplex_refusal()
         if refusal is not None:
-            return [A.PairFailed(originating, c.receiving, "not tried", "", refusal,
-                                 tried=False)]
+            return False, [A.PairFailed(originating, c.receiving, "not tried", "", refusal,
+                                        tried=False)]
         self._pending.add(originating)
         self._asked.add(originating)
         key = c.keys.key(c.receiving, originating, self.stream_id)
@@ -398,7 +400,7 @@ class OutboundStream(StreamBase):
                    f"to='{xml_escape(c.receiving)}'>{key}</db:result>".encode())
         self._emit(A.SetTimer(f"pair {originating}", c.timeout))
         self._out = []
-        return out
+        return True, out
 
     def _pair_answer(self, el: Element) -> bool:
         """The peer's typed db:result for a pair we asked for on this stream (True:

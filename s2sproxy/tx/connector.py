@@ -286,8 +286,8 @@ class Connector:
             self.multiplexed(proto, A.PairFailed(local, remote, "not tried", "",
                                                  "the stream is closing", tried=False))
             return
-        actions = proto.stream.multiplex(local)
-        if any(type(a) is A.SendBytes for a in actions):
+        asked, actions = proto.stream.multiplex(local)
+        if asked:
             log.info("remote stream {sid} multiplexing {local} -> {remote} (dialback) "
                      "peer={peer}", sid=proto.stream.stream_id, local=local, remote=remote,
                      peer=proto.peer)

@@ -63,19 +63,19 @@ def ready(bidi: bool = False, max_pairs: int = MAX_MULTIPLEXED_PAIRS,
 def multiplexing(bidi: bool = False) -> OutboundStream:
     """``ready()`` with other.example -> remote.example asked for."""
     s = ready(bidi)
-    s.multiplex(OTHER)
+    assert s.multiplex(OTHER)[0]
     return s
 
 
 def test_outbound_multiplex_sends_db_result_for_the_second_pair_over_the_stream_id():
     """A ready stream whose peer advertised dialback takes a further sender domain: one
     db:result with the XEP-0185 key for (remote, other, this stream's id) and a timer
-    for the answer; nothing is verified yet."""
+    for the answer, and multiplex() says it asked (True); nothing is verified yet."""
     s = ready()
     assert s.multiplex_refusal() is None
-    assert s.multiplex(OTHER) == [ASK2, A.SetTimer(f"pair {OTHER}", 5)]
+    assert s.multiplex(OTHER) == (True, [ASK2, A.SetTimer(f"pair {OTHER}", 5)])
     assert s.verified == {LOCAL}
-    assert s.multiplex(OTHER) == []         # asked once; the answer will come
+    assert s.multiplex(OTHER) == (False, [])    # asked once; the answer will come
 
 
 def test_outbound_multiplex_valid_makes_the_pair_ready():
@@ -86,7 +86,7 @@ def test_outbound_multiplex_valid_makes_the_pair_ready():
     s = multiplexing()
     s.handle(E.DataReceived(result(OTHER, "valid")))
     assert s.verified == {LOCAL, OTHER} and s.state is OutboundState.READY
-    assert s.multiplex(OTHER) == [A.PairReady(OTHER, REMOTE)]   # already verified
+    assert s.multiplex(OTHER) == (False, [A.PairReady(OTHER, REMOTE)])   # verified
 
 
 def test_outbound_multiplex_invalid_fails_the_pair_and_retires_the_stream():
@@ -135,7 +135,7 @@ def test_outbound_multiplex_no_answer_in_time_fails_the_pair_and_a_late_valid_co
                      "no dialback answer in 5 s")]
     assert s.handle(E.DataReceived(result(OTHER, "valid"))) == [A.PairReady(OTHER, REMOTE)]
     assert s.verified == {LOCAL, OTHER} and s.state is OutboundState.READY
-    assert s.multiplex(OTHER) == [A.PairReady(OTHER, REMOTE)]   # asked again: ready
+    assert s.multiplex(OTHER) == (False, [A.PairReady(OTHER, REMOTE)])   # ready now
     assert s.handle(E.DataReceived(result(OTHER, "valid"))) == []   # told twice
 
 
@@ -271,8 +271,8 @@ def sasl_ready_without_dialback() -> OutboundStream:
     return s
 
 
-def not_tried(reason: str) -> list:
-    return [A.PairFailed(OTHER, REMOTE, "not tried", "", reason, tried=False)]
+def not_tried(reason: str) -> tuple:
+    return False, [A.PairFailed(OTHER, REMOTE, "not tried", "", reason, tried=False)]
 
 
 NO_ERRORS = "the peer did not offer dialback errors"
@@ -321,12 +321,12 @@ def test_outbound_multiplex_bound_counts_the_first_pair_and_waiting_ones():
     """At most max_pairs domain pairs per stream, the first and the waiting ones
     included; beyond, the pair is not tried."""
     s = ready(max_pairs=2)
-    assert s.multiplex(OTHER) == [ASK2, A.SetTimer(f"pair {OTHER}", 5)]
-    assert s.multiplex(THIRD) == [A.PairFailed(THIRD, REMOTE, "not tried", "",
-                                               "2 domain pairs on this stream already",
-                                               tried=False)]
+    assert s.multiplex(OTHER) == (True, [ASK2, A.SetTimer(f"pair {OTHER}", 5)])
+    assert s.multiplex(THIRD) == (False, [A.PairFailed(
+        THIRD, REMOTE, "not tried", "", "2 domain pairs on this stream already",
+        tried=False)])
     s.handle(E.DataReceived(result(OTHER, "error", body=NOT_AUTHORIZED)))
-    assert s.multiplex(THIRD)[0].data.startswith(b"<db:result from='third.example'")
+    assert s.multiplex(THIRD)[1][0].data.startswith(b"<db:result from='third.example'")
 
 
 # -- the stream and the router together: what goes on the wire ------------------------
@@ -355,7 +355,7 @@ def wired(stream: OutboundStream):
                 assert op.handle is stream
                 wire.append(op.data)
             elif isinstance(op, Multiplex):
-                actions(op.handle.multiplex(op.pair[0]))
+                actions(op.handle.multiplex(op.pair[0])[1])
     run(r.stream_ready((LOCAL, REMOTE), stream, 0, shareable=stream.shareable))
     return r, run, actions, wire
 
