@@ -34,28 +34,28 @@ Invariants:
    ``invalid`` or an error: its verdict on our key, which another address of the same
    domain would repeat (``core.connect`` rule 4a).
 6. Sender multiplexing (XEP-0220 section 2.6.1, "MAY be used without further
-   negotiation"): ``multiplex(domain)`` asks for (domain, ``receiving``) on this
-   stream with a further ``db:result``.  Only with ``max_pairs`` > 1 (our streams to
-   remotes, never toward ejabberd), on a READY stream we are not closing and that did
-   not retire, whose peer offered dialback with error handling (the stream feature
-   ``<dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback>``, section
-   2.4.2; Prosody and s2sproxy offer it): the dialback namespace on its header alone
-   is not enough, a peer that does not handle dialback errors may answer a further
-   ``db:result`` it refuses with a stream error, and the stanzas of the pairs already
-   on the stream would be lost; at most ``max_pairs`` pairs, the first and the
-   waiting ones included.  A pair is verified only by a 'valid' ``db:result`` from ``receiving``
-   to a domain we asked for on this stream; anything else authenticates nothing
-   (section 3.1, unsolicited dialback).  While the pair waits, its outcome is one
-   ``PairReady`` or ``PairFailed``: 'valid'; 'invalid' (``internal-server-error`` for
-   what waited, section 2.1.1); 'error' (``remote-server-timeout``, section 2.5: not a
-   stream error, the stream goes on); no answer within ``timeout``.  Late answers
-   count: a 'valid' after the pair's timer fired verifies it all the same (the peer
-   may use it from then on) and reports ``PairReady`` (the router takes it only if
-   the pair still waits for this stream).  After 'invalid' for a pair we asked for,
-   even one that no longer waits, the stream retires (``RetireStream``, once): the
-   peer MUST close it (section 2.2.1), and we SHOULD NOT send stanzas for the other
-   pairs on it (section 2.1.1).  A stream that ends while pairs wait reports nothing
-   more for them (the router's ``stream_closed`` does).
+   negotiation"): ``multiplex(domain)`` asks for (domain, ``receiving``) on this stream
+   with a further ``db:result``.  Only with ``max_pairs`` > 1 (our streams to remotes,
+   never toward ejabberd), on a READY stream we are not closing and that did not retire,
+   whose peer offered dialback with error handling (the stream feature ``<dialback
+   xmlns='urn:xmpp:features:dialback'><errors/></dialback>``, section 2.4.2; Prosody and
+   s2sproxy offer it): the dialback namespace on its header alone is not enough, a peer
+   that does not handle dialback errors may answer a further ``db:result`` it refuses
+   with a stream error, and the stanzas of the pairs already on the stream would be
+   lost; at most ``max_pairs`` pairs, the first and the waiting ones included.  A pair
+   is verified only by a 'valid' ``db:result`` from ``receiving`` to a domain we asked
+   for on this stream; anything else authenticates nothing (section 3.1, unsolicited
+   dialback).  While the pair waits, its outcome is one ``PairReady`` or ``PairFailed``:
+   'valid'; 'invalid' (``internal-server-error`` for what waited, section 2.1.1);
+   'error' (``remote-server-timeout``, section 2.5: not a stream error, the stream goes
+   on); no answer within ``timeout``.  Late answers count: a 'valid' after the pair's
+   timer fired verifies it all the same (the peer may use it from then on) and reports
+   ``PairReady`` (the router takes it only if the pair still waits for this stream).
+   After 'invalid' for a pair we asked for, even one that no longer waits, the stream
+   retires (``RetireStream``, once): the peer MUST close it (section 2.2.1), and we
+   SHOULD NOT send stanzas for the other pairs on it (section 2.1.1).  A stream that
+   ends while pairs wait reports nothing more for them (the router's ``stream_closed``
+   does).
 """
 
 from __future__ import annotations

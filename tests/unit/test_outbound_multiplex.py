@@ -208,7 +208,7 @@ def test_outbound_multiplex_bidi_stanzas_for_the_second_pair_only_after_valid():
     [E.TimerFired(f"pair {OTHER}")],                            # no answer in time
     [E.DataReceived(result(OTHER, "error", body=NOT_AUTHORIZED))],
 ])
-def test_outbound_multiplex_bidi_stanza_to_an_unverified_asked_domain_is_only_dropped(before):
+def test_outbound_multiplex_bidi_stanza_to_an_asked_unverified_domain_is_dropped(before):
     """A stanza to other.example, asked for but not verified on the stream: flagged
     host-unknown and dropped, whatever policy.actions say -- never a stream error on a
     stream that carries local.example too; local.example's stanzas go on."""
