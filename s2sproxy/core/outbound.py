@@ -37,11 +37,14 @@ Invariants:
    negotiation"): ``multiplex(domain)`` asks for (domain, ``receiving``) on this stream
    with a further ``db:result``.  Only with ``max_pairs`` > 1 (our streams to remotes,
    never toward ejabberd), on a READY stream we are not closing and that did not retire,
-   whose peer offered dialback with error handling (the stream feature ``<dialback
-   xmlns='urn:xmpp:features:dialback'><errors/></dialback>``, section 2.4.2; Prosody and
-   s2sproxy offer it): the dialback namespace on its header alone is not enough, a peer
-   that does not handle dialback errors may answer a further ``db:result`` it refuses
-   with a stream error, and the stanzas of the pairs already on the stream would be
+   whose peer offered the dialback stream feature (``<dialback
+   xmlns='urn:xmpp:features:dialback'/>``, section 2.4; Prosody 0.12 and 13, ejabberd
+   and s2sproxy offer it): the dialback namespace on its header alone is not enough, an
+   old server that knows dialback only as RFC 3920 had it may answer a further
+   ``db:result`` with a stream error, and the stanzas of the pairs already on the stream
+   would be lost (the router's hold-off then stops multiplexing to that remote).  The
+   feature's ``<errors/>`` child is not required: sender multiplexing "MAY be used
+   without further negotiation" and Prosody does not send it;
    lost; at most ``max_pairs`` pairs, the first and the waiting ones included.  A pair
    is verified only by a 'valid' ``db:result`` from ``receiving`` to a domain we asked
    for on this stream; anything else authenticates nothing (section 3.1, unsolicited
@@ -137,11 +140,11 @@ class OutboundStream(StreamBase):
         self._external_failed = False
         self._finished = False
         self.refused_by_peer = False
-        # Sender multiplexing (invariant 6): whether the peer offered dialback errors
+        # Sender multiplexing (invariant 6): whether the peer offered the dialback feature
         # (in any features of this stream), the sender domains verified on this stream
         # (``originating`` once ready), those waiting for the peer's answer, and every
         # one ever asked for (late answers count: 'valid' verifies, 'invalid' retires).
-        self.peer_dialback_errors = False
+        self.peer_dialback_feature = False
         self.verified: set[str] = set()
         self.retired = False
         self._pending: set[str] = set()
@@ -225,9 +228,8 @@ class OutboundStream(StreamBase):
     def _features(self, el: Element) -> None:
         tree = el.tree()
         c = self.config
-        if tree.find(f"{{{NS_DIALBACK_FEATURE}}}dialback/{{{NS_DIALBACK_FEATURE}}}errors") \
-                is not None:
-            self.peer_dialback_errors = True    # XEP-0220 section 2.4.2
+        if tree.find(f"{{{NS_DIALBACK_FEATURE}}}dialback") is not None:
+            self.peer_dialback_feature = True   # XEP-0220 section 2.4
         if not self.secure:
             if tree.find(f"{{{NS_TLS}}}starttls") is not None and c.tls != "never":
                 self._send(f"<starttls xmlns='{NS_TLS}'/>".encode())
@@ -352,8 +354,8 @@ class OutboundStream(StreamBase):
         refusal = self._carry_refusal()
         if refusal is not None:
             return refusal
-        if not self.peer_dialback_errors:
-            return "the peer did not offer dialback errors"
+        if not self.peer_dialback_feature:
+            return "the peer did not offer the dialback feature"
         if len(self.verified) + len(self._pending) >= c.max_pairs:
             return f"{c.max_pairs} domain pairs on this stream already"
         return None
