@@ -1,9 +1,10 @@
-"""The test world's DNS server (dns_server.KnotServer, Knot DNS on 127.0.0.53:53) as
-s2sproxy sees it: s2sproxy's own resolver (tx.resolver.RemoteResolver, configured by a
-real s2sproxy.toml with ``dns.nameservers = ["127.0.0.53:53"]``) on a real reactor,
+"""The test world's DNS server (dns_server.KnotServer, Knot DNS; here on 127.0.0.54:53,
+apart from tests/world's 127.0.0.53, so the two never meet) as s2sproxy sees it:
+s2sproxy's own resolver (tx.resolver.RemoteResolver, configured by a real s2sproxy.toml
+with ``dns.nameservers = ["127.0.0.54:53"]``) on a real reactor,
 and its outgoing-connection plan (core.connect.ConnectPlan) fed with the answers.
 
-Needs root (port 53) and knotd only, no XMPP server.  127.0.0.53:53 is a fixed
+Needs root (port 53) and knotd only, no XMPP server.  127.0.0.54:53 is a fixed
 resource: a test fails (naming the holder) if something else listens there."""
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from s2sproxy.core.srv import Target, order
 from s2sproxy.tx.resolver import RemoteResolver
 
 pytestmark = pytest.mark.integration
+
+ADDRESS = "127.0.0.54"   # tests/world runs its Knot on 127.0.0.53
 
 EXAMPLE = """
     ; two priorities and weights per service; relative and absolute targets
@@ -57,7 +60,7 @@ def knot(run_dir):
         dns_server.require_knot()
     except harness.HarnessError as e:
         pytest.fail(str(e), pytrace=False)
-    server = KnotServer(run_dir.path, {"example": EXAMPLE, "other": OTHER})
+    server = KnotServer(run_dir.path, {"example": EXAMPLE, "other": OTHER}, address=ADDRESS)
     try:
         server.start()
     except harness.HarnessError as e:
@@ -82,8 +85,8 @@ def resolver(settings) -> RemoteResolver:
 
 
 def test_config_names_the_knot_server(settings, knot):
-    assert knot.nameserver == "127.0.0.53:53"
-    assert settings.nameservers == (("127.0.0.53", 53),)
+    assert knot.nameserver == f"{ADDRESS}:53"
+    assert settings.nameservers == ((ADDRESS, 53),)
 
 
 @pytest_twisted.ensureDeferred
@@ -180,17 +183,17 @@ async def test_set_zone_serves_the_changed_record(settings, knot):
 def test_stop_leaves_no_knotd(knot):
     pid = knot.pid
     assert harness.pid_alive(pid)
-    assert any(f"pid {pid} " in h for h in dns_server.socket_holders("127.0.0.53", 53))
+    assert any(f"pid {pid} " in h for h in dns_server.socket_holders(ADDRESS, 53))
     knot.stop()
     assert not harness.pid_alive(pid)
     assert [p for p, _pp, _c, cmd in harness._proc_entries()
             if str(knot.conf_path) in cmd and harness.pid_alive(p)] == []
-    assert dns_server.socket_holders("127.0.0.53", 53) == []
+    assert dns_server.socket_holders(ADDRESS, 53) == []
     knot.stop()                   # idempotent
 
 
 def test_second_server_on_the_same_address_is_refused(knot, tmp_path):
-    other = KnotServer(tmp_path, {"example": "x A 127.0.0.1"})
+    other = KnotServer(tmp_path, {"example": "x A 127.0.0.1"}, address=ADDRESS)
     with pytest.raises(harness.HarnessError, match=f"already in use: .*pid {knot.pid} "):
         other.start()
     assert other.pid is None
