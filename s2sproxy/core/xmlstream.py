@@ -195,8 +195,9 @@ class XmlStreamParser:
     def __init__(self, max_size: int, max_depth: int) -> None:
         self.max_size = max_size
         self.max_depth = max_depth
+        # No buffer_text: no character-data handler is set (text is taken from the raw
+        # bytes), and the buffer would cost every stream 8 KiB for nothing.
         p = pyexpat.ParserCreate("UTF-8", " ")
-        p.buffer_text = True
         p.StartElementHandler = self._start
         p.EndElementHandler = self._end
         # Only the stream header's declarations are collected; _open_root unhooks this
