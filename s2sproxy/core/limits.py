@@ -30,6 +30,12 @@ CLOSE_GRACE = 10.0
 #: seconds per shutdown phase for the peers' ``</stream:stream>`` (``tx.shutdown``)
 SHUTDOWN_WAIT = 5.0
 
+#: seconds a stream may be silent (no byte heard) before its framer drops its expat
+#: parser (about 10 KiB; ``XmlStreamParser.release``, ``policy.keepalive`` rule 7); the
+#: next read makes a new one.  Short enough that idle streams, most of them, hold none;
+#: long enough that a busy stream never pays for a new parser.
+PARSER_RELEASE_IDLE = 10.0
+
 #: domain pairs one outgoing stream of ours to a remote may carry, its first pair
 #: included, by XEP-0220 sender multiplexing (``core.outbound``, ``core.routing``);
 #: beyond: the next pair opens a connection of its own.  Each pair waiting for its

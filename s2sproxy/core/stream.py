@@ -175,6 +175,11 @@ class StreamBase:
     def _emit(self, action: A.Action) -> None:
         self._out.append(action)
 
+    def release_parser(self) -> bool:
+        """Drop the framer's expat parser while nothing is half-parsed (an idle
+        stream; ``policy.keepalive`` rule 7).  True if it holds none now."""
+        return self.parser.release()
+
     def _restart(self, tls: bool = False) -> None:
         """The stream restarts after the element being handled: new parser, new
         header expected.  Before a STARTTLS handshake completes our old header still

@@ -195,25 +195,19 @@ class XmlStreamParser:
     def __init__(self, max_size: int, max_depth: int) -> None:
         self.max_size = max_size
         self.max_depth = max_depth
-        # No buffer_text: no character-data handler is set (text is taken from the raw
-        # bytes), and the buffer would cost every stream 8 KiB for nothing.
-        p = pyexpat.ParserCreate("UTF-8", " ")
-        p.StartElementHandler = self._start
-        p.EndElementHandler = self._end
+        p = self._new_expat()
         # Only the stream header's declarations are collected; _open_root unhooks this
         # so that stanzas cost no extra handler calls.
         p.StartNamespaceDeclHandler = self._ns_start
-        p.XmlDeclHandler = self._xml_decl
-        p.EntityDeclHandler = self._restricted_entity
-        p.CommentHandler = self._restricted_comment
-        p.ProcessingInstructionHandler = self._restricted_pi
         # Before the header, every prolog token without a handler of its own comes
         # here: "<!DOCTYPE" is refused as soon as expat has read it, not when the
         # whole (possibly endless) declaration is complete.  (A StartDoctypeDeclHandler
         # would only fire at its end, and would keep this one from being called.)
         # Unhooked by _open_root.
         p.DefaultHandler = self._prolog
-        self._p = p
+        self._p: pyexpat.XMLParserType | None = p
+        self._pofs = 0          # absolute byte index of the parser's byte 0
+        self._root_qname = b""
         self._buf = bytearray()
         self._base = 0          # absolute byte index of _buf[0]
         self._consumed = 0      # absolute index after the last complete element or header
@@ -241,9 +235,50 @@ class XmlStreamParser:
         self._scan = 0
         self._quote = 0
 
+    def _new_expat(self) -> pyexpat.XMLParserType:
+        # No buffer_text: no character-data handler is set (text is taken from the raw
+        # bytes), and the buffer would cost every stream 8 KiB for nothing.
+        p = pyexpat.ParserCreate("UTF-8", " ")
+        p.StartElementHandler = self._start
+        p.EndElementHandler = self._end
+        p.XmlDeclHandler = self._xml_decl
+        p.EntityDeclHandler = self._restricted_entity
+        p.CommentHandler = self._restricted_comment
+        p.ProcessingInstructionHandler = self._restricted_pi
+        return p
+
+    def release(self) -> bool:
+        """Drop the expat parser of an idle stream (about 10 KiB: its tag stack, name
+        pools and buffers) when nothing is half-parsed: the header read, no element
+        open, no token held back, nothing but whitespace after the last element.  The
+        next ``feed()`` makes a new one, primed with a copy of the stream header, so
+        its items are the same as if the parser had never gone.  True if released."""
+        if self._p is None:
+            return True
+        if not self._opened or self._depth != 1 or self._tok != _NO_TOKEN \
+                or self._failed is not None or self._items:
+            return False
+        if not self._buf[max(0, self._consumed - self._base):].isspace() and \
+                self._consumed - self._base < len(self._buf):
+            return False
+        self._p = None
+        return True
+
+    def _resume(self) -> None:
+        """A new parser inside the root element, as the released one was."""
+        p = self._new_expat()
+        replay = b"<" + self._root_qname + b" " + self._root_decls + b">"
+        p.StartElementHandler = None        # the replayed header is no item
+        p.Parse(replay, False)
+        p.StartElementHandler = self._start
+        self._pofs = self._fed - len(replay)
+        self._p = p
+
     def feed(self, data: bytes) -> list[Item]:
         if self._failed is not None:
             return [self._failed]
+        if self._p is None:
+            self._resume()
         self._trim()
         self._buf += data
         try:
@@ -279,7 +314,7 @@ class XmlStreamParser:
         buf = self._buf
         base = self._base
         end = self._fed = base + len(buf)
-        start = self._p.CurrentByteIndex
+        start = (self._p.CurrentByteIndex + self._pofs)
         if start < base or start >= end:
             self._tok = _NO_TOKEN
             return
@@ -429,7 +464,7 @@ class XmlStreamParser:
                 # A second header would open an element that never ends, holding every
                 # later stanza until the size limit: refused at its start tag.
                 raise _Abort("not-well-formed", "stream header inside the stream")
-            self._el_start = self._p.CurrentByteIndex
+            self._el_start = (self._p.CurrentByteIndex + self._pofs)
             self._el_name = name
             self._el_attrs = attrs
             self._el_child_ns = None
@@ -453,6 +488,8 @@ class XmlStreamParser:
         self._p.StartNamespaceDeclHandler = None
         self._p.DefaultHandler = None
         self._opened = True
+        self._root_qname = _QNAME.match(
+            self._buf, (self._p.CurrentByteIndex + self._pofs) - self._base + 1).group()
         self._root_prefixes = [
             (p.encode() + b":", b" xmlns:" + p.encode() + b"='" + _xml_attr(u) + b"'")
             for p, u in self._root_ns.items() if p is not None]
@@ -472,7 +509,7 @@ class XmlStreamParser:
             elif " " not in k:
                 plain[k] = v
         self._items.append(StreamOpened(name, plain, dict(self._root_ns)))
-        m = _TAG_END.match(self._buf, self._p.CurrentByteIndex - self._base)
+        m = _TAG_END.match(self._buf, (self._p.CurrentByteIndex + self._pofs) - self._base)
         if m:
             self._consumed = self._base + m.end()
 
@@ -480,7 +517,7 @@ class XmlStreamParser:
         depth = self._depth
         self._depth = depth - 1
         if depth == 2:
-            idx = self._p.CurrentByteIndex
+            idx = (self._p.CurrentByteIndex + self._pofs)
             rel = idx - self._base
             buf = self._buf
             # expat reports the end of <x/> just past "/>", and the end of <x>...</x>

@@ -31,6 +31,10 @@ Rules:
    answer within that time is still consumed, not forwarded as an unsolicited
    response).  A stream that closes or can no longer carry pings is forgotten.
 
+7. Idle parser: a stream silent for ``PARSER_RELEASE_IDLE`` seconds may drop its
+   framer's expat parser (``parser_idle``); the framer itself refuses while anything
+   is half-parsed, and makes a new parser at the next read.
+
 Rule 1 is Prosody's (plugins/mod_s2s.lua, ``keepalive`` on ``s2s-read-timeout``:
 one space).  Neither Prosody nor ejabberd pings s2s peers (ejabberd's ``s2s_timeout``
 is an idle timeout, ``ejabberd_s2s:get_idle_timeout``); a dead peer there is found by
@@ -45,6 +49,7 @@ from typing import Callable, Hashable
 
 from s2sproxy.core.inbound import InboundState, InboundStream, Role
 from s2sproxy.core.jid import nameprep_domain
+from s2sproxy.core.limits import PARSER_RELEASE_IDLE
 from s2sproxy.core.outbound import OutboundState, OutboundStream
 from s2sproxy.core.serialize import escape as xml_escape
 from s2sproxy.core.stanza import Stanza
@@ -193,6 +198,11 @@ class Keepalive:
         self._pings[stream] = p
         self._by_id[pid] = stream
         return p
+
+
+def parser_idle(now: float, last_rx: float, after: float = PARSER_RELEASE_IDLE) -> bool:
+    """Rule 7: the stream has been silent long enough to hold no parser."""
+    return now - last_rx >= after
 
 
 def established(st: object) -> bool:

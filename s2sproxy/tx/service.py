@@ -223,6 +223,8 @@ class Proxy(service.MultiService):
             st = proto.stream
             if proto.closing or not K.established(st):
                 continue
+            if K.parser_idle(now, proto.last_rx):
+                st.release_parser()
             for d in poll(proto, now, proto.last_tx, proto.last_rx, K.ping_ends(st)):
                 if type(d) is K.StreamDead:
                     log.warn("{label} stream {peer} to {remote} dead: no answer to a "

@@ -196,3 +196,24 @@ def test_keepalive_answer_is_no_traffic_for_an_idle_link(tmp_path):
         "message", message(f"a@{REMOTE}", f"b@{LOCAL}", "m1"), f"a@{REMOTE}", f"b@{LOCAL}",
         "chat", "m1", None, REMOTE, LOCAL)]))
     assert p.to_remote.links[pair].last_used == 12
+
+
+def test_idle_stream_drops_its_parser_and_reads_on(tmp_path):
+    """A public stream silent for PARSER_RELEASE_IDLE seconds holds no expat parser
+    after the keepalive tick (issue 9, memory); the next stanza is read by a new one and
+    routed as before; a stream heard from recently keeps its parser."""
+    from s2sproxy.core.limits import PARSER_RELEASE_IDLE
+    p, reactor = proxy(tmp_path, keepalive=KA)
+    idle, _t = public_stream(p, reactor)
+    busy, _t2 = public_stream(p, reactor, remote="other.example", port=40001)
+    reactor.advance(PARSER_RELEASE_IDLE - 1)
+    busy.dataReceived(b" ")
+    reactor.advance(1)
+    p._keepalive(reactor.seconds())
+    assert idle.stream.parser._p is None
+    assert busy.stream.parser._p is not None
+    routed = []
+    p.route = lambda stanzas, source=None: routed.extend(stanzas)
+    idle.dataReceived(message(f"juliet@{REMOTE}", f"romeo@{LOCAL}", "m1"))
+    assert [s.id for s in routed] == ["m1"]
+    assert routed[0].raw == message(f"juliet@{REMOTE}", f"romeo@{LOCAL}", "m1")

@@ -292,3 +292,11 @@ def test_keepalive_only_established_streams_are_polled():
     out = OutboundStream(OutboundConfig(Mode.ORIGINATE, REMOTE, LOCAL, KEYS, 10000, 16))
     out.state = OutboundState.READY
     assert established(out)
+
+
+def test_parser_idle_after_the_release_delay():
+    """Rule 7: silent for PARSER_RELEASE_IDLE seconds, not a moment before."""
+    from s2sproxy.core.limits import PARSER_RELEASE_IDLE
+    from s2sproxy.policy.keepalive import parser_idle
+    assert not parser_idle(100 + PARSER_RELEASE_IDLE - 0.1, 100)
+    assert parser_idle(100 + PARSER_RELEASE_IDLE, 100)

@@ -128,3 +128,52 @@ def test_framer_second_stream_header_is_refused_at_its_start_tag():
     assert [type(i).__name__ for i in items] == ["StreamOpened", "ParseError"]
     assert (items[-1].condition, items[-1].text) == ("not-well-formed",
                                                      "stream header inside the stream")
+
+
+def full(items):
+    """Everything an item says, for comparing two runs."""
+    out = []
+    for i in items:
+        if isinstance(i, Element):
+            out.append(("E", i.name, i.attrs, i.raw, i.end, i.child_ns, i.children))
+        elif isinstance(i, ParseError):
+            out.append(("P", i.condition))
+        else:
+            out.append((type(i).__name__,))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=len(HEADER + BODY) - 1), max_size=10),
+       st.binary(max_size=40), st.integers(min_value=0, max_value=len(BODY)))
+def test_framer_released_parser_changes_nothing(cuts, junk, at):
+    """release() after every read (dropping expat when nothing is half-parsed, issue 9
+    memory) gives exactly the items of a framer that never releases: the same elements,
+    bytes, offsets and errors, valid input or not."""
+    data = HEADER + BODY[:at] + junk + BODY[at:]
+    points = sorted(set(c for c in cuts if c < len(data)))
+    chunks = [data[a:b] for a, b in zip([0] + points, points + [len(data)])]
+    kept, released = XmlStreamParser(10000, 10), XmlStreamParser(10000, 10)
+    a, b, drops = [], [], 0
+    for c in chunks:
+        a += kept.feed(c)
+        b += released.feed(c)
+        drops += released.release()
+    assert full(b) == full(a)
+
+
+def test_framer_release_frees_the_parser_only_between_elements():
+    """Released only after the header, with no element open; a new expat afterwards
+    reads on in the same namespaces (the stream's prefixes still resolve)."""
+    p = XmlStreamParser(10000, 10)
+    assert not p.release()                        # before the header
+    p.feed(HEADER + b"<message to='a'><body>x")
+    assert not p.release()                        # inside an element
+    items = p.feed(b"</body></message> ")
+    assert [i.raw for i in items] == [b"<message to='a'><body>x</body></message>"]
+    assert p.release() and p._p is None
+    items = p.feed(b"<db:result to='x'>k</db:result></stream:stream>")
+    assert items[0].name == "jabber:server:dialback result"
+    assert items[0].raw == b"<db:result xmlns:db='jabber:server:dialback' to='x'>k" \
+                           b"</db:result>"
+    assert isinstance(items[1], StreamClosed)
