@@ -133,8 +133,8 @@ async def test_accepted_backend_connection_has_tcp_nodelay(tmp_path):
 
 
 def outgoing(frm: str, to: str) -> Stanza:
-    return Stanza("message", b"<message/>", f"romeo@{frm}", f"juliet@{to}", "chat", "m1",
-                  None, frm, to)
+    return Stanza("message", b"<message/>", f"romeo@{frm}", f"juliet@{to}", "chat",
+                  "m1", None, frm, to)
 
 
 async def connected_out(tmp_path, kind: str) -> int:
@@ -156,7 +156,8 @@ async def connected_out(tmp_path, kind: str) -> int:
         p.route([stanza])
         await until(reactor, lambda: peer.connected)
         proto = await until(reactor, stream(p, label))
-        assert isinstance(proto.transport, TLSMemoryBIOProtocol) == (kind == "direct_tls")
+        wrapped = isinstance(proto.transport, TLSMemoryBIOProtocol)
+        assert wrapped == (kind == "direct_tls")
         return nodelay(proto)
     finally:
         await stopped(p, listener.stopListening())
