@@ -8,10 +8,11 @@ from __future__ import annotations
 import socket
 
 import pytest_twisted
-from twisted.internet import protocol, task
+from twisted.internet import defer, protocol, task
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
+from s2sproxy.core import actions as A
 from s2sproxy.core.stanza import Stanza
 from s2sproxy.tx.protocol import no_delay
 from s2sproxy.tx.service import Proxy
@@ -139,7 +140,8 @@ def outgoing(frm: str, to: str) -> Stanza:
 
 async def connected_out(tmp_path, kind: str) -> int:
     """TCP_NODELAY on a connection of ours: to a remote (by a static STARTTLS or
-    Direct TLS address) or to ejabberd's internal listener (the backend leg)."""
+    Direct TLS address), to ejabberd's internal listener (the backend leg), or a
+    dialback verification (to the remote's authoritative server)."""
     from twisted.internet import reactor
     peer = peer_factory()
     listener = reactor.listenTCP(0, peer, interface=LOOPBACK)
@@ -147,13 +149,20 @@ async def connected_out(tmp_path, kind: str) -> int:
     if kind == "backend":
         tables = {"backend": {"host": LOOPBACK, "port": port}}
         stanza, label = outgoing("remote.example", "local.example"), "backend"
+    elif kind == "verify":
+        tables = {"remote": {"remote.example": {"starttls": [f"{LOOPBACK}:{port}"]}}}
+        stanza, label = None, "verify"
     else:
         tables = {"remote": {"remote.example": {kind: [f"{LOOPBACK}:{port}"]}}}
         stanza, label = outgoing("local.example", "remote.example"), "remote"
     p, _ports = await started(tmp_path, **tables)
     p.bounce = lambda *a, **k: None
     try:
-        p.route([stanza])
+        if stanza is None:
+            verdict = defer.ensureDeferred(p.connector.verify(A.VerifyDialback(
+                "remote.example", "local.example", "sid", "key"), backend=False))
+        else:
+            p.route([stanza])
         await until(reactor, lambda: peer.connected)
         proto = await until(reactor, stream(p, label))
         wrapped = isinstance(proto.transport, TLSMemoryBIOProtocol)
@@ -161,6 +170,8 @@ async def connected_out(tmp_path, kind: str) -> int:
         return nodelay(proto)
     finally:
         await stopped(p, listener.stopListening())
+        if stanza is None:
+            await verdict       # the attempt failed as the connection was aborted
 
 
 @pytest_twisted.ensureDeferred
@@ -177,6 +188,11 @@ async def test_outgoing_direct_tls_connection_to_a_remote_has_tcp_nodelay(tmp_pa
 async def test_outgoing_backend_connection_has_tcp_nodelay(tmp_path):
     """Our stream to ejabberd's internal listener."""
     assert await connected_out(tmp_path, "backend") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_dialback_verification_connection_has_tcp_nodelay(tmp_path):
+    assert await connected_out(tmp_path, "verify") == 1
 
 
 # -- transports without the option (memory reactor) ----------------------------------
