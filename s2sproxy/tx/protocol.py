@@ -3,6 +3,10 @@
 It knows sockets, TLS and timers; every protocol decision is the core's.  Actions
 that concern more than this connection (authenticated, deliver stanzas, verify a
 dialback key, ...) go to ``self.owner``, the service that routes between streams.
+
+Every s2s connection is one of these, accepted or ours (public STARTTLS and Direct
+TLS listeners, the backend listener, streams to remotes and to ejabberd, dialback
+verification), so ``connectionMade`` is where each socket gets ``TCP_NODELAY``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,22 @@ class Owner(TypingProtocol):
     def stream_lost(self, proto: "StreamProtocol") -> None: ...
 
 
+def no_delay(transport: object) -> None:
+    """Turn Nagle's algorithm off on the TCP socket under ``transport``: a stanza is
+    written as soon as it is read, and with Nagle the peer's delayed ACK held small
+    writes back (1.4 ms at p50, 10.7 ms at p99 at 10k stanzas/s; issue 9).  Behind
+    TLSMemoryBIOProtocol (Direct TLS) the call reaches the TCP transport through the
+    wrapper's attribute delegation.  A transport without the method (a test's memory
+    transport) is left alone, and a failure to set it is no reason to drop the
+    connection (Twisted's TCP transport logs and ignores its own ``OSError``)."""
+    try:
+        set_no_delay = getattr(transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+    except Exception:  # noqa: BLE001 (a latency option, never worth the connection)
+        log.failure("cannot set TCP_NODELAY")
+
+
 @implementer(IHandshakeListener)
 class StreamProtocol(Protocol):
     def __init__(self, stream: Any, owner: Owner, clock: IReactorTime, label: str) -> None:
@@ -55,6 +75,7 @@ class StreamProtocol(Protocol):
         if not self.owner.admit(self):
             self.transport.abortConnection()    # refused before reading a byte
             return
+        no_delay(self.transport)
         start = getattr(self.stream, "start", None)
         if start is not None:
             self.run(start())

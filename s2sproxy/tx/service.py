@@ -401,14 +401,38 @@ class Proxy(service.MultiService):
         self._send(stanzas, self.reactor.seconds())
 
     def _send(self, stanzas: list[Stanza], now: float) -> None:
+        """One router batch per domain pair; when several pairs of one read go on one
+        stream (sender multiplexing, a bidi stream carrying several pairs), their
+        writes are merged: one ``transport.write`` (one TLS record) per stream."""
         batches: dict[R.Pair, list[Stanza]] = {}
         for s in stanzas:
             batches.setdefault((s.from_domain, s.to_domain), []).append(s)
-        for pair, batch in batches.items():
-            inbound = pair[1] in self.served
-            router = self.to_backend if inbound else self.to_remote
-            self.metrics.stanzas.labels("inbound" if inbound else "outbound").inc(len(batch))
+        if len(batches) == 1:
+            pair, batch = batches.popitem()
+            router = self._count(pair, batch)
             self._run_ops(router, router.send(pair, batch, now))
+            return
+        writes: dict[Any, list[bytes]] = {}     # per stream, in the order first written
+        for pair, batch in batches.items():
+            router = self._count(pair, batch)
+            for op in router.send(pair, batch, now):
+                if type(op) is R.Write:
+                    writes.setdefault(op.handle, []).append(op.data)
+                else:       # what was written so far goes first, as it would have
+                    self._write_all(writes)
+                    self._run_ops(router, [op])
+        self._write_all(writes)
+
+    def _count(self, pair: R.Pair, batch: list[Stanza]) -> R.Router:
+        inbound = pair[1] in self.served
+        self.metrics.stanzas.labels("inbound" if inbound else "outbound").inc(len(batch))
+        return self.to_backend if inbound else self.to_remote
+
+    @staticmethod
+    def _write_all(writes: dict[Any, list[bytes]]) -> None:
+        for handle, data in writes.items():
+            handle.write(data[0] if len(data) == 1 else b"".join(data))
+        writes.clear()
 
     def _apply(self, s: Stanza, outcome, source: StreamProtocol | None) -> bool:
         """Run a policy outcome; True when the stanza is still to be forwarded."""

@@ -271,3 +271,20 @@ def test_multiplexed_pair_valid_after_its_timeout_then_bidi_stanza_is_routed(tmp
     wire.clear()
     p.route([message(LOCAL, 3)])
     assert wire.value() == message(LOCAL, 3).raw
+
+
+def test_one_batch_for_two_pairs_on_one_stream_is_one_write(tmp_path):
+    """One read's stanzas of two pairs carried by one stream of ours reach its
+    transport in one write (one TLS record), each pair's stanzas in order."""
+    p, reactor = proxy(tmp_path)
+    p.route([message(LOCAL, 1)])
+    proto, wire = ready_stream(p, reactor)
+    p.route([message(OTHER, 2)])
+    proto.dataReceived(valid(OTHER))
+    assert sorted(p.to_remote.pairs_of(proto)) == [(LOCAL, REMOTE), (OTHER, REMOTE)]
+    wire.clear()
+    writes = []
+    wire.write = writes.append
+    p.route([message(LOCAL, 3), message(OTHER, 4), message(LOCAL, 5)])
+    assert writes == [message(LOCAL, 3).raw + message(LOCAL, 5).raw
+                      + message(OTHER, 4).raw]
