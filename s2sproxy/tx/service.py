@@ -34,8 +34,8 @@ from s2sproxy.core.admission import Admission
 from s2sproxy.core.dialback import DialbackKeys
 from s2sproxy.core.inbound import InboundConfig, InboundStream, Role, TrustPolicy
 from s2sproxy.core.limits import MAX_MULTIPLEXED_PAIRS
-from s2sproxy.core.outbound import OutboundState, OutboundStream
 from s2sproxy.core.stanza import Stanza, bounce_stanza
+from s2sproxy.core.subject import flag_subject
 from s2sproxy.logs import get_logger
 from s2sproxy.metrics import Metrics
 from s2sproxy.policy import keepalive as K
@@ -454,27 +454,12 @@ class Proxy(service.MultiService):
 
     def _flag(self, flag: A.Flag, proto: StreamProtocol | None,
               stanza: Stanza | None = None) -> None:
-        """Record a flag with its direction ("inbound": from a remote server toward
-        ejabberd) and peer (the remote domain concerned)."""
         st = proto.stream if proto is not None else None
-        # Only a domain that authenticated on a stream may become a metric label.
-        if stanza is not None:
-            inbound = stanza.to_domain in self.served
-            peer = stanza.from_domain if inbound else stanza.to_domain
-            authenticated = inbound or self.to_remote.ready_handle(
-                (stanza.from_domain, stanza.to_domain)) is not None
-        elif isinstance(st, InboundStream):
-            inbound = st.role is Role.PUBLIC
-            peer = st.remote_domain if inbound else st.local_domain
-            authenticated = peer in st.authenticated_from or not inbound
-        elif isinstance(st, OutboundStream):
-            inbound = proto.factory.label == "remote"
-            peer = st.config.receiving if inbound else st.config.originating
-            authenticated = st.state is OutboundState.READY or not inbound
-        else:
-            inbound, peer, authenticated = False, "", False
-        self.flags.record(flag, getattr(st, "stream_id", ""), peer,
-                          "inbound" if inbound else "outbound", authenticated)
+        direction, peer, authenticated = flag_subject(
+            st, stanza, self.served, getattr(getattr(proto, "factory", None), "label", "")
+            == "remote", lambda pair: self.to_remote.ready_handle(pair) is not None)
+        self.flags.record(flag, getattr(st, "stream_id", ""), peer, direction,
+                          authenticated)
 
     def _run_ops(self, router: R.Router, ops: list[R.Op]) -> None:
         for op in ops:

@@ -7,6 +7,7 @@ import pathlib
 
 import pytest
 
+from s2sproxy.core import events as E
 from s2sproxy.core.dialback import DialbackKeys, verification_route
 from s2sproxy.core.srv import Target, order
 from s2sproxy.core.stanza import ERROR_TYPES, Stanza, bounce
@@ -125,3 +126,28 @@ def test_core_never_imports_twisted():
                 elif isinstance(node, ast.ImportFrom) and node.module:
                     names = [node.module]
                 assert not any(n.split(".")[0] == "twisted" for n in names), path
+
+
+def test_flag_subject_names_only_authenticated_peers_for_labels():
+    """A flag's peer becomes a metric label only once it proved itself: a public stream
+    before authentication is 'inbound' from its claimed domain, not authenticated; a
+    stanza to a served domain is inbound and authenticated (it came on such a stream);
+    one to a remote is authenticated only if its pair has a ready link."""
+    from s2sproxy.core.subject import flag_subject
+    from tests.unit.helpers import LOCAL, REMOTE, inbound
+    s = inbound()
+    s.handle(E.DataReceived(
+        b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/"
+        b"streams' xmlns:db='jabber:server:dialback' to='" + LOCAL.encode()
+        + b"' from='" + REMOTE.encode() + b"' version='1.0'>"))
+    assert flag_subject(s, None, frozenset({LOCAL}), False, lambda p: True) == \
+        ("inbound", REMOTE, False)
+    to_us = Stanza("message", b"", f"a@{REMOTE}", f"b@{LOCAL}", "chat", "1", None,
+                   REMOTE, LOCAL)
+    assert flag_subject(None, to_us, frozenset({LOCAL}), False, lambda p: False) == \
+        ("inbound", REMOTE, True)
+    out = Stanza("message", b"", f"b@{LOCAL}", f"a@{REMOTE}", "chat", "1", None,
+                 LOCAL, REMOTE)
+    assert flag_subject(None, out, frozenset({LOCAL}), False, lambda p: False) == \
+        ("outbound", REMOTE, False)
+    assert flag_subject(None, out, frozenset({LOCAL}), False, lambda p: True)[2] is True
