@@ -288,7 +288,7 @@ def run_sink(a) -> None:
     state = {"count": 0, "last": 0.0, "warm": False, "done": False}
     lat: list[int] = []
     lock = threading.Lock()
-    idre = re.compile(rb"id='L(\d+)'")
+    idre = re.compile(rb"id=['\"]L(\d+)")
 
     def conn(sock: socket.socket) -> None:
         try:
@@ -650,7 +650,7 @@ def one_run(relay: str, mat: Material, a, cores_) -> dict:
         sent = sender.expect("sent", 30)
         span = done["done"] - sent["sent"]
         out = {"relay": relay, "tls": tls, "rate": n / span, "cpu_us": (cpu1 - cpu0) / n * 1e6,
-               "span": span}
+               "span": span, "behind": (done["done"] - sent["end"]) * 1e3}
         out.update({k: done[k] for k in ("p50", "p90", "p99", "max") if k in done})
         return out
     finally:
@@ -696,7 +696,7 @@ def latency(a, mat: Material, cores_) -> None:
     print(f"latency: {a.rate:g} stanzas/s for {a.seconds:g} s per run, {a.rounds} rounds; "
           "ms from the sender's write to the sink's read")
     print(f"{'round':>5}  {'relay':<13} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}  "
-          f"{'CPU µs/stanza':>13}")
+          f"{'CPU µs/stanza':>13}  {'tail ms':>7}")
     rows: dict[str, list[dict]] = {r: [] for r in relays}
     for r in range(a.rounds):
         k = r % len(relays)
@@ -704,7 +704,7 @@ def latency(a, mat: Material, cores_) -> None:
             row = one_run(relay, mat, a, cores_)
             rows[relay].append(row)
             print(f"{r + 1:>5}  {relay:<13} {row['p50']:>7.3f} {row['p90']:>7.3f} "
-                  f"{row['p99']:>7.3f} {row['max']:>7.3f}  {row['cpu_us']:>13.1f}", flush=True)
+                  f"{row['p99']:>7.3f} {row['max']:>7.3f}  {row['cpu_us']:>13.1f}  {row['behind']:>7.1f}", flush=True)
     print(f"\nmedians of {a.rounds} rounds (ms; added = minus direct's in the same round)")
     print(f"{'relay':<13} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}  {'+p50':>7} "
           f"{'+p99':>7}  {'CPU µs/stanza':>13}")
@@ -756,7 +756,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--count", type=int, default=300_000, help="stanzas per run")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--relays", default="byte,lxml,s2sproxy",
+    p.add_argument("--relays", default="byte,lxml,s2sproxy,s2sproxy-tls",
                    help="comma-separated: byte, lxml, s2sproxy, s2sproxy-tls")
     p.add_argument("--latency", action="store_true", help="paced latency mode")
     p.add_argument("--rate", type=float, default=10000.0, help="stanzas/s (latency mode)")
@@ -781,7 +781,8 @@ def main() -> None:
         mat = Material(d)
         c = cores()
         print(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), f"{os.cpu_count()} CPUs,",
-              f"python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}")
+              f"python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}, load average "
+              f"{os.getloadavg()[0]:.2f} (other processes share these cores)")
         if a.idle:
             idle(a, mat, c)
         elif a.latency:
@@ -792,6 +793,7 @@ def main() -> None:
         print("interrupted", file=sys.stderr)
     finally:
         Child.stop_all()
+        print(f"load average at the end {os.getloadavg()[0]:.2f}")
         if a.keep:
             print(f"kept {d}")
         else:
