@@ -643,14 +643,16 @@ def one_run(relay: str, mat: Material, a, cores_) -> dict:
         sink.expect("warm", 30)
         time.sleep(0.3)
         cpu0 = cpu_seconds(relay_proc.pid) if relay_proc else 0.0
+        load0 = cpu_seconds(sender.pid) + cpu_seconds(sink.pid)
         sender.send({"go": 1})
         limit = (a.seconds + 60) if a.latency else n / 5000 + 60
         done = sink.expect("done", limit)
         cpu1 = cpu_seconds(relay_proc.pid) if relay_proc else 0.0
+        load1 = cpu_seconds(sender.pid) + cpu_seconds(sink.pid)
         sent = sender.expect("sent", 30)
         span = done["done"] - sent["sent"]
         out = {"relay": relay, "tls": tls, "rate": n / span, "cpu_us": (cpu1 - cpu0) / n * 1e6,
-               "span": span, "behind": (done["done"] - sent["end"]) * 1e3}
+               "span": span, "ends_us": (load1 - load0) / n * 1e6, "behind": (done["done"] - sent["end"]) * 1e3}
         out.update({k: done[k] for k in ("p50", "p90", "p99", "max") if k in done})
         return out
     finally:
@@ -668,14 +670,14 @@ def throughput(a, mat: Material, cores_) -> None:
     print(f"throughput: {a.count} stanzas of ~{len(stanza(0))} B per run, {a.rounds} "
           f"rounds, relay on core {cores_[0]}, sender+sink on core {cores_[1]}")
     print(f"{'round':>5}  {'relay':<13} {'stanzas/s':>10}  {'CPU µs/stanza':>13}  "
-          f"{'time s':>6}")
+          f"{'time s':>6}  {'sender+sink µs/stanza':>21}")
     for r in range(a.rounds):
         k = r % len(relays)
         for relay in relays[k:] + relays[:k]:
             row = one_run(relay, mat, a, cores_)
             rows[relay].append(row)
             print(f"{r + 1:>5}  {relay:<13} {row['rate']:>10,.0f}  {row['cpu_us']:>13.2f}  "
-                  f"{row['span']:>6.2f}   {row['tls']}", flush=True)
+                  f"{row['span']:>6.2f}  {row['ends_us']:>21.2f}  {row['tls']}", flush=True)
     print(f"\nrelay          stanzas/s  CPU µs/stanza  (median of {a.rounds} rounds)")
     med = {}
     for relay in relays:
