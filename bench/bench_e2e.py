@@ -707,16 +707,22 @@ def latency(a, mat: Material, cores_) -> None:
             rows[relay].append(row)
             print(f"{r + 1:>5}  {relay:<13} {row['p50']:>7.3f} {row['p90']:>7.3f} "
                   f"{row['p99']:>7.3f} {row['max']:>7.3f}  {row['cpu_us']:>13.1f}  {row['behind']:>7.1f}", flush=True)
-    print(f"\nmedians of {a.rounds} rounds (ms; added = minus direct's in the same round)")
-    print(f"{'relay':<13} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}  {'+p50':>7} "
-          f"{'+p99':>7}  {'CPU µs/stanza':>13}")
+    print(f"\nmedians of {a.rounds} rounds (ms); +direct, +byte: the median of per-round "
+          "differences from that relay's figure in the same round")
+    print(f"{'relay':<13} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}  {'p50+direct':>10} "
+          f"{'p99+direct':>10} {'p50+byte':>8} {'p99+byte':>8}  {'CPU µs/stanza':>13}")
+
+    def added(relay: str, base: str, q: str) -> float:
+        if base not in rows:
+            return float("nan")
+        return median([x[q] - y[q] for x, y in zip(rows[relay], rows[base])])
     for relay in relays:
         m = {q: median([x[q] for x in rows[relay]]) for q in ("p50", "p90", "p99", "max",
                                                              "cpu_us")}
-        add50 = median([x["p50"] - y["p50"] for x, y in zip(rows[relay], rows["direct"])])
-        add99 = median([x["p99"] - y["p99"] for x, y in zip(rows[relay], rows["direct"])])
         print(f"{relay:<13} {m['p50']:>7.3f} {m['p90']:>7.3f} {m['p99']:>7.3f} "
-              f"{m['max']:>7.3f}  {add50:>7.3f} {add99:>7.3f}  {m['cpu_us']:>13.1f}")
+              f"{m['max']:>7.3f}  {added(relay, 'direct', 'p50'):>10.3f} "
+              f"{added(relay, 'direct', 'p99'):>10.3f} {added(relay, 'byte', 'p50'):>8.3f} "
+              f"{added(relay, 'byte', 'p99'):>8.3f}  {m['cpu_us']:>13.1f}")
 
 
 def idle(a, mat: Material, cores_) -> None:
