@@ -62,7 +62,8 @@ NS_HEAD = ("<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
            "xmlns:db='jabber:server:dialback' from='{frm}' to='{to}' version='1.0'{extra}>")
 MSG = (b"<message from='juliet@remote.bench/balcony' to='romeo@local.bench/orchard' "
        b"type='chat' id='%s'><body>Wherefore art thou, Romeo? Deny thy father and "
-       b"refuse thy name, Juliet!!</body><active xmlns='http://jabber.org/protocol/chatstates'/>"
+       b"refuse thy name, Juliet!!</body>"
+       b"<active xmlns='http://jabber.org/protocol/chatstates'/>"
        b"</message>")
 PRES = (b"<presence from='juliet@remote.bench/balcony' to='romeo@local.bench' id='%s'>"
         b"<c xmlns='http://jabber.org/protocol/caps' hash='sha-1' "
@@ -241,7 +242,8 @@ def emit(**kw) -> None:
     sys.stdout.flush()
 
 
-def read_until(sock, buf: bytes, marker: bytes, timeout: float = 30.0) -> tuple[bytes, bytes]:
+def read_until(sock, buf: bytes, marker: bytes,
+               timeout: float = 30.0) -> tuple[bytes, bytes]:
     """Read until ``marker``; returns (data up to and including it, the rest)."""
     deadline = time.monotonic() + timeout
     while marker not in buf:
@@ -301,8 +303,9 @@ def run_sink(a) -> None:
                 hdr = NS_HEAD.format(frm=LOCAL, to=REMOTE,
                                      extra=" id='sink%d'" % id(sock)).encode()
                 if a.mode == "xmpp-tls":
-                    sock.sendall(hdr + b"<stream:features><starttls xmlns='urn:ietf:params:"
-                                 b"xml:ns:xmpp-tls'><required/></starttls></stream:features>")
+                    sock.sendall(hdr + b"<stream:features><starttls xmlns='urn:ietf:"
+                                 b"params:xml:ns:xmpp-tls'><required/></starttls>"
+                                 b"</stream:features>")
                     _, rest = read_until(sock, rest, b"<starttls")
                     sock.sendall(b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
                     sock = sctx.wrap_socket(sock, server_side=True)
@@ -338,7 +341,8 @@ def run_sink(a) -> None:
                         for k, e in enumerate(ENDS):
                             L = len(e) - 1
                             n += chunk.count(e) + (tails[k] + chunk[:L]).count(e)
-                            tails[k] = (tails[k] + chunk)[-L:] if len(chunk) < L else chunk[-L:]
+                            tails[k] = ((tails[k] + chunk)[-L:] if len(chunk) < L
+                                        else chunk[-L:])
                     if n:
                         with lock:
                             state["count"] += n
@@ -567,7 +571,8 @@ def s2sproxy_config(mat: Material, sink_port: int, backend_tls: str) -> tuple[Pa
         "[queue]", "limit = 1000000", "max_bytes = 1073741824",
         "max_total_bytes = 1073741824", "max_age = 600",
         "[trust]", "system_cas = false", f"ca_file = {q(mat.ca)}",
-        "[limits]", "max_unauthenticated = 100000", "max_unauthenticated_per_source = 100000",
+        "[limits]", "max_unauthenticated = 100000",
+        "max_unauthenticated_per_source = 100000",
         "[timeouts]", "auth = 120", "idle = 86400",
         "[dns]", f"nameservers = [{q(f'{HOST}:9')}]",
         "[keepalive]", "whitespace = 86400", "ping = 86400", "timeout = 86400",
@@ -626,7 +631,8 @@ def one_run(relay: str, mat: Material, a, cores_) -> dict:
     try:
         lat = ["--latency"] if a.latency else []
         n = int(a.rate * a.seconds) if a.latency else a.count
-        sink = child("sink", "sink", mat, oc, "--mode", sink_mode(relay), "--count", n, *lat)
+        sink = child("sink", "sink", mat, oc, "--mode", sink_mode(relay), "--count", n,
+                     *lat)
         started.append(sink)
         sink_port = sink.expect("ready", 30)["ready"]
         if relay == "direct":
@@ -651,8 +657,10 @@ def one_run(relay: str, mat: Material, a, cores_) -> dict:
         load1 = cpu_seconds(sender.pid) + cpu_seconds(sink.pid)
         sent = sender.expect("sent", 30)
         span = done["done"] - sent["sent"]
-        out = {"relay": relay, "tls": tls, "rate": n / span, "cpu_us": (cpu1 - cpu0) / n * 1e6,
-               "span": span, "ends_us": (load1 - load0) / n * 1e6, "behind": (done["done"] - sent["end"]) * 1e3}
+        out = {"relay": relay, "tls": tls, "rate": n / span,
+               "cpu_us": (cpu1 - cpu0) / n * 1e6, "span": span,
+               "ends_us": (load1 - load0) / n * 1e6,  # sender + sink
+               "behind": (done["done"] - sent["end"]) * 1e3}  # ms after the last write
         out.update({k: done[k] for k in ("p50", "p90", "p99", "max") if k in done})
         return out
     finally:
@@ -706,7 +714,8 @@ def latency(a, mat: Material, cores_) -> None:
             row = one_run(relay, mat, a, cores_)
             rows[relay].append(row)
             print(f"{r + 1:>5}  {relay:<13} {row['p50']:>7.3f} {row['p90']:>7.3f} "
-                  f"{row['p99']:>7.3f} {row['max']:>7.3f}  {row['cpu_us']:>13.1f}  {row['behind']:>7.1f}", flush=True)
+                  f"{row['p99']:>7.3f} {row['max']:>7.3f}  {row['cpu_us']:>13.1f}  "
+                  f"{row['behind']:>7.1f}", flush=True)
     print(f"\nmedians of {a.rounds} rounds (ms); +direct, +byte: the median of per-round "
           "differences from that relay's figure in the same round")
     print(f"{'relay':<13} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}  {'p50+direct':>10} "
@@ -784,6 +793,7 @@ def main() -> None:
         {"sink": run_sink, "sender": run_sender, "relay": run_relay}[a.role](a)
         return
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)  # also when started with SIGINT ignored
     d = Path(tempfile.mkdtemp(prefix="s2sproxy-bench-"))
     try:
         mat = Material(d)
