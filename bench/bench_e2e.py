@@ -55,6 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
+from s2sproxy.core.limits import PARSER_RELEASE_IDLE  # noqa: E402
+
 HOST = "127.0.3.1"
 LOCAL, REMOTE = "local.bench", "remote.bench"
 NS_HEAD = ("<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
@@ -760,6 +762,14 @@ def idle(a, mat: Material, cores_) -> None:
                     else "connection (TLS in + TLS out to the sink)")
             print(f"{relay:<9} RSS {r0 / 1024:7.1f} -> {r1 / 1024:7.1f} MiB: "
                   f"{(r1 - r0) / a.idle:6.1f} KiB per idle {what}", flush=True)
+            if relay == "s2sproxy":
+                # Idle streams drop their expat parser after PARSER_RELEASE_IDLE seconds
+                # of silence (policy.keepalive rule 7), at the next keepalive tick.
+                time.sleep(PARSER_RELEASE_IDLE + 2.0)
+                r2 = rss_kib(relay_proc.pid)
+                print(f"{'':<9} after {PARSER_RELEASE_IDLE + 4:.0f} s idle: RSS "
+                      f"{r2 / 1024:7.1f} MiB: {(r2 - r0) / a.idle:6.1f} KiB per stream",
+                      flush=True)
         finally:
             for c in reversed(started):
                 c.stop()
