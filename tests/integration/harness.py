@@ -489,6 +489,8 @@ class Ejabberd:
     ``trusts_ca``: s2s_cafile is the test CA (SASL EXTERNAL possible).
     ``version``: which ejabberd runs it (versions.py; EJABBERD_2301 has no bidi)."""
 
+    c2s_ip = EJABBERD_IP    # where wait_ready looks for the c2s listener
+
     def __init__(self, run: RunDir, *, dns_port: int, s2s_port: int = EJABBERD_INTERNAL_S2S_PORT,
                  s2s_ip: str = EJABBERD_IP, starttls: str = "required", trusts_ca: bool = True,
                  bidi: bool = False, loglevel: str = "info", leaf: Leaf | None = None,
@@ -564,10 +566,13 @@ class Ejabberd:
         if self.proc is not None:
             raise HarnessError("ejabberd already started")
         out = open(self.console_log, "ab")
-        self.proc = subprocess.Popen(self._ctl_base() + ["foreground"], stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(self._foreground_command(), stdin=subprocess.DEVNULL,
                                      stdout=out, stderr=subprocess.STDOUT, cwd="/",
                                      start_new_session=True, env=self.version.environ())
         out.close()
+
+    def _foreground_command(self) -> list[str]:
+        return self._ctl_base() + ["foreground"]
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Poll ``ejabberdctl status`` until the node reports started (bounded)."""
@@ -578,7 +583,7 @@ class Ejabberd:
             if self.proc.poll() is not None:
                 raise HarnessError(f"ejabberd exited with {self.proc.returncode} while starting\n"
                                    + self._diagnostics())
-            if not tcp_listening(EJABBERD_IP, C2S_PORT):
+            if not tcp_listening(self.c2s_ip, C2S_PORT):
                 return False
             res = self.ctl("status", timeout=max(1.0, deadline - time.monotonic()), check=False)
             return res.returncode == 0
@@ -832,6 +837,18 @@ def start_servers(*servers, timeout: float = 30.0) -> None:
 
 
 # -- s2sproxy -----------------------------------------------------------------------
+
+def metrics(port: int) -> dict[str, float]:
+    """s2sproxy's /metrics as {'name{labels}': value}."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    out = {}
+    for line in text.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
 
 @dataclass
 class S2SProxy:

@@ -26,16 +26,7 @@ pytestmark = pytest.mark.integration
 MESSAGES = 3          # each way
 
 
-def metrics(port: int) -> dict[str, float]:
-    """s2sproxy's /metrics as {'name{labels}': value}."""
-    import urllib.request
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-    out = {}
-    for line in text.decode().splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+metrics = harness.metrics
 
 
 def proxy_with_metrics(fed, **kw):

@@ -337,33 +337,6 @@ class WorldEjabberd(harness.Ejabberd):
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
                 "sh"] + cmd
 
-    def launch(self) -> None:
-        if self.proc is not None:
-            raise HarnessError(f"ejabberd {self.name} already started")
-        out = open(self.console_log, "ab")
-        self.proc = subprocess.Popen(self._foreground_command(), stdin=subprocess.DEVNULL,
-                                     stdout=out, stderr=subprocess.STDOUT, cwd="/",
-                                     start_new_session=True, env=self.version.environ())
-        out.close()
-
-    def wait_ready(self, timeout: float = 40.0) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-
-        def started() -> bool:
-            if self.proc.poll() is not None:
-                raise HarnessError(f"ejabberd {self.name} exited with {self.proc.returncode}"
-                                   " while starting\n" + self._diagnostics())
-            if not harness.tcp_listening(self.c2s_ip, harness.C2S_PORT):
-                return False
-            res = self.ctl("status", timeout=max(1.0, deadline - time.monotonic()),
-                           check=False)
-            return res.returncode == 0
-
-        harness.wait_for(started, timeout, f"ejabberd {self.name} to start", interval=0.2,
-                         on_timeout=self._diagnostics)
-        self._remember_pids()
-
     def register_all(self, tag: str = "") -> None:
         for d in self.domains:
             self.ctl("register", d.user + tag, d.name, PASSWORD)
@@ -417,16 +390,7 @@ def write_proxy_config(run: harness.RunDir, trust: Trust, *, backend_port: int,
     return path
 
 
-def metrics(port: int) -> dict[str, float]:
-    """s2sproxy's /metrics as {'name{labels}': value}."""
-    import urllib.request
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-    out = {}
-    for line in text.decode().splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+metrics = harness.metrics
 
 
 # -- the whole world ----------------------------------------------------------------
