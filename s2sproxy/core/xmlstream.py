@@ -54,6 +54,7 @@ could complete it:
 
 from __future__ import annotations
 
+import os
 import pyexpat
 import re
 from dataclasses import dataclass
@@ -83,7 +84,6 @@ _ENCODING_CODES = {
     pyexpat.errors.codes[_ERR.XML_ERROR_INCORRECT_ENCODING],
 }
 _QNAME = re.compile(rb"[^\s/>]+")
-_TAG_CLOSE = frozenset(b"> \t\r\n")
 _TAG_END = re.compile(rb"""<[^'">]*(?:(?:"[^"]*"|'[^']*')[^'">]*)*>""")
 
 # What may end an open token (see the module docstring): outside quotes in a start
@@ -99,6 +99,20 @@ _NO_TOKEN, _START_TAG, _END_TAG, _REFERENCE, _PI = range(5)
 # braces against anything an lxml default might still resolve.
 _TREE_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
                                huge_tree=False, remove_comments=True, remove_pis=True)
+
+
+# The compiled framer (_framer.c, DESIGN.md "The framer"): the stream body after the
+# header, with the same items and checks.  Optional: without a compiler at install
+# time, or with S2SPROXY_PURE_PYTHON=1, this module's Python framer does the work.
+try:
+    if os.environ.get("S2SPROXY_PURE_PYTHON"):
+        raise ImportError("S2SPROXY_PURE_PYTHON is set")
+    from s2sproxy.core import _framer
+except ImportError:
+    _framer = None
+
+#: Whether XmlStreamParser uses the compiled framer by default.
+COMPILED = _framer is not None
 
 
 class _Abort(Exception):
@@ -127,14 +141,7 @@ class ParseError:
     text: str
 
 
-class Element:
-    """One top-level element of the stream, with its original bytes.
-
-    ``name`` is ``"namespace localname"``; ``attrs`` holds unprefixed attributes by
-    local name.  ``raw`` is what the peer sent, made self-contained if it used a
-    namespace prefix that only the stream header declared.
-    """
-
+class _ElementFields:
     __slots__ = ("name", "attrs", "raw", "end", "child_ns", "children", "_root_decls")
 
     def __init__(self, name: str, attrs: dict[str, str], raw: bytes, end: int,
@@ -146,6 +153,24 @@ class Element:
         self.end = end
         self.child_ns = child_ns
         self._root_decls = root_decls
+
+
+class _HandOver(Exception):
+    """Raised in the header's handler: the compiled framer takes the body."""
+
+
+class Element(_framer.ElementBase if _framer else _ElementFields):
+    """One top-level element of the stream, with its original bytes.
+
+    ``name`` is ``"namespace localname"``; ``attrs`` holds the attributes as expat
+    names them (``"from"``, ``"uri local"`` for a prefixed one).  ``raw`` is what the
+    peer sent, made self-contained if it used a namespace prefix that only the stream
+    header declared.  ``end`` is the absolute index after it in the stream's bytes.
+    The fields are compiled (``_framer.ElementBase``) when the compiled framer is
+    there, so that it makes elements without a Python call.
+    """
+
+    __slots__ = ()
 
     def tree(self) -> etree._Element:
         """Parse ``raw`` with lxml under a root that declares the stream's namespaces.
@@ -189,12 +214,35 @@ def _xml_attr(value: str) -> bytes:
     return escape(value).encode("utf-8")
 
 
+def _self_contained(raw: bytes, root_prefixes: tuple[tuple[bytes, bytes], ...]) -> bytes:
+    """Declare on the element itself each prefix it uses that only the stream header
+    declared, so its bytes stand alone on another stream.  A prefix merely mentioned
+    in text gets a harmless unused declaration."""
+    top = _TAG_END.match(raw)
+    head = raw[:top.end()] if top else raw
+    at = 1 + len(_QNAME.match(raw, 1).group())
+    decls = b"".join(
+        decl for prefix, decl in root_prefixes
+        if prefix in raw and not re.search(rb"xmlns:" + re.escape(prefix[:-1]) + rb"\s*=",
+                                           head))
+    return raw[:at] + decls + raw[at:]
+
+
+if _framer is not None:
+    _framer.configure(Element, ParseError, StreamClosed, _self_contained)
+
+
 class XmlStreamParser:
     """Feed bytes, get ``Item``s.  One instance per stream (a restart makes a new one)."""
 
-    def __init__(self, max_size: int, max_depth: int) -> None:
-        self.max_size = max_size
+    def __init__(self, max_size: int, max_depth: int, compiled: bool | None = None) -> None:
+        self._max_size = max_size
         self.max_depth = max_depth
+        if compiled and _framer is None:
+            raise RuntimeError("the compiled framer is not built")
+        self._compiled = COMPILED if compiled is None else compiled
+        # The compiled framer, once the header is read (``_hand_over``).
+        self._body: _framer.Framer | None = None
         p = self._new_expat()
         # Only the stream header's declarations are collected; _open_root unhooks this
         # so that stanzas cost no extra handler calls.
@@ -223,7 +271,7 @@ class XmlStreamParser:
         self._el_attrs: dict[str, str] = {}
         self._el_child_ns: str | None = None
         self._el_children = 0
-        self._root_prefixes: list[tuple[bytes, bytes]] = []   # (b"db:", b" xmlns:db='...'")
+        self._root_prefixes: tuple[tuple[bytes, bytes], ...] = ()   # (b"db:", b" xmlns:db='...'")
         self._opened = False    # the stream header was read (depth 0 is then the epilog)
         # The token expat could not finish (see the module docstring): its kind, where
         # it starts, how far it was scanned for a possible end, and the quote that
@@ -234,6 +282,17 @@ class XmlStreamParser:
         self._tok_start = 0
         self._scan = 0
         self._quote = 0
+
+    @property
+    def max_size(self) -> int:
+        return self._max_size
+
+    @max_size.setter
+    def max_size(self, value: int) -> None:
+        """The stanza size limit; a stream raises it once authenticated."""
+        self._max_size = value
+        if self._body is not None:
+            self._body.max_size = value
 
     def _new_expat(self) -> pyexpat.XMLParserType:
         # No buffer_text: no character-data handler is set (text is taken from the raw
@@ -253,6 +312,8 @@ class XmlStreamParser:
         open, no token held back, nothing but whitespace after the last element.  The
         next ``feed()`` makes a new one, primed with a copy of the stream header, so
         its items are the same as if the parser had never gone.  True if released."""
+        if self._body is not None:
+            return self._body.release()
         if self._p is None:
             return True
         if not self._opened or self._depth != 1 or self._tok != _NO_TOKEN \
@@ -263,6 +324,13 @@ class XmlStreamParser:
             return False
         self._p = None
         return True
+
+    @property
+    def holds_parser(self) -> bool:
+        """Whether an expat parser is held now (``release`` drops it)."""
+        if self._body is not None:
+            return self._body.holds_parser
+        return self._p is not None
 
     def _resume(self) -> None:
         """A new parser inside the root element, as the released one was."""
@@ -275,6 +343,8 @@ class XmlStreamParser:
         self._p = p
 
     def feed(self, data: bytes) -> list[Item]:
+        if self._body is not None:
+            return self._body.feed(data)
         if self._failed is not None:
             return [self._failed]
         if self._p is None:
@@ -288,6 +358,8 @@ class XmlStreamParser:
             elif self._may_end():
                 self._p.Parse(bytes(self._buf[self._fed - self._base:]), False)
                 self._after_parse()
+        except _HandOver:
+            return self._hand_over()
         except _Abort as e:
             self._fail(e.condition, e.text)
         except pyexpat.ExpatError as e:
@@ -304,7 +376,22 @@ class XmlStreamParser:
 
     def leftover(self, end: int) -> bytes:
         """Bytes received after absolute index ``end`` (the end of some ``Element``)."""
+        if self._body is not None:
+            return self._body.leftover(end)
         return bytes(self._buf[max(0, end - self._base):])
+
+    def _hand_over(self) -> list[Item]:
+        """The header is read: the compiled framer takes the rest, primed with a copy
+        of the header (as ``_resume`` primes a new expat)."""
+        replay = b"<" + self._root_qname + b" " + self._root_decls + b">"
+        body = self._body = _framer.Framer(replay, self._root_decls, self._root_prefixes,
+                                           self.max_size, self.max_depth, self._consumed)
+        rest = bytes(self._buf[self._consumed - self._base:])
+        self._p = None
+        self._buf = bytearray()
+        items, self._items = self._items, []
+        items += body.feed(rest)
+        return items
 
     # -- holding back an open token (module docstring, "Linear parse cost") ----------
 
@@ -490,9 +577,9 @@ class XmlStreamParser:
         self._opened = True
         self._root_qname = _QNAME.match(
             self._buf, (self._p.CurrentByteIndex + self._pofs) - self._base + 1).group()
-        self._root_prefixes = [
+        self._root_prefixes = tuple(
             (p.encode() + b":", b" xmlns:" + p.encode() + b"='" + _xml_attr(u) + b"'")
-            for p, u in self._root_ns.items() if p is not None]
+            for p, u in self._root_ns.items() if p is not None)
         self._root_decls = b" ".join(
             (b"xmlns" if p is None else b"xmlns:" + p.encode()) + b"='" + _xml_attr(u)
             + b"'" for p, u in self._root_ns.items())
@@ -512,6 +599,8 @@ class XmlStreamParser:
         m = _TAG_END.match(self._buf, (self._p.CurrentByteIndex + self._pofs) - self._base)
         if m:
             self._consumed = self._base + m.end()
+            if self._compiled:
+                raise _HandOver
 
     def _end(self, name: str) -> None:
         depth = self._depth
@@ -521,11 +610,12 @@ class XmlStreamParser:
             rel = idx - self._base
             buf = self._buf
             # expat reports the end of <x/> just past "/>", and the end of <x>...</x>
-            # at its "</x".  Only "<x/></y" and "<x>../></x" look alike; the element's
-            # own closing tag tells them apart.
+            # at its "</x".  Only "<x/></y" and "<x>../></x" look alike: the element
+            # is empty when its start tag is what ends at "/>".  (Its own closing tag
+            # does not tell them apart: "<x/></x>" is an empty x and a stray end tag.)
             if buf[rel:rel + 2] != b"</":
                 end = idx
-            elif buf[rel - 2:rel] != b"/>" or self._is_closing_tag(rel):
+            elif buf[rel - 2:rel] != b"/>" or not self._empty_at(rel):
                 end = buf.index(b">", rel) + 1 + self._base
             else:
                 end = idx
@@ -535,7 +625,7 @@ class XmlStreamParser:
             raw = bytes(buf[start:end - self._base])
             for prefix, _decl in self._root_prefixes:
                 if prefix in raw:
-                    raw = self._self_contained(raw)
+                    raw = _self_contained(raw, self._root_prefixes)
                     break
             self._items.append(Element(self._el_name, self._el_attrs, raw, end,
                                        self._el_child_ns, self._root_decls,
@@ -543,24 +633,13 @@ class XmlStreamParser:
             self._consumed = end
             self._el_start = -1
         elif depth == 1:
+            idx = self._p.CurrentByteIndex + self._pofs
+            gap = self._buf[self._consumed - self._base:idx - self._base]
+            if not gap.isspace() and gap:
+                raise _Abort("not-well-formed", "text between top-level elements")
             self._items.append(StreamClosed())
 
-    def _is_closing_tag(self, rel: int) -> bool:
-        qname = _QNAME.match(self._buf, self._el_start - self._base + 1).group()
-        after = rel + 2 + len(qname)
-        return (self._buf[rel + 2:after] == qname and after < len(self._buf)
-                and self._buf[after] in _TAG_CLOSE)
-
-    def _self_contained(self, raw: bytes) -> bytes:
-        """Declare on the element itself each prefix it uses that only the stream header
-        declared, so its bytes stand alone on another stream.  A prefix merely
-        mentioned in text gets a harmless unused declaration."""
-        top = _TAG_END.match(raw)
-        head = raw[:top.end()] if top else raw
-        at = 1 + len(_QNAME.match(raw, 1).group())
-        decls = b"".join(
-            decl for prefix, decl in self._root_prefixes
-            if prefix in raw and not re.search(rb"xmlns:" + re.escape(prefix[:-1]) + rb"\s*=",
-                                               head))
-        return raw[:at] + decls + raw[at:]
-
+    def _empty_at(self, rel: int) -> bool:
+        """Whether the open element's own start tag ends at ``rel`` (with "/>")."""
+        m = _TAG_END.match(self._buf, self._el_start - self._base)
+        return m is not None and m.end() == rel

@@ -210,8 +210,8 @@ def test_idle_stream_drops_its_parser_and_reads_on(tmp_path):
     busy.dataReceived(b" ")
     reactor.advance(1)
     p._keepalive(reactor.seconds())
-    assert idle.stream.parser._p is None
-    assert busy.stream.parser._p is not None
+    assert not idle.stream.parser.holds_parser
+    assert busy.stream.parser.holds_parser
     routed = []
     p.route = lambda stanzas, source=None: routed.extend(stanzas)
     idle.dataReceived(message(f"juliet@{REMOTE}", f"romeo@{LOCAL}", "m1"))

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from s2sproxy.core import actions as A
+from s2sproxy.core import xmlstream
 from s2sproxy.core import events as E
 from s2sproxy.core.dialback import DialbackKeys
 from s2sproxy.core.inbound import InboundConfig, InboundStream, Role, TrustPolicy
@@ -120,3 +121,9 @@ def certificate(domain: str, client_auth: bool = True):
             .add_extension(x509.ExtendedKeyUsage(usages), False)
             .sign(ca_key, hashes.SHA256()))
     return ca, ca_key, leaf, key
+
+
+#: The framers a test of framer internals runs with: the Python one, and the compiled
+#: one when it is built (test_framer_compiled.py fails when it is not, unless
+#: S2SPROXY_PURE_PYTHON asks for the Python framer alone).
+FRAMERS = [False] + ([True] if xmlstream._framer is not None else [])

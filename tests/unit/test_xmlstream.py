@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
+from tests.unit.helpers import FRAMERS
 from s2sproxy.core.xmlstream import (Element, ParseError, StreamClosed, StreamOpened,
                                      XmlStreamParser)
 
@@ -171,9 +173,29 @@ def test_framer_release_frees_the_parser_only_between_elements():
     assert not p.release()                        # inside an element
     items = p.feed(b"</body></message> ")
     assert [i.raw for i in items] == [b"<message to='a'><body>x</body></message>"]
-    assert p.release() and p._p is None
+    assert p.release() and not p.holds_parser
     items = p.feed(b"<db:result to='x'>k</db:result></stream:stream>")
     assert items[0].name == "jabber:server:dialback result"
     assert items[0].raw == b"<db:result xmlns:db='jabber:server:dialback' to='x'>k" \
                            b"</db:result>"
     assert isinstance(items[1], StreamClosed)
+
+
+@pytest.mark.parametrize("compiled", FRAMERS)
+@pytest.mark.parametrize("split", [0, 10, 11, 12])
+def test_framer_empty_element_then_its_own_end_tag(compiled, split):
+    """``<message/></message>``: an empty message, then a stray end tag (a stream
+    error).  The message's bytes are ``<message/>`` alone: the Python framer once took
+    the stray tag into them (its own-closing-tag heuristic), so a peer could have us
+    forward an end tag to ejabberd (found by test_framer_compiled's differential
+    test)."""
+    p = XmlStreamParser(10000, 10, compiled=compiled)
+    data = b"<message/></message>"
+    items = p.feed(HEADER) + p.feed(data[:split]) + p.feed(data[split:])
+    assert summary(items) == [("StreamOpened", None), ("Element", b"<message/>"),
+                              ("ParseError", None)]
+    assert items[-1].condition == "not-well-formed"
+    # the ambiguous shape that is one element
+    items = XmlStreamParser(10000, 10, compiled=compiled).feed(
+        HEADER + b"<message><x/></message>")
+    assert summary(items)[1] == ("Element", b"<message><x/></message>")
