@@ -15,6 +15,8 @@ Relays (TLS 1.3 on both legs unless named otherwise):
   element re-serialised with ``etree.tostring`` (one write per read);
 * ``s2sproxy``: ``twistd -n s2sproxy``, plain backend leg (``backend.tls = "never"``);
 * ``s2sproxy-tls``: the same with STARTTLS on the backend leg (``backend.tls = "auto"``);
+* ``s2sproxy-pure``: ``s2sproxy`` with the Python framer (``S2SPROXY_PURE_PYTHON=1``),
+  the fallback where the compiled framer is not built;
 * ``direct`` (latency mode only): no relay, the sender writes to the sink.
 
 The sender opens a real s2s stream to s2sproxy (STARTTLS, SASL EXTERNAL with a
@@ -612,6 +614,8 @@ def start_relay(relay: str, mat: Material, sink_port: int, core) -> tuple[Child,
         cfg, port = s2sproxy_config(mat, sink_port, "auto" if relay == "s2sproxy-tls"
                                     else "never")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
+        if relay == "s2sproxy-pure":
+            env["S2SPROXY_PURE_PYTHON"] = "1"
         log = mat.dir / f"{relay}.log"
         c = Child(relay, s2sproxy_command(cfg, log, sys.executable), core, cwd=str(mat.dir),
                   env=env, stdout_json=False, log=mat.dir / f"{relay}.console.log")
@@ -624,7 +628,8 @@ def start_relay(relay: str, mat: Material, sink_port: int, core) -> tuple[Child,
 
 
 def sink_mode(relay: str) -> str:
-    return {"s2sproxy": "xmpp", "s2sproxy-tls": "xmpp-tls"}.get(relay, "raw")
+    return {"s2sproxy": "xmpp", "s2sproxy-pure": "xmpp",
+            "s2sproxy-tls": "xmpp-tls"}.get(relay, "raw")
 
 
 def one_run(relay: str, mat: Material, a, cores_) -> dict:
@@ -784,7 +789,8 @@ def main() -> None:
     p.add_argument("--count", type=int, default=300_000, help="stanzas per run")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--relays", default="byte,lxml,s2sproxy,s2sproxy-tls",
-                   help="comma-separated: byte, lxml, s2sproxy, s2sproxy-tls")
+                   help="comma-separated: byte, lxml, s2sproxy, s2sproxy-tls, "
+                        "s2sproxy-pure")
     p.add_argument("--latency", action="store_true", help="paced latency mode")
     p.add_argument("--rate", type=float, default=10000.0, help="stanzas/s (latency mode)")
     p.add_argument("--seconds", type=float, default=10.0, help="seconds per latency run")
