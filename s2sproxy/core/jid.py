@@ -32,6 +32,8 @@ from functools import lru_cache
 
 import idna
 
+from s2sproxy.core.limits import JID_CACHE_ENTRIES, JID_CACHE_MAX_LENGTH
+
 # RFC 7622 section 3.2: "MUST NOT be more than 1023 octets in length", more than the
 # 253 of a DNS name (a domain reached through a configured address need not be in DNS).
 _MAX_DOMAIN_BYTES = 1023
@@ -148,6 +150,23 @@ def domain_of(jid: str) -> str:
     if at == 0 or at > 255:
         _check_part(jid[:at], "localpart")
     return nameprep_domain(jid[at + 1:slash])
+
+
+_DOMAINS: dict[str, str] = {}
+
+
+def cached_domain_of(jid: str) -> str:
+    """``domain_of``, remembered for JIDs seen before (``core.limits``
+    ``JID_CACHE_ENTRIES``): a dict lookup for the usual stanza.  Invalid JIDs raise
+    ``InvalidJid`` every time and are not remembered."""
+    d = _DOMAINS.get(jid)
+    if d is None:
+        d = domain_of(jid)
+        if len(jid) <= JID_CACHE_MAX_LENGTH:
+            if len(_DOMAINS) >= JID_CACHE_ENTRIES:
+                _DOMAINS.clear()
+            _DOMAINS[jid] = d
+    return d
 
 
 def _check_part(part: str, name: str) -> None:

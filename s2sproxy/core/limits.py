@@ -49,6 +49,13 @@ MAX_MULTIPLEXED_PAIRS = 64
 #: stream over it, costs one attempt per hour, not one per pair (``core.routing``)
 MULTIPLEX_HOLDOFF = 3600.0
 
+#: JIDs whose domainpart ``core.jid.cached_domain_of`` remembers (process-wide), each
+#: at most ``JID_CACHE_MAX_LENGTH`` characters: at most about 1.5 MiB; when full it is
+#: emptied and refills.  Stanzas name the same JIDs over and over, and each stanza's
+#: ``from`` and ``to`` are cut and canonicalised (RFC 7622) on the hot path.
+JID_CACHE_ENTRIES = 4096
+JID_CACHE_MAX_LENGTH = 256
+
 # -- outgoing connections (``core.connect``) ------------------------------------------
 
 #: SRV targets looked up, and connections attempted, per remote domain and attempt

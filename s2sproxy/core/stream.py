@@ -20,7 +20,7 @@ from typing import Callable
 from s2sproxy.core import actions as A
 from s2sproxy.core import events as E
 from s2sproxy.core.errors import RemoteProtocolError, stream_error_bytes
-from s2sproxy.core.jid import InvalidJid, domain_of
+from s2sproxy.core.jid import InvalidJid, cached_domain_of
 from s2sproxy.core.stanza import Stanza
 from s2sproxy.core.serialize import escape as xml_escape
 from s2sproxy.core.xmlstream import (NS_SERVER, NS_STREAMS, NS_XML, Element, ParseError,
@@ -245,7 +245,7 @@ class StreamBase:
             return self._violation("improper-addressing", "improper-addressing",
                                    "stanzas between servers need 'from' and 'to'", el)
         try:
-            frm_domain, to_domain = domain_of(frm), domain_of(to)
+            frm_domain, to_domain = cached_domain_of(frm), cached_domain_of(to)
         except InvalidJid:
             return self._violation("improper-addressing", "improper-addressing",
                                    "malformed JID", el)

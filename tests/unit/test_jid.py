@@ -207,3 +207,28 @@ def test_nameprep_long_internationalised_name_refused_before_mapping():
     from s2sproxy.core.jid import InvalidJid, nameprep_domain
     with pytest.raises(InvalidJid, match="over 253 characters"):
         nameprep_domain.__wrapped__(".".join(["ü" * 60] * 5))
+
+
+def test_cached_domain_of_is_domain_of_and_bounded():
+    """The hot path's cache answers as domain_of does, refuses what it refuses, and
+    never holds more than JID_CACHE_ENTRIES JIDs, nor long ones."""
+    from s2sproxy.core import jid as J
+    from s2sproxy.core.limits import JID_CACHE_ENTRIES, JID_CACHE_MAX_LENGTH
+    J._DOMAINS.clear()
+    assert J.cached_domain_of("a@B\u00fccher.Example/r") == J.domain_of("a@bücher.example/r")
+    assert J.cached_domain_of("a@B\u00fccher.Example/r") == "bücher.example"
+    for bad in ("@x", "a@", "evil.example/x@victim.example"):
+        try:
+            expected = J.domain_of(bad)
+        except J.InvalidJid:
+            with pytest.raises(J.InvalidJid):
+                J.cached_domain_of(bad)
+            with pytest.raises(J.InvalidJid):
+                J.cached_domain_of(bad)
+        else:
+            assert J.cached_domain_of(bad) == expected
+    for i in range(JID_CACHE_ENTRIES + 10):
+        J.cached_domain_of(f"u{i}@example.org")
+        assert len(J._DOMAINS) <= JID_CACHE_ENTRIES
+    J.cached_domain_of("u" * JID_CACHE_MAX_LENGTH + "@example.org")
+    assert "u" * JID_CACHE_MAX_LENGTH + "@example.org" not in J._DOMAINS
