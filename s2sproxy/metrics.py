@@ -28,6 +28,9 @@ class Metrics:
                                       "s2sproxy itself", ["peer"], registry=r)
         self.stanzas = Counter("s2sproxy_stanzas", "Stanzas routed, by direction",
                                ["direction"], registry=r)
+        # The per-read path counts here: labels() once, not per batch.
+        self.stanzas_inbound = self.stanzas.labels("inbound")
+        self.stanzas_outbound = self.stanzas.labels("outbound")
         self.bounces = Counter("s2sproxy_bounces", "Error stanzas generated for "
                                "undeliverable stanzas, by condition", ["condition"],
                                registry=r)

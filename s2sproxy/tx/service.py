@@ -425,8 +425,11 @@ class Proxy(service.MultiService):
 
     def _count(self, pair: R.Pair, batch: list[Stanza]) -> R.Router:
         inbound = pair[1] in self.served
-        self.metrics.stanzas.labels("inbound" if inbound else "outbound").inc(len(batch))
-        return self.to_backend if inbound else self.to_remote
+        if inbound:
+            self.metrics.stanzas_inbound.inc(len(batch))
+            return self.to_backend
+        self.metrics.stanzas_outbound.inc(len(batch))
+        return self.to_remote
 
     @staticmethod
     def _write_all(writes: dict[Any, list[bytes]]) -> None:
