@@ -2,7 +2,7 @@
  * header) cut into top-level elements, every byte checked by expat.
  *
  * s2sproxy/core/xmlstream.py is the reference and the fallback; its docstring and
- * DESIGN.md ("The framer") say what this module must do and why it exists.  In short:
+ * README.md ("Design notes: the framer") say what this module must do and why it exists.  In short:
  *
  * 1. A lexer (this file) finds where each top-level element ends: tags, quoted
  *    attribute values, CDATA sections, references.  It proposes cut points; it does

@@ -101,7 +101,7 @@ _TREE_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd
                                huge_tree=False, remove_comments=True, remove_pis=True)
 
 
-# The compiled framer (_framer.c, DESIGN.md "The framer"): the stream body after the
+# The compiled framer (_framer.c, README.md "Design notes: the framer"): the stream body after the
 # header, with the same items and checks.  Optional: without a compiler at install
 # time, or with S2SPROXY_PURE_PYTHON=1, this module's Python framer does the work.
 try:
