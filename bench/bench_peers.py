@@ -6,7 +6,8 @@ Each run starts a fresh federation with the integration harness (as root, like t
 tests): Prosody 0.12 for remote.test, ejabberd 24.12 for local.test, and for the
 ``proxy`` runs ``twistd s2sproxy`` in front of ejabberd exactly as deploy/EJABBERD.md
 says (``direct``: ejabberd's own s2s listener, the two servers federate alone).  Both
-servers trust the test CA, so both ways authenticate by SASL EXTERNAL.
+servers trust the test CA, so both ways authenticate by SASL EXTERNAL.  Nothing logs
+per stanza (ejabberd at warning, no Prosody debug log, s2sproxy at warn).
 
 Two raw c2s clients (STARTTLS, SASL PLAIN, bind, presence), one process each side:
 bob@remote.test on Prosody writes COUNT chat messages to alice@local.test/bench in
@@ -134,10 +135,10 @@ def one_run(mode: str, count: int) -> dict:
         if mode == "direct":
             dns = harness.DnsResponder(srv={"_xmpp-server._tcp.remote.test": [
                 (0, 5, harness.S2S_PORT, harness.PROSODY_IP)]})
-            fed = harness.start_federation(run, via_proxy=False, dns=dns)
+            fed = harness.start_federation(run, via_proxy=False, dns=dns, quiet=True)
         else:
             fed = harness.start_federation(run, via_proxy=True, start_proxy=True,
-                                           log_level="warn")
+                                           quiet=True, log_level="warn")
         alice = C2S(ALICE, "bench", run.ca_file)
         bob = C2S(BOB, "bench", run.ca_file)
         # warm-up: the s2s stream (and, through s2sproxy, the backend stream) opens

@@ -730,12 +730,23 @@ safe_point(Framer *self)
 
 /* -- buffer ------------------------------------------------------------------------ */
 
+#define BIG_BUFFER (64 * 1024)
+
 static void
 trim(Framer *self)
 {
     Py_ssize_t keep = self->el_start >= 0 ? self->el_start : safe_point(self);
     if (keep > self->fed)
         keep = self->fed;
+    if (keep == self->len && self->cap > BIG_BUFFER) {
+        /* nothing pending: a buffer grown for a large stanza is not kept */
+        PyMem_Free(self->buf);
+        self->buf = NULL;
+        self->cap = 0;
+        self->base += self->len;
+        self->fed = self->pos = self->tok_start = self->len = 0;
+        return;
+    }
     if (keep <= 0)
         return;
     memmove(self->buf, self->buf + keep, self->len - keep);
@@ -752,7 +763,7 @@ static int
 append(Framer *self, const char *data, Py_ssize_t n)
 {
     if (self->len + n > self->cap) {
-        Py_ssize_t cap = self->cap ? self->cap : 4096;
+        Py_ssize_t cap = self->cap ? self->cap : 1024;
         while (cap < self->len + n)
             cap *= 2;
         char *b = PyMem_Realloc(self->buf, cap);
@@ -823,10 +834,8 @@ Framer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->state = S_TEXT;
     self->depth = 1;
     self->el_start = -1;
-    if (new_expat(self) < 0) {
-        Py_DECREF(self);
-        return NULL;
-    }
+    /* No expat parser and no buffer until the first byte of the body: a stream that
+     * idles after its (last) header, as most do after authentication, holds neither. */
     return (PyObject *)self;
 }
 
@@ -870,7 +879,11 @@ Framer_feed(Framer *self, PyObject *arg)
         return NULL;
     }
     PyObject *items = PyList_New(0);
-    if (items == NULL || (self->p == NULL && new_expat(self) < 0)) {
+    if (items == NULL || view.len == 0) {
+        PyBuffer_Release(&view);
+        return items;
+    }
+    if (self->p == NULL && new_expat(self) < 0) {
         PyBuffer_Release(&view);
         Py_XDECREF(items);
         return NULL;

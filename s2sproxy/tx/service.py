@@ -36,6 +36,7 @@ from s2sproxy.core.inbound import InboundConfig, InboundStream, Role, TrustPolic
 from s2sproxy.core.limits import MAX_MULTIPLEXED_PAIRS
 from s2sproxy.core.stanza import Stanza, bounce_stanza
 from s2sproxy.core.subject import flag_subject
+from s2sproxy.core.xmlstream import FRAMER
 from s2sproxy.logs import get_logger
 from s2sproxy.metrics import Metrics
 from s2sproxy.policy import keepalive as K
@@ -161,6 +162,7 @@ class Proxy(service.MultiService):
 
     def startService(self):  # noqa: N802
         super().startService()
+        log.info("framer: {framer}", framer=FRAMER)
         for svc in self:    # the real bound addresses (a port 0 made real): never a target
             waiting = getattr(svc, "_waitingForPort", None)
             if waiting is not None:

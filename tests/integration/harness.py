@@ -689,7 +689,7 @@ class Prosody:
     def __init__(self, run: RunDir, *, local_test_address: str = PROXY_IP, bidi: bool = True,
                  trusts_ca: bool = True, ip: str = PROSODY_IP, leaf: Leaf | None = None,
                  extra_hosts: dict[str, str] | None = None,
-                 version: PeerVersion = PROSODY_012) -> None:
+                 version: PeerVersion = PROSODY_012, debug_log: bool = True) -> None:
         if version.kind != "prosody":
             raise ValueError(f"version={version}: not a Prosody")
         self.version = version  # versions.py: which prosody/prosodyctl run it
@@ -709,11 +709,15 @@ class Prosody:
         self.leaf.write(self.dir / "remote.test.crt", self.dir / "remote.test.key")
         ssl_global = (f'ssl = {{\n\tcafile = "{run.ca_file}";\n}}' if trusts_ca else
                       "-- ssl.cafile not set: the test CA is not trusted (dialback)")
-        self.config.write_text(_fill("prosody.cfg.lua.in", {
+        config = _fill("prosody.cfg.lua.in", {
             "RUN": run.path, "IP": ip,
             "BIDI_LINE": '\t"s2s_bidi";' if bidi else "\t-- s2s_bidi off",
             "SSL_GLOBAL": ssl_global,
-        }))
+        })
+        if not debug_log:   # benchmarks: a debug line per stanza would be what they measure
+            config = "\n".join(line for line in config.split("\n")
+                                if not line.lstrip().startswith("debug = "))
+        self.config.write_text(config)
         _chown_tree(self.dir, "prosody")
 
     @property
@@ -1401,7 +1405,8 @@ class Federation:
 def start_federation(run: RunDir, *, via_proxy: bool = True, bidi: bool = True,
                      prosody_trusts_ca: bool = True, ejabberd_trusts_ca: bool = True,
                      ejabberd_starttls: str = "required", start_proxy: bool = False,
-                     dns: DnsResponder | None = None, **proxy_kw) -> Federation:
+                     dns: DnsResponder | None = None, quiet: bool = False,
+                     **proxy_kw) -> Federation:
     """Start ejabberd and Prosody (in parallel) and register alice and bob.
 
     ``via_proxy=True``: ejabberd s2s on 127.0.0.10:15269, its inetrc names the
@@ -1409,15 +1414,17 @@ def start_federation(run: RunDir, *, via_proxy: bool = True, bidi: bool = True,
     started too when ``start_proxy`` (else call ``fed.start_proxy()``).
     ``via_proxy=False``: direct federation; ejabberd s2s on 127.0.0.10:5269,
     Prosody resolves local.test to 127.0.0.10, ``dns`` (a DnsResponder, started
-    here) answers ejabberd's SRV queries."""
+    here) answers ejabberd's SRV queries.  ``quiet``: no per-stanza logging (ejabberd
+    at warning, no Prosody debug log), for benchmarks."""
     require_tools()
     check_fixed_ports_free()
     dns_port = dns.port if dns is not None else free_port(udp_too=True)
     backend_port = free_port()
     ej = Ejabberd(run, dns_port=dns_port, s2s_port=S2S_PORT, starttls=ejabberd_starttls,
-                  trusts_ca=ejabberd_trusts_ca, behind_proxy=via_proxy)
+                  trusts_ca=ejabberd_trusts_ca, behind_proxy=via_proxy,
+                  loglevel="warning" if quiet else "info")
     pr = Prosody(run, local_test_address=PROXY_IP if via_proxy else EJABBERD_IP,
-                 bidi=bidi, trusts_ca=prosody_trusts_ca)
+                 bidi=bidi, trusts_ca=prosody_trusts_ca, debug_log=not quiet)
     fed = Federation(run, ej, pr, dns_port, backend_port, dns=dns)
     try:
         if dns is not None:
