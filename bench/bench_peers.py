@@ -1,6 +1,6 @@
 """Real-peer benchmark: Prosody -> ejabberd, directly and through s2sproxy, interleaved.
 
-    python bench/bench_peers.py [--count 20000] [--rounds 4]
+    python bench/bench_peers.py [--count 20000] [--rounds 4] [--backend-tls never]
 
 Each run starts a fresh federation with the integration harness (as root, like the
 tests): Prosody 0.12 for remote.test, ejabberd 24.12 for local.test, and for the
@@ -8,6 +8,10 @@ tests): Prosody 0.12 for remote.test, ejabberd 24.12 for local.test, and for the
 says (``direct``: ejabberd's own s2s listener, the two servers federate alone).  Both
 servers trust the test CA, so both ways authenticate by SASL EXTERNAL.  Nothing logs
 per stanza (ejabberd at warning, no Prosody debug log, s2sproxy at warn).
+``--backend-tls never``: the leg between s2sproxy and ejabberd is plain TCP (ejabberd
+with ``s2s_use_starttls: optional``, s2sproxy ``backend.tls = "never"``), as an
+operator may run it when both are on one host; ``auto`` (the default, and the shipped
+configuration) has STARTTLS there too.
 
 Two raw c2s clients (STARTTLS, SASL PLAIN, bind, presence), one process each side:
 bob@remote.test on Prosody writes COUNT chat messages to alice@local.test/bench in
@@ -128,7 +132,7 @@ def message(i: int) -> bytes:
             f"message {i:06d}: wherefore art thou, Romeo?</body></message>").encode()
 
 
-def one_run(mode: str, count: int) -> dict:
+def one_run(mode: str, count: int, backend_tls: str = "auto") -> dict:
     run = harness.RunDir.create(prefix="s2sproxy-bench-peers-")
     fed = None
     try:
@@ -137,8 +141,10 @@ def one_run(mode: str, count: int) -> dict:
                 (0, 5, harness.S2S_PORT, harness.PROSODY_IP)]})
             fed = harness.start_federation(run, via_proxy=False, dns=dns, quiet=True)
         else:
-            fed = harness.start_federation(run, via_proxy=True, start_proxy=True,
-                                           quiet=True, log_level="warn")
+            fed = harness.start_federation(
+                run, via_proxy=True, start_proxy=True, quiet=True, log_level="warn",
+                backend_tls=backend_tls,
+                ejabberd_starttls="optional" if backend_tls == "never" else "required")
         alice = C2S(ALICE, "bench", run.ca_file)
         bob = C2S(BOB, "bench", run.ca_file)
         # warm-up: the s2s stream (and, through s2sproxy, the backend stream) opens
@@ -178,18 +184,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--count", type=int, default=20000, help="messages per run")
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--backend-tls", choices=("auto", "never"), default="auto",
+                   help="the s2sproxy-ejabberd leg (proxy runs)")
     a = p.parse_args()
     harness.require_tools()
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: Prosody 0.12 -> "
           f"ejabberd 24.12, {a.count} messages per run, {a.rounds} rounds, "
-          f"{os.cpu_count()} CPUs")
+          f"backend leg TLS {a.backend_tls}, {os.cpu_count()} CPUs")
     print(f"{'round':>5}  {'mode':<7} {'msg/s':>9} {'s':>6}  CPU µs/message: "
           f"s2sproxy prosody ejabberd")
     results: dict[str, list[dict]] = {"direct": [], "proxy": []}
     for r in range(a.rounds):
         order = ("direct", "proxy") if r % 2 == 0 else ("proxy", "direct")
         for mode in order:
-            m = one_run(mode, a.count)
+            m = one_run(mode, a.count, a.backend_tls)
             results[mode].append(m)
             c = m["cpu"]
             print(f"{r + 1:>5}  {mode:<7} {m['rate']:>9,.0f} {m['seconds']:>6.2f}  "
