@@ -165,8 +165,11 @@ typedef struct {
     int py_error;           /* a handler hit a Python error (memory) */
     PyObject *name_cache[NAME_CACHE];
     int name_next;
+    PyObject *jid_cache[NAME_CACHE];   /* recent 'from' and 'to' values */
+    int jid_next;
 
     Py_ssize_t work;        /* bytes given to expat (the tests' linearity measure) */
+    int busy;               /* inside feed() */
     PyObject *items;        /* the list feed() returns */
     PyObject *failed;       /* the ParseError, sticky */
 } Framer;
@@ -191,6 +194,30 @@ cached_name(Framer *self, const char *name, Py_ssize_t n)
         int i = self->name_next;
         self->name_next = (i + 1) % NAME_CACHE;
         Py_XSETREF(self->name_cache[i], s);
+        Py_INCREF(s);
+    }
+    return s;
+}
+
+/* The JIDs in 'from' and 'to' repeat too (a conversation): the same string object
+ * comes back, and the router's dict lookups on it hit at once. */
+static PyObject *
+cached_jid(Framer *self, const char *value)
+{
+    Py_ssize_t n = strlen(value);
+    for (int i = 0; i < NAME_CACHE; i++) {
+        PyObject *s = self->jid_cache[i];
+        if (s != NULL && PyUnicode_GET_LENGTH(s) == n && PyUnicode_IS_ASCII(s)
+                && memcmp(PyUnicode_DATA(s), value, n) == 0) {
+            Py_INCREF(s);
+            return s;
+        }
+    }
+    PyObject *s = PyUnicode_DecodeUTF8(value, n, "strict");
+    if (s != NULL && PyUnicode_IS_ASCII(s) && n <= 256) {
+        int i = self->jid_next;
+        self->jid_next = (i + 1) % NAME_CACHE;
+        Py_XSETREF(self->jid_cache[i], s);
         Py_INCREF(s);
     }
     return s;
@@ -257,8 +284,8 @@ on_start(void *data, const XML_Char *name, const XML_Char **atts)
             goto error_n;
         for (int i = 0; atts[i] != NULL; i += 2) {
             PyObject *k = attr_key(atts[i]);
-            PyObject *v = PyUnicode_DecodeUTF8(atts[i + 1], strlen(atts[i + 1]),
-                                               "strict");
+            PyObject *v = (k == s_from || k == s_to) ? cached_jid(self, atts[i + 1])
+                : PyUnicode_DecodeUTF8(atts[i + 1], strlen(atts[i + 1]), "strict");
             if (k == NULL || v == NULL || PyDict_SetItem(attrs, k, v) < 0) {
                 Py_XDECREF(k);
                 Py_XDECREF(v);
@@ -307,12 +334,16 @@ on_end(void *data, const XML_Char *name)
 static void XMLCALL
 on_comment(void *data, const XML_Char *text)
 {
+    if (((Framer *)data)->py_error || ((Framer *)data)->abort_cond != NULL)
+        return;
     handler_abort(data, "restricted-xml", PyUnicode_FromString("comment"));
 }
 
 static void XMLCALL
 on_pi(void *data, const XML_Char *target, const XML_Char *text)
 {
+    if (((Framer *)data)->py_error || ((Framer *)data)->abort_cond != NULL)
+        return;
     handler_abort(data, "restricted-xml", PyUnicode_FromString("processing instruction"));
 }
 
@@ -320,6 +351,8 @@ static void XMLCALL
 on_doctype(void *data, const XML_Char *name, const XML_Char *sysid,
            const XML_Char *pubid, int has_internal_subset)
 {
+    if (((Framer *)data)->py_error || ((Framer *)data)->abort_cond != NULL)
+        return;
     handler_abort(data, "restricted-xml", PyUnicode_FromString("document type declaration"));
 }
 
@@ -369,7 +402,14 @@ parse_to(Framer *self, Py_ssize_t upto)
     if (n <= 0)
         return 0;
     self->work += n;
-    enum XML_Status st = capi->Parse(self->p, self->buf + self->fed, (int)n, 0);
+    enum XML_Status st = XML_STATUS_OK;
+    const char *at = self->buf + self->fed;
+    while (n > 0 && st == XML_STATUS_OK) {
+        int chunk = n > (1 << 30) ? (1 << 30) : (int)n;
+        st = capi->Parse(self->p, at, chunk, 0);
+        at += chunk;
+        n -= chunk;
+    }
     self->fed = upto;
     if (self->py_error)
         return -1;
@@ -381,10 +421,9 @@ parse_to(Framer *self, Py_ssize_t upto)
     }
     if (st != XML_STATUS_OK) {
         enum XML_Error code = capi->GetErrorCode(self->p);
-        fail(self, expat_condition(code),
-             PyUnicode_FromFormat("%s: line %lu, column %lu", capi->ErrorString(code),
-                                  (unsigned long)capi->GetErrorLineNumber(self->p),
-                                  (unsigned long)capi->GetErrorColumnNumber(self->p)));
+        /* No line or column: this expat was primed with a copy of the header, so its
+         * positions are not the stream's. */
+        fail(self, expat_condition(code), PyUnicode_FromString(capi->ErrorString(code)));
         return -1;
     }
     return 0;
@@ -643,11 +682,6 @@ lex(Framer *self)
                     r = -1;
                     goto out;
                 }
-                if (parse_to(self, len) < 0) {
-                    r = -1;
-                    goto out;
-                }
-                pos = len;
             }
             break;
         case S_BANG: {
@@ -701,12 +735,27 @@ lex(Framer *self)
                 self->state = S_TEXT;   /* the byte that ends it is lexed as text */
             break;
         case S_EPILOG:
-            if (parse_to(self, len) < 0) {
+            /* After </stream:stream>: whitespace, else an error.  A comment or PI
+             * here is restricted XML, as the Python framer finds it; expat is never
+             * left holding one open. */
+            while (pos < len && is_space(buf[pos]))
+                pos++;
+            if (pos == len)
+                break;
+            if (buf[pos] == '<' && (len - pos == 1 || (buf[pos + 1] == '!' && len - pos < 4
+                    && memcmp(buf + pos, "<!--", len - pos) == 0)))
+                goto out;           /* "<", "<!", "<!-": held until what follows */
+            if (buf[pos] == '<' && buf[pos + 1] == '?') {
+                r = lex_error(self, pos, "restricted-xml", "processing instruction");
+            } else if (buf[pos] == '<' && memcmp(buf + pos, "<!--", 4) == 0) {
+                r = lex_error(self, pos, "restricted-xml", "comment");
+            } else {
+                if (parse_to(self, len) == 0)
+                    fail(self, "not-well-formed", PyUnicode_FromString(
+                         "junk after document element"));
                 r = -1;
-                goto out;
             }
-            pos = len;
-            break;
+            goto out;
         }
     }
 out:
@@ -822,6 +871,15 @@ Framer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_RuntimeError, "_framer.configure() was not called");
         return NULL;
     }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(prefixes); i++) {
+        PyObject *t = PyTuple_GET_ITEM(prefixes, i);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 2
+                || !PyBytes_Check(PyTuple_GET_ITEM(t, 0))
+                || !PyBytes_Check(PyTuple_GET_ITEM(t, 1))) {
+            PyErr_SetString(PyExc_TypeError, "prefixes: a tuple of (bytes, bytes)");
+            return NULL;
+        }
+    }
     Framer *self = (Framer *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
@@ -854,14 +912,21 @@ Framer_dealloc(Framer *self)
     Py_XDECREF(self->abort_text);
     Py_XDECREF(self->items);
     Py_XDECREF(self->failed);
-    for (int i = 0; i < NAME_CACHE; i++)
+    for (int i = 0; i < NAME_CACHE; i++) {
         Py_XDECREF(self->name_cache[i]);
+        Py_XDECREF(self->jid_cache[i]);
+    }
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static PyObject *
 Framer_feed(Framer *self, PyObject *arg)
 {
+    if (self->py_error || self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, self->busy ? "Framer.feed re-entered"
+                        : "the framer failed (out of memory) and cannot go on");
+        return NULL;
+    }
     if (self->failed != NULL) {
         PyObject *l = PyList_New(1);
         if (l != NULL) {
@@ -892,17 +957,27 @@ Framer_feed(Framer *self, PyObject *arg)
     trim(self);
     int r = append(self, view.buf, view.len);
     PyBuffer_Release(&view);
-    if (r < 0)
+    if (r < 0) {
+        self->py_error = 1;
         return NULL;
+    }
+    self->busy = 1;         /* lex() calls Python (item classes): no re-entry */
     if (lex(self) == 0 && parse_to(self, safe_point(self)) == 0) {
         if (self->ended != 0 || (self->state != S_EPILOG && self->xdepth < 1))
             fail(self, "not-well-formed", PyUnicode_FromString("element boundary mismatch"));
         else if (self->el_start >= 0 && self->len - self->el_start > self->max_size)
             fail(self, "policy-violation",
                  PyUnicode_FromFormat("stanza larger than %zd bytes", self->max_size));
+        else if (self->el_start < 0 && safe_point(self) < self->len
+                 && self->len - safe_point(self) > self->max_size)
+            /* an end tag (</stream:stream...) or "<!" held between elements */
+            fail(self, "policy-violation",
+                 PyUnicode_FromFormat("tag larger than %zd bytes", self->max_size));
     }
+    self->busy = 0;
     self->items = NULL;
     if (PyErr_Occurred()) {
+        self->py_error = 1;     /* sticky: the state is not to be trusted any more */
         Py_DECREF(items);
         return NULL;
     }
@@ -926,6 +1001,8 @@ Framer_leftover(Framer *self, PyObject *arg)
 static PyObject *
 Framer_release(Framer *self, PyObject *unused)
 {
+    if (self->busy)
+        Py_RETURN_FALSE;
     if (self->p == NULL)
         Py_RETURN_TRUE;
     if (self->failed != NULL || self->state != S_TEXT || self->depth != 1
@@ -939,8 +1016,10 @@ Framer_release(Framer *self, PyObject *unused)
     PyMem_Free(self->buf);
     self->buf = NULL;
     self->cap = 0;
-    for (int i = 0; i < NAME_CACHE; i++)
+    for (int i = 0; i < NAME_CACHE; i++) {
         Py_CLEAR(self->name_cache[i]);
+        Py_CLEAR(self->jid_cache[i]);
+    }
     Py_RETURN_TRUE;
 }
 

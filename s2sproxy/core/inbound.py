@@ -56,6 +56,9 @@ class InboundState(enum.Enum):
     CLOSED = "closed"
 
 
+_OPEN = InboundState.OPEN
+
+
 @dataclass
 class TrustPolicy:
     """Which remotes may authenticate by dialback alone."""
@@ -206,6 +209,9 @@ class InboundStream(StreamBase):
     # -- elements ------------------------------------------------------------------------
 
     def _on_element(self, el: Element) -> None:
+        kind = STANZA_NAMES.get(el.name)
+        if kind is not None and self.authenticated_from and self.state is _OPEN:
+            return StreamBase._stanza(self, kind, el)   # the hot path: a stanza
         if self._pre_auth_elements >= 0:
             if self._pre_auth_elements == 0:
                 raise RemoteProtocolError(

@@ -13,6 +13,12 @@ from __future__ import annotations
 #: beyond: ``policy-violation``
 MAX_HEADER_SIZE = 8192
 
+#: namespace declarations a stream header may make (``core.xmlstream``); beyond:
+#: ``policy-violation``.  Servers declare three or four (the default namespace,
+#: ``stream``, ``db``); each declared prefix is looked for in every stanza of the
+#: stream (to make stanzas that use it self-contained), so the number is bounded.
+MAX_HEADER_NAMESPACES = 16
+
 #: db:result verifications in flight per incoming stream (``core.inbound``); beyond:
 #: the XEP-0220 error ``resource-constraint`` for the extra request
 MAX_PENDING_DIALBACK = 8

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from lxml import etree
 
 from s2sproxy.core.errors import RemoteProtocolError
-from s2sproxy.core.limits import MAX_HEADER_SIZE
+from s2sproxy.core.limits import MAX_HEADER_NAMESPACES, MAX_HEADER_SIZE
 from s2sproxy.core.serialize import escape
 
 NS_STREAMS = "http://etherx.jabber.org/streams"
@@ -578,11 +578,19 @@ class XmlStreamParser:
             self._open_root(name, attrs)
 
     def _open_root(self, name: str, attrs: dict[str, str]) -> None:
+        if len(self._root_ns) > MAX_HEADER_NAMESPACES:
+            raise _Abort("policy-violation", f"more than {MAX_HEADER_NAMESPACES} namespace "
+                                             f"declarations in the stream header")
+        at = self._p.CurrentByteIndex + self._pofs - self._base
+        m = _TAG_END.match(self._buf, at)
+        if (self._base + m.end() if m else len(self._buf)) > MAX_HEADER_SIZE:
+            # (a header spread over reads is refused in _check_size, sooner)
+            raise _Abort("policy-violation",
+                         f"stream header larger than {MAX_HEADER_SIZE} bytes")
         self._p.StartNamespaceDeclHandler = None
         self._p.DefaultHandler = None
         self._opened = True
-        self._root_qname = _QNAME.match(
-            self._buf, (self._p.CurrentByteIndex + self._pofs) - self._base + 1).group()
+        self._root_qname = _QNAME.match(self._buf, at + 1).group()
         self._root_prefixes = tuple(
             (p.encode() + b":", b" xmlns:" + p.encode() + b"='" + _xml_attr(u) + b"'")
             for p, u in self._root_ns.items() if p is not None)
@@ -602,10 +610,11 @@ class XmlStreamParser:
             elif " " not in k:
                 plain[k] = v
         self._items.append(StreamOpened(name, plain, dict(self._root_ns)))
-        m = _TAG_END.match(self._buf, (self._p.CurrentByteIndex + self._pofs) - self._base)
         if m:
             self._consumed = self._base + m.end()
-            if self._compiled:
+            if self._compiled and not m.group().endswith(b"/>"):
+                # (an empty stream element, "<stream:stream .../>", has no body: the
+                # Python framer reads its close and whatever junk follows)
                 raise _HandOver
 
     def _end(self, name: str) -> None:

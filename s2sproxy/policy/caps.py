@@ -90,9 +90,14 @@ def presence_caps(raw: bytes, tree_of) -> tuple[str, str, str] | None:
     hash=.. node=.. ver=../>`` is read with a regular expression from the already
     well-formed bytes; only an unusual spelling (a prefixed element) falls back to
     ``tree_of()``, an lxml parse."""
-    if _CAPS_BYTES not in raw:
+    at = raw.find(_CAPS_BYTES)
+    if at < 0:
         return None
-    m = _C_TAG.search(raw)
+    # The tag is usually the "<c" nearest before the namespace: matched there first,
+    # searched for only if that fails (same result, without scanning from the start).
+    m = _C_TAG.match(raw, max(0, raw.rfind(b"<c", 0, at)))
+    if m is None or m.end() <= at:
+        m = _C_TAG.search(raw)
     if m is not None:
         tag = m.group(0)
         known = _TAG_CACHE.get(tag)

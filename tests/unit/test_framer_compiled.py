@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from s2sproxy.core import xmlstream
 from s2sproxy.core.xmlstream import (Element, ParseError, StreamClosed, StreamOpened,
                                      XmlStreamParser)
+from tests.unit.helpers import FRAMERS
 from tests.unit.test_xmlstream import HEADER
 
 compiled_only = pytest.mark.skipif(xmlstream._framer is None,
@@ -49,6 +50,54 @@ def test_compiled_framer_takes_the_body_after_the_header():
         "jabber:server message", {"to": "a", "from": "b"}, "jabber:server", 1)
     assert el.end == len(HEADER) + len(el.raw)
     assert p.leftover(el.end) == b"  "
+
+
+@pytest.mark.parametrize("compiled", FRAMERS)
+def test_framer_empty_stream_element(compiled):
+    """``<stream:stream .../>`` opens and closes the stream; what follows is junk (the
+    compiled framer once took the body over and read on as if the stream were open)."""
+    header = HEADER[:-1] + b"/>"
+    items = XmlStreamParser(10000, 10, compiled=compiled).feed(header + b"<message to='a'/>")
+    assert [type(i) for i in items] == [StreamOpened, StreamClosed, ParseError]
+    assert items[-1].condition == "not-well-formed"
+
+
+@pytest.mark.parametrize("compiled", FRAMERS)
+@pytest.mark.parametrize("split", [False, True])
+def test_framer_restricted_xml_after_the_stream(compiled, split):
+    """After ``</stream:stream>`` a comment or a processing instruction is restricted
+    XML at once, however long it goes on (expat is never left holding it)."""
+    for tail, text in [(b"<!--", "comment"), (b"<?pi", "processing instruction")]:
+        p = XmlStreamParser(10000, 10, compiled=compiled)
+        items = p.feed(HEADER + b"</stream:stream> " + (tail[:2] if split else tail))
+        if split and not isinstance(items[-1], ParseError):
+            items += p.feed(tail[2:])
+        for _ in range(100):
+            if items and isinstance(items[-1], ParseError):
+                break
+            items += p.feed(b"x" * 1000)
+        assert [type(i) for i in items] == [StreamOpened, StreamClosed, ParseError]
+        assert (items[-1].condition, items[-1].text) == ("restricted-xml", text)
+
+
+@pytest.mark.parametrize("compiled", FRAMERS)
+def test_framer_header_bounds(compiled):
+    """A stream header may declare at most MAX_HEADER_NAMESPACES namespaces (each
+    declared prefix is looked for in every stanza) and take MAX_HEADER_SIZE bytes, also
+    when it arrives in one read."""
+    from s2sproxy.core.limits import MAX_HEADER_NAMESPACES, MAX_HEADER_SIZE
+    def header(n: int) -> bytes:     # HEADER declares 4 namespaces; n in all
+        return HEADER[:-1] + b"".join(b" xmlns:p%d='urn:p'" % i for i in range(n - 4)) + b">"
+    ok = XmlStreamParser(10000, 10, compiled=compiled).feed(header(MAX_HEADER_NAMESPACES))
+    assert isinstance(ok[0], StreamOpened) and len(ok[0].namespaces) == MAX_HEADER_NAMESPACES
+    many = header(MAX_HEADER_NAMESPACES + 1)
+    items = XmlStreamParser(10000, 10, compiled=compiled).feed(many)
+    assert [type(i) for i in items] == [ParseError]
+    assert items[0].condition == "policy-violation" and "namespace" in items[0].text
+    big = HEADER[:-1] + b" a='" + b"x" * MAX_HEADER_SIZE + b"'>"
+    items = XmlStreamParser(10000, 10, compiled=compiled).feed(big)
+    assert [type(i) for i in items] == [ParseError]
+    assert items[0].condition == "policy-violation" and "header" in items[0].text
 
 
 # -- differential ---------------------------------------------------------------------
@@ -118,13 +167,28 @@ def agree(python: list, compiled: list, conditions: bool = True) -> bool:
             and a[-1][0] == b[-1][0] == "error")
 
 
+HEADERS = [
+    HEADER,
+    b"<?xml version='1.0'?>\n" + HEADER,
+    HEADER[:-1] + b"/>",
+    b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'"
+    b" xmlns:db='jabber:server:dialback' xmlns:db2='jabber:server:dialback' to='x' >",
+    b"<s:s xmlns:s='http://etherx.jabber.org/streams' xmlns='jabber:server'>",
+]
+
+
+def ends_in_error(compiled: bool, chunks: list[bytes], max_size: int, max_depth: int):
+    """The items once more than max_size bytes of text follow: whatever the input left
+    open (a tag, an element, the stream), the framer must end in an error now."""
+    return items_of(compiled, chunks + [b"x" * (max_size + 1)] * 2, max_size, max_depth)
+
+
 @compiled_only
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.sampled_from(PIECES), max_size=12), st.lists(st.integers(1, 2000),
-                                                                max_size=8),
-       st.sampled_from([(10000, 16), (120, 3)]))
-def test_compiled_framer_gives_the_python_framers_items(pieces, cuts, limits):
-    data = HEADER + b"".join(pieces)
+@given(st.sampled_from(HEADERS), st.lists(st.sampled_from(PIECES), max_size=12),
+       st.lists(st.integers(1, 2000), max_size=8), st.sampled_from([(10000, 16), (120, 3)]))
+def test_compiled_framer_gives_the_python_framers_items(header, pieces, cuts, limits):
+    data = header + b"".join(pieces)
     points = sorted({c for c in cuts if c < len(data)})
     chunks = [data[a:b] for a, b in zip([0] + points, points + [len(data)])]
     whole_python = items_of(False, [data], *limits)
@@ -134,6 +198,12 @@ def test_compiled_framer_gives_the_python_framers_items(pieces, cuts, limits):
     compiled = items_of(True, chunks, *limits)
     assert agree(python, compiled, conditions=False), (python, compiled)
     assert agree(whole_compiled, compiled, conditions=False), (whole_compiled, compiled)
+    # nothing is held for ever: with enough bytes after it, both framers end in an error
+    # (the conditions may differ: one reports a malformed token, the other its size)
+    python_end = ends_in_error(False, chunks, *limits)
+    compiled_end = ends_in_error(True, chunks, *limits)
+    assert python_end[-1][0] == compiled_end[-1][0] == "error", (python_end, compiled_end)
+    assert python_end[:-1] == compiled_end[:-1], (python_end, compiled_end)
 
 
 @compiled_only

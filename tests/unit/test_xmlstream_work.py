@@ -94,6 +94,9 @@ IN_STREAM = {
     "CDATA section": (b"<message><![CDATA[" + b"]>" * (N // 2), b"]]></message>"),
     "comment": (b"<message><!--" + b"x>" * (N // 2), b"--></message>"),
     "processing instruction": (b"<message><?pi " + b"x>" * (N // 2), b"?></message>"),
+    # between top-level elements (no element open: the tag itself is what is held)
+    "end tag between stanzas": (b"</" + b"m" * N, b">"),
+    "stream close with spaces": (b"</stream:stream" + b" " * N, b">"),
 }
 # Before the stream header (whose 8 KiB bound makes a quadratic cost "only" 4000x).
 PROLOG = {
@@ -140,7 +143,8 @@ def test_framer_comment_and_pi_refused_when_recognisable(compiled):
 
 
 @pytest.mark.parametrize("name", ["start tag", "'>' in attribute values", "end tag",
-                                  "entity reference"])
+                                  "entity reference", "end tag between stanzas",
+                                  "stream close with spaces"])
 @pytest.mark.parametrize("compiled", FRAMERS)
 def test_framer_limit_fires_while_token_is_held(compiled, name):
     """The stanza size limit fires as bytes arrive, even while none reach expat."""
