@@ -1,6 +1,7 @@
 """Real-peer benchmark: Prosody -> ejabberd, directly and through s2sproxy, interleaved.
 
     python bench/bench_peers.py [--count 20000] [--rounds 4] [--backend-tls never]
+                                [--direction in|out]
 
 Each run starts a fresh federation with the integration harness (as root, like the
 tests): Prosody 0.12 for remote.test, ejabberd 24.12 for local.test, and for the
@@ -14,8 +15,10 @@ operator may run it when both are on one host; ``auto`` (the default, and the sh
 configuration) has STARTTLS there too.
 
 Two raw c2s clients (STARTTLS, SASL PLAIN, bind, presence), one process each side:
-bob@remote.test on Prosody writes COUNT chat messages to alice@local.test/bench in
-64 KiB writes; alice counts them on ejabberd.  One warm-up message first sets up the
+with ``--direction in`` (the default) bob@remote.test on Prosody writes COUNT chat
+messages to alice@local.test/bench in 64 KiB writes and alice counts them on ejabberd;
+``--direction out`` is the other way (ejabberd -> s2sproxy -> Prosody, over Prosody's
+bidi stream through s2sproxy).  One warm-up message first sets up the
 s2s stream.  rate = COUNT / (last message received - first byte written).  The CPU
 of s2sproxy, Prosody and ejabberd over the same span comes from /proc/PID/stat.
 
@@ -127,12 +130,12 @@ class C2S:
             pass
 
 
-def message(i: int) -> bytes:
-    return (f"<message to='{ALICE.bare}/bench' type='chat' id='m{i}'><body>Benchmark "
+def message(i: int, to: harness.Account = ALICE) -> bytes:
+    return (f"<message to='{to.bare}/bench' type='chat' id='m{i}'><body>Benchmark "
             f"message {i:06d}: wherefore art thou, Romeo?</body></message>").encode()
 
 
-def one_run(mode: str, count: int, backend_tls: str = "auto") -> dict:
+def one_run(mode: str, count: int, backend_tls: str = "auto", direction: str = "in") -> dict:
     run = harness.RunDir.create(prefix="s2sproxy-bench-peers-")
     fed = None
     try:
@@ -147,25 +150,29 @@ def one_run(mode: str, count: int, backend_tls: str = "auto") -> dict:
                 ejabberd_starttls="optional" if backend_tls == "never" else "required")
         alice = C2S(ALICE, "bench", run.ca_file)
         bob = C2S(BOB, "bench", run.ca_file)
-        # warm-up: the s2s stream (and, through s2sproxy, the backend stream) opens
-        bob.send(message(0))
+        # warm-up, both ways: the s2s streams (through s2sproxy: bidi, and the backend
+        # streams) are open before the measured run
+        bob.send(message(0, ALICE))
         alice.count_messages(1, 60)
+        alice.send(message(0, BOB))
+        bob.count_messages(1, 60)
+        sender, receiver, to = (bob, alice, ALICE) if direction == "in" else (alice, bob, BOB)
         pids = {"ejabberd": [fed.ejabberd.beam_pid or fed.ejabberd.proc.pid],
                 "prosody": [fed.prosody.proc.pid]}
         if fed.proxy is not None:
             pids["s2sproxy"] = [fed.proxy.proc.pid]
         cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
-        payload = b"".join(message(i) for i in range(1, count + 1))
+        payload = b"".join(message(i, to) for i in range(1, count + 1))
         done: dict[str, float] = {}
 
         def receive() -> None:
-            done["t"] = alice.count_messages(count, 120)
+            done["t"] = receiver.count_messages(count, 120)
 
         reader = threading.Thread(target=receive, daemon=True)
         reader.start()
         t0 = time.monotonic()
         for i in range(0, len(payload), 65536):
-            bob.send(payload[i:i + 65536])
+            sender.send(payload[i:i + 65536])
         reader.join(150)
         if "t" not in done:
             raise harness.HarnessError(f"{mode}: not all {count} messages arrived")
@@ -186,10 +193,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--backend-tls", choices=("auto", "never"), default="auto",
                    help="the s2sproxy-ejabberd leg (proxy runs)")
+    p.add_argument("--direction", choices=("in", "out"), default="in",
+                   help="in: Prosody -> ejabberd; out: ejabberd -> Prosody")
     a = p.parse_args()
     harness.require_tools()
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: Prosody 0.12 -> "
-          f"ejabberd 24.12, {a.count} messages per run, {a.rounds} rounds, "
+    way = "Prosody 0.12 -> ejabberd 24.12" if a.direction == "in" else \
+        "ejabberd 24.12 -> Prosody 0.12"
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {way}, "
+          f"{a.count} messages per run, {a.rounds} rounds, "
           f"backend leg TLS {a.backend_tls}, {os.cpu_count()} CPUs")
     print(f"{'round':>5}  {'mode':<7} {'msg/s':>9} {'s':>6}  CPU µs/message: "
           f"s2sproxy prosody ejabberd")
@@ -197,7 +208,7 @@ def main() -> None:
     for r in range(a.rounds):
         order = ("direct", "proxy") if r % 2 == 0 else ("proxy", "direct")
         for mode in order:
-            m = one_run(mode, a.count, a.backend_tls)
+            m = one_run(mode, a.count, a.backend_tls, a.direction)
             results[mode].append(m)
             c = m["cpu"]
             print(f"{r + 1:>5}  {mode:<7} {m['rate']:>9,.0f} {m['seconds']:>6.2f}  "
