@@ -8,11 +8,30 @@ tests (and several proxies in one process) do not share counts.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from s2sproxy.core.limits import PEER_LABELS_MAX
 
 UNAUTHENTICATED = "-"     # the peer label of anything not from an authenticated domain
 OTHER = "other"           # the peer label beyond PEER_LABELS_MAX distinct domains
+
+
+class StanzaCounts(Collector):
+    """``s2sproxy_stanzas_total{direction}``, counted in plain integers on the per-read
+    path (``inbound += n``) and read at scrape time: a prometheus-client ``Counter``
+    takes a lock per ``inc()``, about 0.75 µs, which is paid once per read."""
+
+    def __init__(self) -> None:
+        self.inbound = 0
+        self.outbound = 0
+
+    def collect(self):
+        c = CounterMetricFamily("s2sproxy_stanzas", "Stanzas routed, by direction",
+                                labels=["direction"])
+        c.add_metric(["inbound"], self.inbound)
+        c.add_metric(["outbound"], self.outbound)
+        yield c
 
 
 class Metrics:
@@ -26,11 +45,8 @@ class Metrics:
         self.pings_answered = Counter("s2sproxy_pings_answered",
                                       "XEP-0199 pings to a served domain answered by "
                                       "s2sproxy itself", ["peer"], registry=r)
-        self.stanzas = Counter("s2sproxy_stanzas", "Stanzas routed, by direction",
-                               ["direction"], registry=r)
-        # The per-read path counts here: labels() once, not per batch.
-        self.stanzas_inbound = self.stanzas.labels("inbound")
-        self.stanzas_outbound = self.stanzas.labels("outbound")
+        self.stanzas = StanzaCounts()
+        r.register(self.stanzas)
         self.bounces = Counter("s2sproxy_bounces", "Error stanzas generated for "
                                "undeliverable stanzas, by condition", ["condition"],
                                registry=r)

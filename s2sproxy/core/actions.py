@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from s2sproxy.core.stanza import Stanza
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)   # not frozen: made per read, and frozen costs
 class SendBytes:
     data: bytes
 
@@ -42,7 +42,7 @@ class BidiNegotiated:
     """The peer asked to use this stream in both directions (XEP-0288)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)   # not frozen: made per read, and frozen costs
 class DeliverStanzas:
     """Stanzas accepted on this stream, in order, to be routed."""
     stanzas: list[Stanza]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)   # not frozen: made per read, and frozen costs
 class DataReceived:
     data: bytes
 

@@ -74,7 +74,7 @@ class LinkState(enum.Enum):
     DRAINING = "draining"       # switching to ``handle``; ``draining`` is closing
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)   # not frozen: made per read, and frozen costs
 class Write:
     handle: Hashable
     data: bytes
@@ -182,7 +182,8 @@ class Router:
             link = self.links[pair] = Link(pair)
         if link.state is LinkState.READY:
             link.last_used = now
-            return [Write(link.handle, b"".join(s.raw for s in stanzas))]
+            return [Write(link.handle, stanzas[0].raw if len(stanzas) == 1
+                          else b"".join([s.raw for s in stanzas]))]
         if self.closing:
             return [Bounce(s, "remote-server-timeout", SHUTDOWN_TEXT) for s in stanzas]
         if link.state is LinkState.BACKOFF:

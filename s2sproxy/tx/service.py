@@ -428,9 +428,9 @@ class Proxy(service.MultiService):
     def _count(self, pair: R.Pair, batch: list[Stanza]) -> R.Router:
         inbound = pair[1] in self.served
         if inbound:
-            self.metrics.stanzas_inbound.inc(len(batch))
+            self.metrics.stanzas.inbound += len(batch)
             return self.to_backend
-        self.metrics.stanzas_outbound.inc(len(batch))
+        self.metrics.stanzas.outbound += len(batch)
         return self.to_remote
 
     @staticmethod

@@ -179,8 +179,12 @@ HEADERS = [
 
 def ends_in_error(compiled: bool, chunks: list[bytes], max_size: int, max_depth: int):
     """The items once more than max_size bytes of text follow: whatever the input left
-    open (a tag, an element, the stream), the framer must end in an error now."""
-    return items_of(compiled, chunks + [b"x" * (max_size + 1)] * 2, max_size, max_depth)
+    open (a tag, an element, the stream), the framer must end in an error now.  (After
+    the stream's end the Python framer bounds what expat holds by MAX_HEADER_SIZE, as
+    before the header: a quote there opens a literal that expat holds.)"""
+    from s2sproxy.core.limits import MAX_HEADER_SIZE
+    tail = b"x" * (max(max_size, MAX_HEADER_SIZE) + 1)
+    return items_of(compiled, chunks + [tail, tail], max_size, max_depth)
 
 
 @compiled_only
