@@ -93,10 +93,18 @@ def presence_caps(raw: bytes, tree_of) -> tuple[str, str, str] | None:
     at = raw.find(_CAPS_BYTES)
     if at < 0:
         return None
-    # The tag is usually the "<c" nearest before the namespace: matched there first,
-    # searched for only if that fails (same result, without scanning from the start).
-    m = _C_TAG.match(raw, max(0, raw.rfind(b"<c", 0, at)))
-    if m is None or m.end() <= at:
+    # The tag is usually from the "<c" nearest before the namespace to the next ">"
+    # (what the regular expression would match there): looked up as it is, matched
+    # only when new, searched for in the whole stanza only if that fails.
+    start, end = raw.rfind(b"<c", 0, at), raw.find(b">", at)
+    m = None
+    if start >= 0 and end >= 0:
+        tag = raw[start:end + 1]
+        known = _TAG_CACHE.get(tag)
+        if known is not None:
+            return known or None
+        m = _C_TAG.fullmatch(tag)
+    if m is None:
         m = _C_TAG.search(raw)
     if m is not None:
         tag = m.group(0)

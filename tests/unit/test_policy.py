@@ -4,6 +4,7 @@ tracker (match, timeout, stream loss, bound) and XEP-0115 verification strings."
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings, strategies as st
 from lxml import etree
 
 from s2sproxy.core.stanza import Stanza
@@ -333,3 +334,40 @@ def test_policy_every_close_is_a_stream_error_condition():
         if CLOSE in r.allowed:
             u = policy(actions={name: CLOSE}).unexpected(name)
             assert u.stream_condition in STREAM_CONDITIONS, name
+
+
+_CAPS_PIECES = [
+    b"<c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='n1' ver='v1'/>",
+    b"<c ver='v2' xmlns=\"http://jabber.org/protocol/caps\" node='n2' hash='sha-256'/>",
+    b"<c xmlns='urn:other' node='x' ver='y' hash='sha-1'/>",
+    b"<caps xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='n3' ver='v3'/>",
+    b"<status>see http://jabber.org/protocol/caps &gt; here</status>",
+    b"<c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='a&amp;b' ver='w=='/>",
+    b"<c xmlns='http://jabber.org/protocol/caps' node='legacy' ver='1.0'/>",
+    b"<x xmlns='urn:x'><c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='n4'"
+    b" ver='v4'></c></x>",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_CAPS_PIECES), max_size=4))
+def test_presence_caps_fast_path_reads_what_the_search_reads(pieces):
+    """The lookup at the namespace's "<c" gives what a search of the whole stanza with
+    the caps regular expression gives (the reading before that shortcut)."""
+    from s2sproxy.policy import caps as C
+    raw = b"<presence from='a@x/r' to='b@y'>" + b"".join(pieces) + b"</presence>"
+
+    def reference(raw):
+        if C._CAPS_BYTES not in raw:
+            return None
+        m = C._C_TAG.search(raw)
+        if m is None:
+            return "tree"
+        return C._announced({k.decode(): C._unescape(v)
+                             for k, _q, v in C._ATTR.findall(m.group(0))})
+
+    C._TAG_CACHE.clear()
+    for _ in range(2):      # the second time from the cache
+        got = C.presence_caps(raw, lambda: (_ for _ in ()).throw(AssertionError("tree")))\
+            if reference(raw) != "tree" else "tree"
+        assert got == reference(raw)
