@@ -127,7 +127,9 @@ class StreamProtocol(Protocol):
     def run(self, actions: list) -> None:
         for a in actions:
             t = type(a)
-            if t is A.SendBytes:
+            if t is A.DeliverStanzas and not self.closing:
+                self.owner.stream_action(self, a)       # the usual action of a read
+            elif t is A.SendBytes:
                 self.write(a.data)
             elif t is A.StartTls:
                 self.owner.start_tls(self, a.server_name)
