@@ -17,6 +17,10 @@ Relays (TLS 1.3 on both legs unless named otherwise):
 * ``s2sproxy-tls``: the same with STARTTLS on the backend leg (``backend.tls = "auto"``);
 * ``s2sproxy-pure``: ``s2sproxy`` with the Python framer (``S2SPROXY_PURE_PYTHON=1``),
   the fallback where the compiled framer is not built;
+* ``s2sproxy-out`` (throughput only): the other direction, ejabberd to the remote.  The
+  sink opens ejabberd's outgoing stream to s2sproxy's backend listener (plain, dialback:
+  it answers s2sproxy's ``db:verify`` on its own listener) and writes the stanzas; the
+  sender negotiated bidi (XEP-0288) on its stream and counts them as they come back;
 * ``direct`` (latency mode only): no relay, the sender writes to the sink.
 
 The sender opens a real s2s stream to s2sproxy (STARTTLS, SASL EXTERNAL with a
@@ -74,12 +78,24 @@ PRES = (b"<presence from='juliet@remote.bench/balcony' to='romeo@local.bench' id
         b"node='https://bench.example/client/desktop1' ver='q07IKJEyjvHSyhy//CH0CxmKi8w='/>"
         b"<priority>5</priority></presence>")
 ENDS = (b"</message>", b"</presence>")
+
+
+def _swap(template: bytes) -> bytes:
+    return (template.replace(b"from='juliet@remote.bench/balcony'", b"from='@@'")
+            .replace(b"to='romeo@local.bench/orchard'", b"to='juliet@remote.bench/balcony'")
+            .replace(b"to='romeo@local.bench'", b"to='juliet@remote.bench'")
+            .replace(b"from='@@'", b"from='romeo@local.bench/orchard'"))
+
+
+MSG_OUT, PRES_OUT = _swap(MSG), _swap(PRES)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def stanza(i: int, ident: bytes | None = None) -> bytes:
+def stanza(i: int, ident: bytes | None = None, out: bool = False) -> bytes:
     ident = ident if ident is not None else b"%08d" % i
+    if out:     # local.bench -> remote.bench (the s2sproxy-out direction)
+        return (PRES_OUT if i % 4 == 3 else MSG_OUT) % ident
     return (PRES if i % 4 == 3 else MSG) % ident
 
 
@@ -316,7 +332,18 @@ def run_sink(a) -> None:
                     rest = read_header(sock, b"")
                 sock.sendall(hdr + b"<stream:features><dialback xmlns='urn:xmpp:features:"
                              b"dialback'><errors/></dialback></stream:features>")
-                head, rest = read_until(sock, rest, b"</db:result>")
+                head, rest = read_db(sock, rest)
+                if b"</db:verify>" in head:
+                    # s2sproxy checks the key the sink's outgoing stream gave it
+                    # (s2sproxy-out): the sink is ejabberd's authoritative server.
+                    v = head.rsplit(b"<db:verify", 1)[1]
+                    sock.sendall(b"<db:verify from='%s' to='%s' id='%s' type='valid'/>" % (
+                        re.search(rb"to=['\"]([^'\"]+)", v).group(1),
+                        re.search(rb"from=['\"]([^'\"]+)", v).group(1),
+                        re.search(rb"id=['\"]([^'\"]+)", v).group(1)))
+                    while sock.recv(65536):
+                        pass
+                    return
                 frm = re.search(rb"from=['\"]([^'\"]+)", head.rsplit(b"<db:result", 1)[1])
                 to = re.search(rb"to=['\"]([^'\"]+)", head.rsplit(b"<db:result", 1)[1])
                 sock.sendall(b"<db:result from='%s' to='%s' type='valid'/>"
@@ -376,10 +403,60 @@ def run_sink(a) -> None:
 
     threading.Thread(target=acceptor, daemon=True).start()
     emit(ready=lsock.getsockname()[1])
+    go = threading.Event()
     for line in sys.stdin:  # until the parent closes stdin or stops us
-        if line.strip() == '{"quit": 1}':
+        cmd = json.loads(line)
+        if "quit" in cmd:
             break
+        if "connect" in cmd:
+            threading.Thread(target=write_out, args=(a, cmd["connect"], go),
+                             daemon=True).start()
+        if "go" in cmd:
+            go.set()
     os._exit(0)
+
+
+def read_db(sock, buf: bytes) -> tuple[bytes, bytes]:
+    """Read until a whole db:result or db:verify."""
+    deadline = time.monotonic() + 30
+    while b"</db:result>" not in buf and b"</db:verify>" not in buf:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no db:result or db:verify in {buf[-300:]!r}")
+        sock.settimeout(5)
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError(f"closed while waiting for dialback: {buf[-300:]!r}")
+        buf += chunk
+    i = min(buf.index(m) + len(m) for m in (b"</db:result>", b"</db:verify>") if m in buf)
+    return buf[:i], buf[i:]
+
+
+def write_out(a, port: int, go: threading.Event) -> None:
+    """s2sproxy-out: ejabberd's outgoing stream to s2sproxy's backend listener (plain,
+    dialback), one warm-up stanza, then on ``go`` the COUNT stanzas."""
+    try:
+        sock = socket.create_connection((HOST, port), timeout=30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(NS_HEAD.format(frm=LOCAL, to=REMOTE, extra="").encode())
+        _, rest = read_until(sock, b"", b"</stream:features>")
+        sock.sendall(b"<db:result from='%s' to='%s'>bench-key</db:result>"
+                     % (LOCAL.encode(), REMOTE.encode()))
+        head, rest = read_until(sock, rest, b"<db:result", 60)
+        _, rest = read_until(sock, rest, b"/>", 30)
+        emit(authed=1)
+        sock.settimeout(None)
+        payload = b"".join(stanza(i, out=True) for i in range(1, a.count + 1))
+        sock.sendall(stanza(0, b"warmup", out=True))
+        go.wait()
+        t0 = time.monotonic()
+        view = memoryview(payload)
+        for i in range(0, len(payload), 65536):
+            sock.sendall(view[i:i + 65536])
+        emit(sent=t0, end=time.monotonic(), n=a.count)
+        while sock.recv(65536):
+            pass
+    except Exception as e:  # noqa: BLE001
+        emit(note=f"outgoing stream: {e!r}")
 
 
 def latency_summary(lat: list[int]) -> dict:
@@ -399,7 +476,7 @@ def open_stream(a, cctx: ssl.SSLContext, port: int) -> ssl.SSLSocket:
     sock = socket.create_connection((HOST, port), timeout=30)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     head = NS_HEAD.format(frm=REMOTE, to=LOCAL, extra="").encode()
-    if a.mode == "s2s":
+    if a.mode in ("s2s", "s2s-bidi"):
         sock.sendall(head)
         _, rest = read_until(sock, b"", b"</stream:features>")
         sock.sendall(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
@@ -409,6 +486,10 @@ def open_stream(a, cctx: ssl.SSLContext, port: int) -> ssl.SSLSocket:
         feats, rest = read_until(sock, b"", b"</stream:features>")
         if b"EXTERNAL" not in feats:
             raise RuntimeError(f"EXTERNAL not offered: {feats!r}")
+        if a.mode == "s2s-bidi":
+            if b"urn:xmpp:features:bidi" not in feats:
+                raise RuntimeError(f"bidi not offered: {feats!r}")
+            sock.sendall(b"<bidi xmlns='urn:xmpp:bidi'/>")
         sock.sendall(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' "
                      b"mechanism='EXTERNAL'>=</auth>")
         _, rest = read_until(sock, rest, b"<success")
@@ -433,6 +514,8 @@ def run_sender(a) -> None:
         wait_cmd("quit")
         os._exit(0)
     sock = open_stream(a, cctx, a.port)
+    if a.mode == "s2s-bidi":
+        return count_in(a, sock)
     sock.sendall(stanza(0, b"warmup"))
     emit(authed=sock.version())
     if a.latency:
@@ -459,6 +542,30 @@ def run_sender(a) -> None:
         for i in range(0, len(payload), 65536):
             sock.sendall(view[i:i + 65536])
     emit(sent=t0, end=time.monotonic(), n=n)
+    wait_cmd("quit")
+    os._exit(0)
+
+
+def count_in(a, sock) -> None:
+    """s2sproxy-out: count the stanzas coming back over our bidi stream."""
+    emit(authed=sock.version())
+    sock.settimeout(None)
+    tails = [b"", b""]
+    count = 0
+    warm = False
+    while count < a.count + 1:
+        chunk = sock.recv(262144)
+        if not chunk:
+            raise RuntimeError(f"closed after {count} stanzas")
+        now = time.monotonic()
+        for k, e in enumerate(ENDS):
+            L = len(e) - 1
+            count += chunk.count(e) + (tails[k] + chunk[:L]).count(e)
+            tails[k] = (tails[k] + chunk)[-L:] if len(chunk) < L else chunk[-L:]
+        if count and not warm:
+            warm = True
+            emit(warm=now)
+    emit(done=now, count=count)
     wait_cmd("quit")
     os._exit(0)
 
@@ -559,10 +666,12 @@ def run_relay(a) -> None:
 
 # -- s2sproxy -------------------------------------------------------------------------
 
-def s2sproxy_config(mat: Material, sink_port: int, backend_tls: str) -> tuple[Path, int]:
+def s2sproxy_config(mat: Material, sink_port: int, backend_tls: str) -> tuple[Path, int, int]:
+    """The config, the public STARTTLS port and the backend listener's port."""
     from harness import _toml_str as q
     d = mat.dir
     port = free_port()
+    backend_listen = free_port()
     lines = [
         f"secret_file = {q(d / 'dialback.secret')}",
         "[[domain]]", f"name = {q(LOCAL)}",
@@ -570,7 +679,7 @@ def s2sproxy_config(mat: Material, sink_port: int, backend_tls: str) -> tuple[Pa
         "[public]", f"starttls = [{q(f'tcp:{port}:interface={HOST}')}]",
         f"direct_tls = [{q(f'tcp:{free_port()}:interface={HOST}')}]",
         "[backend]", f"host = {q(HOST)}", f"port = {sink_port}", f"tls = {q(backend_tls)}",
-        f"listen = {q(f'tcp:{free_port()}:interface={HOST}')}",
+        f"listen = {q(f'tcp:{backend_listen}:interface={HOST}')}",
         f"dns_address = {q(HOST)}", f"dns_port = {free_port()}",
         "[queue]", "limit = 1000000", "max_bytes = 1073741824",
         "max_total_bytes = 1073741824", "max_age = 600",
@@ -584,7 +693,7 @@ def s2sproxy_config(mat: Material, sink_port: int, backend_tls: str) -> tuple[Pa
     ]
     path = d / f"s2sproxy-{backend_tls}.toml"
     path.write_text("\n".join(lines))
-    return path, port
+    return path, port, backend_listen
 
 
 # -- orchestration -------------------------------------------------------------------------
@@ -611,14 +720,15 @@ def me(role: str, mat: Material, *extra: str) -> list[str]:
 def start_relay(relay: str, mat: Material, sink_port: int, core) -> tuple[Child, int]:
     if relay.startswith("s2sproxy"):
         from harness import s2sproxy_command
-        cfg, port = s2sproxy_config(mat, sink_port, "auto" if relay == "s2sproxy-tls"
-                                    else "never")
+        cfg, port, backend_listen = s2sproxy_config(
+            mat, sink_port, "auto" if relay == "s2sproxy-tls" else "never")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         if relay == "s2sproxy-pure":
             env["S2SPROXY_PURE_PYTHON"] = "1"
         log = mat.dir / f"{relay}.log"
         c = Child(relay, s2sproxy_command(cfg, log, sys.executable), core, cwd=str(mat.dir),
                   env=env, stdout_json=False, log=mat.dir / f"{relay}.console.log")
+        c.backend_port = backend_listen
     else:
         port = free_port()
         c = child(relay, "relay", mat, core, "--kind", relay, "--listen", port,
@@ -628,12 +738,14 @@ def start_relay(relay: str, mat: Material, sink_port: int, core) -> tuple[Child,
 
 
 def sink_mode(relay: str) -> str:
-    return {"s2sproxy": "xmpp", "s2sproxy-pure": "xmpp",
+    return {"s2sproxy": "xmpp", "s2sproxy-pure": "xmpp", "s2sproxy-out": "xmpp",
             "s2sproxy-tls": "xmpp-tls"}.get(relay, "raw")
 
 
 def one_run(relay: str, mat: Material, a, cores_) -> dict:
     rc, oc = cores_
+    if relay == "s2sproxy-out":
+        return one_run_out(relay, mat, a, cores_)
     started: list[Child] = []
     try:
         lat = ["--latency"] if a.latency else []
@@ -670,6 +782,43 @@ def one_run(relay: str, mat: Material, a, cores_) -> dict:
                "behind": (done["done"] - sent["end"]) * 1e3}  # ms after the last write
         out.update({k: done[k] for k in ("p50", "p90", "p99", "max") if k in done})
         return out
+    finally:
+        for c in reversed(started):
+            c.stop()
+
+
+def one_run_out(relay: str, mat: Material, a, cores_) -> dict:
+    """The other direction: the sink (ejabberd) writes, the sender (the remote) counts
+    what comes back over its bidi stream."""
+    rc, oc = cores_
+    started: list[Child] = []
+    n = a.count
+    try:
+        sink = child("sink", "sink", mat, oc, "--mode", "xmpp", "--count", n)
+        started.append(sink)
+        sink_port = sink.expect("ready", 30)["ready"]
+        relay_proc, port = start_relay(relay, mat, sink_port, rc)
+        started.append(relay_proc)
+        sender = child("sender", "sender", mat, oc, "--mode", "s2s-bidi", "--port", port,
+                       "--count", n)
+        started.append(sender)
+        tls = sender.expect("authed", 60)["authed"]
+        sink.send({"connect": relay_proc.backend_port})
+        sink.expect("authed", 60)
+        sender.expect("warm", 30)
+        time.sleep(0.3)
+        cpu0 = cpu_seconds(relay_proc.pid)
+        load0 = cpu_seconds(sender.pid) + cpu_seconds(sink.pid)
+        sink.send({"go": 1})
+        done = sender.expect("done", n / 5000 + 60)
+        cpu1 = cpu_seconds(relay_proc.pid)
+        load1 = cpu_seconds(sender.pid) + cpu_seconds(sink.pid)
+        sent = sink.expect("sent", 30)
+        span = done["done"] - sent["sent"]
+        return {"relay": relay, "tls": tls, "rate": n / span,
+                "cpu_us": (cpu1 - cpu0) / n * 1e6, "span": span,
+                "ends_us": (load1 - load0) / n * 1e6,
+                "behind": (done["done"] - sent["end"]) * 1e3}
     finally:
         for c in reversed(started):
             c.stop()
