@@ -21,30 +21,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from s2sproxy.core import events as E  # noqa: E402
-from s2sproxy.core.dialback import DialbackKeys  # noqa: E402
-from s2sproxy.core.inbound import InboundConfig, InboundStream, Role  # noqa: E402
+from tests.unit.test_memory import authenticated as authenticated_stream  # noqa: E402
 from s2sproxy.policy.classify import Policy, PolicyConfig  # noqa: E402
 
-HEADER = (b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
-          b"xmlns:stream='http://etherx.jabber.org/streams' "
-          b"xmlns:db='jabber:server:dialback' to='local.example' from='remote.example' "
-          b"version='1.0'>")
 MSG = (b"<message from='juliet@remote.example/balcony' to='romeo@local.example/orchard' "
        b"type='chat' id='%08d'><body>Wherefore art thou, Romeo? Deny thy father and refuse "
        b"thy name.</body><active xmlns='http://jabber.org/protocol/chatstates'/></message>")
 
 
-def authenticated() -> InboundStream:
-    s = InboundStream(InboundConfig(Role.PUBLIC, frozenset({"local.example"}),
-                                    DialbackKeys(b"x" * 32), lambda: "sid", 524288, 64))
-    s.handle(E.DataReceived(HEADER))
-    s.handle(E.DataReceived(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"))
-    s.handle(E.TlsEstablished(False, None))
-    s.handle(E.DataReceived(HEADER))
-    s.handle(E.DataReceived(b"<db:result from='remote.example' to='local.example'>k"
-                            b"</db:result>"))
-    s.handle(E.DialbackVerdict("remote.example", "local.example", True))
-    return s
+def authenticated():
+    """The test suite's authenticated public stream (tests/unit/test_memory.py), before
+    any stanza."""
+    return authenticated_stream(stanza=False)
 
 
 def main() -> None:

@@ -262,11 +262,13 @@ def emit(**kw) -> None:
     sys.stdout.flush()
 
 
-def read_until(sock, buf: bytes, marker: bytes,
+def read_until(sock, buf: bytes, marker: bytes | tuple[bytes, ...],
                timeout: float = 30.0) -> tuple[bytes, bytes]:
-    """Read until ``marker``; returns (data up to and including it, the rest)."""
+    """Read until ``marker`` (or the first of several); returns (data up to and
+    including it, the rest)."""
+    markers = marker if isinstance(marker, tuple) else (marker,)
     deadline = time.monotonic() + timeout
-    while marker not in buf:
+    while not any(m in buf for m in markers):
         if time.monotonic() > deadline:
             raise RuntimeError(f"no {marker!r} in {buf[-300:]!r}")
         sock.settimeout(max(0.05, deadline - time.monotonic()))
@@ -274,7 +276,7 @@ def read_until(sock, buf: bytes, marker: bytes,
         if not chunk:
             raise RuntimeError(f"closed while waiting for {marker!r}: {buf[-300:]!r}")
         buf += chunk
-    i = buf.index(marker) + len(marker)
+    i = min(buf.index(m) + len(m) for m in markers if m in buf)
     return buf[:i], buf[i:]
 
 
@@ -332,7 +334,7 @@ def run_sink(a) -> None:
                     rest = read_header(sock, b"")
                 sock.sendall(hdr + b"<stream:features><dialback xmlns='urn:xmpp:features:"
                              b"dialback'><errors/></dialback></stream:features>")
-                head, rest = read_db(sock, rest)
+                head, rest = read_until(sock, rest, (b"</db:result>", b"</db:verify>"))
                 if b"</db:verify>" in head:
                     # s2sproxy checks the key the sink's outgoing stream gave it
                     # (s2sproxy-out): the sink is ejabberd's authoritative server.
@@ -414,21 +416,6 @@ def run_sink(a) -> None:
         if "go" in cmd:
             go.set()
     os._exit(0)
-
-
-def read_db(sock, buf: bytes) -> tuple[bytes, bytes]:
-    """Read until a whole db:result or db:verify."""
-    deadline = time.monotonic() + 30
-    while b"</db:result>" not in buf and b"</db:verify>" not in buf:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no db:result or db:verify in {buf[-300:]!r}")
-        sock.settimeout(5)
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise RuntimeError(f"closed while waiting for dialback: {buf[-300:]!r}")
-        buf += chunk
-    i = min(buf.index(m) + len(m) for m in (b"</db:result>", b"</db:verify>") if m in buf)
-    return buf[:i], buf[i:]
 
 
 def write_out(a, port: int, go: threading.Event) -> None:

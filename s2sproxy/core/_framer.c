@@ -131,6 +131,16 @@ enum lex_state {
 
 #define NAME_CACHE 4
 
+/* A few recent strings, round robin: element names and namespaces repeat from stanza
+ * to stanza ("jabber:server message"), and so do the JIDs in 'from' and 'to' (a
+ * conversation), so the common ones are neither decoded again nor new objects (the
+ * router's dict lookups on the same object hit at once).  ASCII strings of at most
+ * ``max_len`` characters are remembered. */
+typedef struct {
+    PyObject *slot[NAME_CACHE];
+    int next;
+} StrCache;
+
 typedef struct {
     PyObject_HEAD
     XML_Parser p;
@@ -163,10 +173,8 @@ typedef struct {
     const char *abort_cond; /* a handler refused the input */
     PyObject *abort_text;
     int py_error;           /* a handler hit a Python error (memory) */
-    PyObject *name_cache[NAME_CACHE];
-    int name_next;
-    PyObject *jid_cache[NAME_CACHE];   /* recent 'from' and 'to' values */
-    int jid_next;
+    StrCache names;         /* recent element names and namespaces */
+    StrCache jids;          /* recent 'from' and 'to' values */
 
     Py_ssize_t work;        /* bytes given to expat (the tests' linearity measure) */
     int busy;               /* inside feed() */
@@ -174,39 +182,11 @@ typedef struct {
     PyObject *failed;       /* the ParseError, sticky */
 } Framer;
 
-/* Names are reused across stanzas ("jabber:server message"): a few are cached so that
- * the common ones are not decoded again for every element. */
 static PyObject *
-cached_name(Framer *self, const char *name, Py_ssize_t n)
+cached_str(StrCache *c, const char *value, Py_ssize_t n, Py_ssize_t max_len)
 {
     for (int i = 0; i < NAME_CACHE; i++) {
-        PyObject *s = self->name_cache[i];
-        if (s != NULL && PyUnicode_GET_LENGTH(s) == n && PyUnicode_IS_ASCII(s)
-                && memcmp(PyUnicode_DATA(s), name, n) == 0) {
-            Py_INCREF(s);
-            return s;
-        }
-    }
-    PyObject *s = PyUnicode_DecodeUTF8(name, n, "strict");
-    if (s == NULL)
-        return NULL;
-    if (PyUnicode_IS_ASCII(s)) {
-        int i = self->name_next;
-        self->name_next = (i + 1) % NAME_CACHE;
-        Py_XSETREF(self->name_cache[i], s);
-        Py_INCREF(s);
-    }
-    return s;
-}
-
-/* The JIDs in 'from' and 'to' repeat too (a conversation): the same string object
- * comes back, and the router's dict lookups on it hit at once. */
-static PyObject *
-cached_jid(Framer *self, const char *value)
-{
-    Py_ssize_t n = strlen(value);
-    for (int i = 0; i < NAME_CACHE; i++) {
-        PyObject *s = self->jid_cache[i];
+        PyObject *s = c->slot[i];
         if (s != NULL && PyUnicode_GET_LENGTH(s) == n && PyUnicode_IS_ASCII(s)
                 && memcmp(PyUnicode_DATA(s), value, n) == 0) {
             Py_INCREF(s);
@@ -214,13 +194,20 @@ cached_jid(Framer *self, const char *value)
         }
     }
     PyObject *s = PyUnicode_DecodeUTF8(value, n, "strict");
-    if (s != NULL && PyUnicode_IS_ASCII(s) && n <= 256) {
-        int i = self->jid_next;
-        self->jid_next = (i + 1) % NAME_CACHE;
-        Py_XSETREF(self->jid_cache[i], s);
+    if (s != NULL && PyUnicode_IS_ASCII(s) && n <= max_len) {
+        int i = c->next;
+        c->next = (i + 1) % NAME_CACHE;
+        Py_XSETREF(c->slot[i], s);
         Py_INCREF(s);
     }
     return s;
+}
+
+static void
+clear_cache(StrCache *c)
+{
+    for (int i = 0; i < NAME_CACHE; i++)
+        Py_CLEAR(c->slot[i]);
 }
 
 static PyObject *
@@ -278,13 +265,14 @@ on_start(void *data, const XML_Char *name, const XML_Char **atts)
                           PyUnicode_FromString("stream header inside the stream"));
             return;
         }
-        PyObject *n = cached_name(self, name, strlen(name));
+        PyObject *n = cached_str(&self->names, name, strlen(name), PY_SSIZE_T_MAX);
         PyObject *attrs = PyDict_New();
         if (n == NULL || attrs == NULL)
             goto error_n;
         for (int i = 0; atts[i] != NULL; i += 2) {
             PyObject *k = attr_key(atts[i]);
-            PyObject *v = (k == s_from || k == s_to) ? cached_jid(self, atts[i + 1])
+            PyObject *v = (k == s_from || k == s_to) ? cached_str(&self->jids, atts[i + 1],
+                                                          strlen(atts[i + 1]), 256)
                 : PyUnicode_DecodeUTF8(atts[i + 1], strlen(atts[i + 1]), "strict");
             if (k == NULL || v == NULL || PyDict_SetItem(attrs, k, v) < 0) {
                 Py_XDECREF(k);
@@ -309,7 +297,8 @@ error_n:
         self->el_children++;
         if (self->el_child_ns == NULL) {
             const char *sp = strchr(name, ' ');
-            self->el_child_ns = cached_name(self, name, sp ? sp - name : (Py_ssize_t)strlen(name));
+            self->el_child_ns = cached_str(&self->names, name, sp ? sp - name : (Py_ssize_t)strlen(name),
+                                           PY_SSIZE_T_MAX);
             if (self->el_child_ns == NULL)
                 self->py_error = 1;
         }
@@ -912,10 +901,8 @@ Framer_dealloc(Framer *self)
     Py_XDECREF(self->abort_text);
     Py_XDECREF(self->items);
     Py_XDECREF(self->failed);
-    for (int i = 0; i < NAME_CACHE; i++) {
-        Py_XDECREF(self->name_cache[i]);
-        Py_XDECREF(self->jid_cache[i]);
-    }
+    clear_cache(&self->names);
+    clear_cache(&self->jids);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1016,10 +1003,8 @@ Framer_release(Framer *self, PyObject *unused)
     PyMem_Free(self->buf);
     self->buf = NULL;
     self->cap = 0;
-    for (int i = 0; i < NAME_CACHE; i++) {
-        Py_CLEAR(self->name_cache[i]);
-        Py_CLEAR(self->jid_cache[i]);
-    }
+    clear_cache(&self->names);
+    clear_cache(&self->jids);
     Py_RETURN_TRUE;
 }
 

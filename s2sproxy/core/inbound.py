@@ -219,7 +219,6 @@ class InboundStream(StreamBase):
                                         f"elements before authentication")
             self._pre_auth_elements -= 1
         name = el.name
-        kind = STANZA_NAMES.get(name)
         if self.state is InboundState.OPEN:
             if kind is not None:
                 self._stanza(kind, el)

@@ -406,15 +406,14 @@ class Proxy(service.MultiService):
         """One router batch per domain pair; when several pairs of one read go on one
         stream (sender multiplexing, a bidi stream carrying several pairs), their
         writes are merged: one ``transport.write`` (one TLS record) per stream."""
+        batches: dict[R.Pair, list[Stanza]]
         if len(stanzas) == 1:       # one stanza per read, as ejabberd writes them
             s = stanzas[0]
-            pair = (s.from_domain, s.to_domain)
-            router = self._count(pair, stanzas)
-            self._run_ops(router, router.send(pair, stanzas, now))
-            return
-        batches: dict[R.Pair, list[Stanza]] = {}
-        for s in stanzas:
-            batches.setdefault((s.from_domain, s.to_domain), []).append(s)
+            batches = {(s.from_domain, s.to_domain): stanzas}
+        else:
+            batches = {}
+            for s in stanzas:
+                batches.setdefault((s.from_domain, s.to_domain), []).append(s)
         if len(batches) == 1:
             pair, batch = batches.popitem()
             router = self._count(pair, batch)
