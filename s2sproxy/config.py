@@ -139,6 +139,7 @@ class Settings:
     flags: Flags
     metrics_listen: str | None
     log_level: str
+    log_format: str = "text"     # log.format: "text" (twistd's) | "json" (JSON lines)
     source: Path = field(default=Path("."))
     allow_private_targets: bool = False  # dns.allow_private_targets (core.connect rule 3b)
     multiplex: bool = True   # outgoing.multiplex: XEP-0220 sender multiplexing to remotes
@@ -195,7 +196,7 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
     ka = _table(data, "keepalive", {"whitespace", "ping", "timeout"})
     flags = _table(data, "flags", {"json_log", "quarantine", "quarantine_max_bytes"})
     metrics = _table(data, "metrics", {"listen"})
-    log = _table(data, "log", {"level"})
+    log = _table(data, "log", {"level", "format"})
     metrics_listen = None
     if "listen" in metrics:
         metrics_listen = _str(metrics, "metrics.listen", "")
@@ -207,6 +208,9 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
     level = _str(log, "log.level", "info")
     if level not in ("debug", "info", "warn", "error"):
         raise ConfigError("log.level", f"must be one of debug, info, warn, error, not {level!r}")
+    log_format = _str(log, "log.format", "text")
+    if log_format not in ("text", "json"):
+        raise ConfigError("log.format", f"must be text or json, not {log_format!r}")
 
     return Settings(
         domains=domains,
@@ -243,6 +247,7 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
                                       4096)),
         metrics_listen=metrics_listen,
         log_level=level,
+        log_format=log_format,
         source=source,
         allow_private_targets=_bool(dns, "dns.allow_private_targets", False),
         multiplex=_bool(outgoing, "outgoing.multiplex", True),
@@ -621,3 +626,46 @@ def own_listeners(s: Settings) -> list[tuple[str, int]]:
     out = [a for a in map(endpoint_address, descs) if a is not None]
     out.append((s.backend.dns_address, s.backend.dns_port))
     return out
+
+
+# -- reload (SIGHUP) ----------------------------------------------------------------------
+
+#: What a reload cannot change in a running process, with why: a change to any of these
+#: refuses the whole reload (one line per key), and the running configuration stays.
+RESTART_ONLY = {
+    "public.starttls": "listeners are bound at start",
+    "public.direct_tls": "listeners are bound at start",
+    "backend.listen": "listeners are bound at start",
+    "backend.host": "the rules for what s2sproxy may connect to are made at start",
+    "backend.port": "the rules for what s2sproxy may connect to are made at start",
+    "dns.allow_private_targets": "the rules for what s2sproxy may connect to are made "
+                                 "at start",
+    "backend.dns_address": "the backend DNS responder is bound at start",
+    "backend.dns_port": "the backend DNS responder is bound at start",
+    "metrics.listen": "listeners are bound at start",
+    "domain": "the served domains are routed on by every stream",
+    "secret_file": "dialback keys in flight were made with the running secret",
+    "log.format": "the log observer is chosen at start",
+}
+
+
+def _restart_only_values(s: Settings) -> dict[str, Any]:
+    b = s.backend
+    return {
+        "public.starttls": s.starttls_listeners, "public.direct_tls": s.direct_tls_listeners,
+        "backend.listen": b.listen, "backend.host": b.host, "backend.port": b.port,
+        "dns.allow_private_targets": s.allow_private_targets,
+        "backend.dns_address": b.dns_address,
+        "backend.dns_port": b.dns_port, "metrics.listen": s.metrics_listen,
+        "domain": tuple(s.domains), "secret_file": (s.secret_file, s.secret),
+        "log.format": s.log_format,
+    }
+
+
+def reload_refusals(running: Settings, new: Settings) -> list[str]:
+    """Why ``new`` cannot replace ``running`` in place: one text per key in
+    ``RESTART_ONLY`` that differs (empty: the reload may go ahead)."""
+    old, now = _restart_only_values(running), _restart_only_values(new)
+    return [f"{key} changed ({why}): restart s2sproxy to apply it"
+            for key, why in RESTART_ONLY.items() if old[key] != now[key]]
+

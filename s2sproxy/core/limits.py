@@ -88,3 +88,7 @@ REFUSED_LOG_INTERVAL = 60.0
 #: ``node#ver`` disco#info results kept by ``policy.caps_cache``
 CAPS_ANNOUNCED_MAX = 10000
 CAPS_CACHE_MAX = 1000
+
+#: seconds before a certificate we present expires from which a warning is logged
+#: (at start, at each reload, then once a day; ``tx.certificates``)
+CERT_EXPIRY_WARNING = 14 * 86400.0

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Hashable
 
 from s2sproxy.core.limits import MULTIPLEX_HOLDOFF
@@ -78,6 +78,8 @@ class LinkState(enum.Enum):
 class Write:
     handle: Hashable
     data: bytes
+    # how many stanzas ``data`` holds (per-stream counts; not part of equality)
+    stanzas: int = field(default=1, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +176,20 @@ class Router:
         self._carriers_to: dict[str, dict[Any, Carrier]] = {}    # by remote domain
         self.held_off: dict[str, float] = {}     # remote -> no multiplexing until
 
+    def configure(self, queue_limit: int, max_age: float, idle_timeout: float,
+                  backoff_after: int, backoff_base: float, backoff_max: float,
+                  max_bytes: int, max_pairs: int = 1) -> None:
+        """New limits (a reloaded configuration): what is queued stays queued, and is
+        held to them from the next stanza and the next tick on."""
+        self.queue_limit = queue_limit
+        self.max_age = max_age
+        self.idle_timeout = idle_timeout
+        self.backoff_after = backoff_after
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.max_bytes = max_bytes
+        self.max_pairs = max_pairs
+
     # -- stanzas -------------------------------------------------------------------------
 
     def send(self, pair: Pair, stanzas: list[Stanza], now: float) -> list[Op]:
@@ -182,8 +198,9 @@ class Router:
             link = self.links[pair] = Link(pair)
         if link.state is LinkState.READY:
             link.last_used = now
-            return [Write(link.handle, stanzas[0].raw if len(stanzas) == 1
-                          else b"".join([s.raw for s in stanzas]))]
+            if len(stanzas) == 1:
+                return [Write(link.handle, stanzas[0].raw)]
+            return [Write(link.handle, b"".join([s.raw for s in stanzas]), len(stanzas))]
         if self.closing:
             return [Bounce(s, "remote-server-timeout", SHUTDOWN_TEXT) for s in stanzas]
         if link.state is LinkState.BACKOFF:
@@ -295,7 +312,8 @@ class Router:
             carrier.pending.pop(pair, None)
             carrier.pairs[pair] = None
         if link.queue:
-            ops.append(Write(handle, b"".join(s.raw for s, _ in link.queue)))
+            ops.append(Write(handle, b"".join(s.raw for s, _ in link.queue),
+                             len(link.queue)))
             self._clear(link)
         return ops
 

@@ -134,6 +134,17 @@ class Policy:
         self.announced = AnnouncedCaps()
         self.cache = CapsCache() if config.caps_cache else None
 
+    def reconfigure(self, config: PolicyConfig) -> None:
+        """A reloaded configuration: new stanzas are checked with it; pending iqs keep
+        their deadlines, and the caps cache is kept unless it was turned off."""
+        self.config = config
+        self.iqs.timeout = config.iq_timeout
+        self.iqs.max_entries = config.iq_max_pending
+        if not config.caps_cache:
+            self.cache = None
+        elif self.cache is None:
+            self.cache = CapsCache()
+
     def unexpected(self, reason: str, detail: str = "") -> Unexpected:
         spec = REASONS[reason]
         return Unexpected(reason, self.config.actions[reason], spec.condition, detail,

@@ -39,6 +39,11 @@ class BackendSrvResolver(ResolverBase):
 
 
 class _Factory(server.DNSServerFactory):
+    noisy = False
+
+    def logPrefix(self) -> str:  # noqa: N802 (Twisted's "... starting on PORT")
+        return "s2sproxy backend DNS responder (TCP)"
+
     def _responseFromMessage(self, message, **kwargs):  # noqa: N802 (Twisted's name)
         # RFC 1035 section 4.1.1: RD is copied into the response.  Twisted leaves it
         # clear, and Erlang's inet_res rejects such answers ({error, unknown}), which
@@ -52,4 +57,7 @@ def make_factories(target: str, port: int) -> tuple[server.DNSServerFactory,
                                                     dns.DNSDatagramProtocol]:
     resolver = BackendSrvResolver(target, port)
     factory = _Factory(authorities=[resolver], verbose=0)
-    return factory, dns.DNSDatagramProtocol(factory)
+    udp = dns.DNSDatagramProtocol(factory)
+    udp.noisy = False
+    udp.logPrefix = lambda: "s2sproxy backend DNS responder (UDP)"
+    return factory, udp

@@ -62,6 +62,8 @@ class OutboundFactory(ClientFactory):
     or a dialback verdict) fires ``outcome`` with (protocol or None, action) once;
     otherwise (the backend leg) the proxy handles the stream's actions itself."""
 
+    noisy = False       # no "Starting factory <...>" lines: the stream logs its own
+
     def __init__(self, proxy: Any, stream: OutboundStream | None, label: str,
                  router: R.Router | None = None, pair: R.Pair | None = None,
                  planned: bool = False, tls: ClientCreator | None = None) -> None:

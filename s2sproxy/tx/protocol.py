@@ -64,8 +64,12 @@ class StreamProtocol(Protocol):
         self.peer = ""
         self.closing = False
         now = clock.seconds()
+        self.opened_at = now
         self.last_rx = now          # what policy.keepalive is told (its pings are
         self.last_tx = now          # in its own registry, see Proxy._keepalive)
+        # what ``s2sproxy status`` and the closing log line report
+        self.rx_bytes = self.tx_bytes = self.rx_stanzas = self.tx_stanzas = 0
+        self.close_reason = ""      # the stream error of a CloseConnection, if any
 
     # -- Twisted callbacks -----------------------------------------------------------
 
@@ -76,12 +80,15 @@ class StreamProtocol(Protocol):
             self.transport.abortConnection()    # refused before reading a byte
             return
         no_delay(self.transport)
+        log.info("{label} stream {peer} {how}", label=self.label, peer=self.peer,
+                 how="accepted" if self.factory_label() is None else "connected")
         start = getattr(self.stream, "start", None)
         if start is not None:
             self.run(start())
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         self.last_rx = self.clock.seconds()
+        self.rx_bytes += len(data)
         self.handle(E.DataReceived(data))
 
     def handle(self, event: object) -> None:
@@ -101,7 +108,14 @@ class StreamProtocol(Protocol):
     def write(self, data: bytes) -> None:
         if not self.closing:
             self.last_tx = self.clock.seconds()
+            self.tx_bytes += len(data)
             self.transport.write(data)
+
+    def write_stanzas(self, data: bytes, n: int) -> None:
+        """``n`` stanzas' bytes, from a router."""
+        if not self.closing:
+            self.tx_stanzas += n
+            self.write(data)
 
     def handshakeCompleted(self) -> None:  # noqa: N802
         self.handle(self.owner.check_peer(self))
@@ -115,6 +129,18 @@ class StreamProtocol(Protocol):
         text = reason.getErrorMessage() if reason is not None else ""
         self.handle(E.ConnectionLost(text))
         self._gone()
+        log.info("{label} stream {peer} closed: {reason} (after {age:.1f} s; in "
+                 "{rx_stanzas} stanzas, {rx_bytes} bytes; out {tx_stanzas} stanzas, "
+                 "{tx_bytes} bytes)", label=self.label, peer=self.peer,
+                 reason=self.close_reason or text.rstrip(".") or "connection closed",
+                 age=self.clock.seconds() - self.opened_at, rx_stanzas=self.rx_stanzas,
+                 rx_bytes=self.rx_bytes, tx_stanzas=self.tx_stanzas,
+                 tx_bytes=self.tx_bytes)
+
+    def factory_label(self) -> str | None:
+        """``backend``, ``remote`` or ``verify`` for a connection we opened."""
+        f = getattr(self, "factory", None)
+        return getattr(f, "label", None)
 
     def _gone(self) -> None:
         """From the first CloseConnection on, nothing may be routed to this stream."""
@@ -128,16 +154,16 @@ class StreamProtocol(Protocol):
         for a in actions:
             t = type(a)
             if t is A.DeliverStanzas and not self.closing:
+                self.rx_stanzas += len(a.stanzas)
                 self.owner.stream_action(self, a)       # the usual action of a read
             elif t is A.SendBytes:
                 self.write(a.data)
             elif t is A.StartTls:
                 self.owner.start_tls(self, a.server_name)
             elif t is A.CloseConnection:
-                if a.condition:
-                    log.info("{label} stream {peer} closed: {condition} {text}",
-                             label=self.label, peer=self.peer, condition=a.condition,
-                             text=a.text)
+                if a.condition and not self.close_reason:
+                    # logged with the rest when the connection is gone
+                    self.close_reason = f"{a.condition} {a.text}".rstrip()
                 self._gone()
                 if a.abort:
                     self.transport.abortConnection()

@@ -44,16 +44,30 @@ def dns_error_text(e: BaseException) -> str:
     return f"lookup failed ({type(e).__name__})"
 
 
+def system_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    """The ``nameserver`` lines of resolv.conf, read at start and at each reload (not
+    watched by Twisted's resolver, which logs a line each time it re-reads the file);
+    none, or no file: 127.0.0.1, as Twisted's resolver and libc assume."""
+    servers = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == "nameserver":
+                    servers.append((fields[1].split("%", 1)[0], 53))
+    except OSError:
+        pass
+    return servers or [("127.0.0.1", 53)]
+
+
 class RemoteResolver:
     def __init__(self, overrides: dict[str, RemoteOverride],
                  nameservers: tuple[tuple[str, int], ...], reactor,
                  rng: random.Random | None = None) -> None:
         self.overrides = overrides
         self.rng = rng or random.SystemRandom()
-        if nameservers:
-            self.dns = client.Resolver(servers=list(nameservers), reactor=reactor)
-        else:
-            self.dns = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+        servers = list(nameservers) or system_nameservers()
+        self.dns = client.Resolver(servers=servers, reactor=reactor)
 
     def override(self, domain: str) -> list[Target] | None:
         """The operator's targets for ``domain`` (``remote."DOMAIN"``), or None."""

@@ -26,7 +26,8 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from s2sproxy.config import Settings
+from s2sproxy import __version__
+from s2sproxy.config import ConfigError, Settings, load, reload_refusals
 from s2sproxy.core import actions as A
 from s2sproxy.core import events as E
 from s2sproxy.core import routing as R
@@ -37,12 +38,13 @@ from s2sproxy.core.limits import MAX_MULTIPLEXED_PAIRS
 from s2sproxy.core.stanza import Stanza, bounce_stanza
 from s2sproxy.core.subject import flag_subject
 from s2sproxy.core.xmlstream import FRAMER
-from s2sproxy.logs import get_logger
+from s2sproxy.logs import get_logger, set_level
 from s2sproxy.metrics import Metrics
 from s2sproxy.policy import keepalive as K
 from s2sproxy.policy.classify import (BOUNCE, CLOSE, FORWARD, NS_PING, Policy,
                                       PolicyConfig)
 from s2sproxy.tx.backend_dns import make_factories
+from s2sproxy.tx.certificates import Certificates
 from s2sproxy.tx.connector import Connector, OutboundFactory as _OutboundFactory
 from s2sproxy.tx.flags import FlagRecorder
 from s2sproxy.tx import shutdown
@@ -65,17 +67,77 @@ def new_ping_id() -> str:
     return f"s2sproxy-ping-{secrets.randbelow(10 ** 24):024d}"
 
 
+def _policy_config(s: Settings) -> PolicyConfig:
+    p = s.policy
+    return PolicyConfig(dict(p.actions), p.answer_pings, p.iq_timeout, p.iq_max_pending,
+                        p.caps_cache)
+
+
+def _keepalive_config(s: Settings) -> K.KeepaliveConfig:
+    ka = s.keepalive
+    return K.KeepaliveConfig(ka.whitespace, ka.ping, ka.timeout)
+
+
+class _Listener(Factory):
+    """An accepting listener: each connection gets a stream made with the
+    configuration in force when it is accepted (a reload applies from the next one)."""
+
+    noisy = False       # no "Starting factory <...>" lines
+
+    def __init__(self, proxy: "Proxy", role: Role, direct_tls: bool) -> None:
+        self.proxy = proxy
+        self.role = role
+        self.direct_tls = direct_tls
+        self.label = {Role.PUBLIC: "public", Role.BACKEND: "backend-in"}[role]
+
+    def logPrefix(self) -> str:  # noqa: N802 (Twisted's "... starting on PORT")
+        if self.role is Role.BACKEND:
+            return "s2sproxy backend listener (ejabberd's outgoing streams)"
+        return f"s2sproxy public {'Direct TLS' if self.direct_tls else 'STARTTLS'} listener"
+
+    def buildProtocol(self, addr):  # noqa: N802
+        p = self.proxy
+        proto = StreamProtocol(InboundStream(p.inbound_config(self.role, self.direct_tls)),
+                               p, p.reactor, self.label)
+        p.streams.add(proto)
+        return proto
+
+
 class Proxy(service.MultiService):
-    def __init__(self, settings: Settings, reactor) -> None:
+    def __init__(self, settings: Settings, reactor, config_path: str | None = None) -> None:
         super().__init__()
-        self.settings = settings
         self.reactor = reactor
+        self.config_path = config_path      # re-read on SIGHUP (``reload``)
+        # What a reload never changes (config.RESTART_ONLY): the secret, the served
+        # domains, the listeners, and the state that outlives a configuration.
         self.keys = DialbackKeys(settings.secret)
+        self.served = frozenset(settings.domains)
+        self.settings = settings
+        self.connector = Connector(self)
+        self.streams: set[StreamProtocol] = set()
+        budget = R.ByteBudget(settings.queue.max_total_bytes)   # both directions share it
+        self.to_backend = R.Router(0, 0.0, 0.0, budget=budget)
+        self.to_remote = R.Router(0, 0.0, 0.0, budget=budget)
+        self.admission = Admission(1, 1)
+        self.metrics = Metrics()
+        self.policy = Policy(_policy_config(settings), self.served)
+        self.keepalive = K.Keepalive(_keepalive_config(settings),
+                                     new_ping_id)   # the one registry of our pings
+        self.verifier = Verifier(self)
+        self.certificates = Certificates(self.metrics, reactor)
+        self._configure(settings)
+        self._ticker = LoopingCall(self._tick)
+        self._ticker.clock = reactor
+        self._build_listeners()
+
+    def _configure(self, settings: Settings) -> None:
+        """Everything a configuration decides that a reload may change: new
+        connections and new stanzas see it, established streams keep running."""
+        self.settings = settings
         self.trust = TrustStore(settings.trust)
         self.trust_policy = TrustPolicy(settings.trust.require_valid_certificates,
                                         settings.trust.secure_domains,
                                         settings.trust.insecure_domains)
-        self.served = frozenset(settings.domains)
         self.public_ctx = ServerContexts(settings.domains, alpn=False)
         self.direct_ctx = ServerContexts(settings.domains, alpn=True)
         b = settings.backend
@@ -83,66 +145,84 @@ class Proxy(service.MultiService):
         self.backend_ctx = ServerContexts(settings.domains, alpn=False,
                                           extra=backend_identity)
         self.client_ctx = ClientContexts()
-        self.resolver = RemoteResolver(settings.remotes, settings.nameservers, reactor)
-        self.connector = Connector(self)
+        self.resolver = RemoteResolver(settings.remotes, settings.nameservers, self.reactor)
         q = settings.queue
         routers = dict(queue_limit=q.limit, max_age=q.max_age,
                        idle_timeout=settings.idle_timeout, backoff_after=q.backoff_after,
                        backoff_base=q.backoff_base, backoff_max=q.backoff_max,
-                       max_bytes=q.max_bytes, budget=R.ByteBudget(q.max_total_bytes))
-        self.to_backend = R.Router(**routers)       # never multiplexed toward ejabberd
-        self.to_remote = R.Router(**routers, max_pairs=MAX_MULTIPLEXED_PAIRS
-                                  if settings.multiplex else 1)
-        self.streams: set[StreamProtocol] = set()
-        self.admission = Admission(settings.max_unauthenticated,
-                                   settings.max_unauthenticated_per_source)
-        p = settings.policy
-        self.policy = Policy(PolicyConfig(dict(p.actions), p.answer_pings, p.iq_timeout,
-                                          p.iq_max_pending, p.caps_cache), self.served)
-        self.stream_actions = dict(p.actions)
-        self.metrics = Metrics()
+                       max_bytes=q.max_bytes)
+        self.to_backend.budget.limit = q.max_total_bytes
+        self.to_backend.configure(**routers)    # never multiplexed toward ejabberd
+        self.to_remote.configure(**routers, max_pairs=MAX_MULTIPLEXED_PAIRS
+                                 if settings.multiplex else 1)
+        self.admission.max_total = settings.max_unauthenticated
+        self.admission.max_per_source = settings.max_unauthenticated_per_source
+        self.policy.reconfigure(_policy_config(settings))
+        self.stream_actions = dict(settings.policy.actions)
         f = settings.flags
         self.flags = FlagRecorder(self.metrics, f.json_log, f.quarantine,
                                   f.quarantine_max_bytes)
-        ka = settings.keepalive
-        self.keepalive = K.Keepalive(K.KeepaliveConfig(ka.whitespace, ka.ping, ka.timeout),
-                                     new_ping_id)   # the one registry of our pings
-        self.verifier = Verifier(self)
-        self._ticker = LoopingCall(self._tick)
-        self._ticker.clock = reactor
-        self._build_listeners()
+        self.keepalive.config = _keepalive_config(settings)
+        self.certificates.configure(settings)
+        set_level(settings.log_level)
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read the configuration file.  A file with an error, or one that
+        changes what only a restart can (``config.RESTART_ONLY``), is refused with one
+        line per problem, and the running configuration stays in force."""
+        if self.config_path is None:
+            log.warn("reload: no configuration file to re-read")
+            return False
+        try:
+            new = load(self.config_path)
+        except ConfigError as e:
+            log.error("reload refused: {error}; the running configuration stays in force",
+                      error=str(e))
+            return False
+        refusals = reload_refusals(self.settings, new)
+        for why in refusals:
+            log.error("reload refused: {error}; the running configuration stays in force",
+                      error=why)
+        if refusals:
+            return False
+        try:
+            self._configure(new)
+        except Exception as e:  # noqa: BLE001 (a certificate unreadable since load)
+            log.error("reload refused: {error}; the running configuration stays in force",
+                      error=str(e))
+            self._configure(self.settings)
+            return False
+        log.info("reloaded {path}: new connections and new stanzas use it; {n} open "
+                 "stream(s) keep running", path=str(self.config_path), n=len(self.streams))
+        self.certificates.check(self.reactor.seconds())
+        return True
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def _inbound_factory(self, role: Role, direct_tls: bool) -> Factory:
-        s = self.settings
-        cfg = InboundConfig(role=role, served=self.served, keys=self.keys,
-                            new_stream_id=new_stream_id, max_size=s.max_stanza_size,
-                            max_depth=s.max_depth, trust=self.trust_policy,
-                            starttls_available=True, direct_tls=direct_tls,
-                            actions=self.stream_actions, auth_timeout=s.auth_timeout,
-                            pre_auth_max_size=s.pre_auth_max_stanza_size,
-                            pre_auth_max_elements=s.pre_auth_max_elements)
-        label = {Role.PUBLIC: "public", Role.BACKEND: "backend-in"}[role]
-        proxy = self
+    def listener(self, role: Role, direct_tls: bool) -> _Listener:
+        return _Listener(self, role, direct_tls)
 
-        class F(Factory):
-            def buildProtocol(self, addr):  # noqa: N802
-                p = StreamProtocol(InboundStream(cfg), proxy, proxy.reactor, label)
-                proxy.streams.add(p)
-                return p
-        return F()
+    def inbound_config(self, role: Role, direct_tls: bool) -> InboundConfig:
+        s = self.settings
+        return InboundConfig(role=role, served=self.served, keys=self.keys,
+                             new_stream_id=new_stream_id, max_size=s.max_stanza_size,
+                             max_depth=s.max_depth, trust=self.trust_policy,
+                             starttls_available=True, direct_tls=direct_tls,
+                             actions=self.stream_actions, auth_timeout=s.auth_timeout,
+                             pre_auth_max_size=s.pre_auth_max_stanza_size,
+                             pre_auth_max_elements=s.pre_auth_max_elements)
 
     def _build_listeners(self) -> None:
         s = self.settings
         for desc in s.starttls_listeners:
-            strports.service(desc, self._inbound_factory(Role.PUBLIC, False),
+            strports.service(desc, self.listener(Role.PUBLIC, False),
                              reactor=self.reactor).setServiceParent(self)
         for desc in s.direct_tls_listeners:
-            f = TLSMemoryBIOFactory(ContextFactory(self.direct_ctx.for_domain(None)), False,
-                                    self._inbound_factory(Role.PUBLIC, True))
+            f = TLSMemoryBIOFactory(ContextFactory(lambda: self.direct_ctx.for_domain(None)),
+                                    False, self.listener(Role.PUBLIC, True))
+            f.noisy = False
             strports.service(desc, f, reactor=self.reactor).setServiceParent(self)
-        strports.service(s.backend.listen, self._inbound_factory(Role.BACKEND, False),
+        strports.service(s.backend.listen, self.listener(Role.BACKEND, False),
                          reactor=self.reactor).setServiceParent(self)
         tcp_f, udp_p = make_factories(s.backend.srv_target, s.backend.srv_port)
         # There is no "udp:" endpoint string in Twisted; the DNS responder is
@@ -157,17 +237,35 @@ class Proxy(service.MultiService):
             from twisted.web.server import Site
             root = Resource()
             root.putChild(b"metrics", MetricsResource(registry=self.metrics.registry))
-            strports.service(s.metrics_listen, Site(root),
+            site = Site(root)
+            site.noisy = False
+            site.logPrefix = lambda: "s2sproxy metrics"
+            strports.service(s.metrics_listen, site,
                              reactor=self.reactor).setServiceParent(self)
 
     def startService(self):  # noqa: N802
         super().startService()
-        log.info("framer: {framer}", framer=FRAMER)
+        s = self.settings
+        b = s.backend
+        log.info("s2sproxy {version} serving {domains}; public STARTTLS {starttls}, "
+                 "Direct TLS {direct}; ejabberd at {host}:{port} (tls={tls}), its outgoing "
+                 "streams on {backend_listen}, its SRV answers on {dns}; metrics {metrics}; "
+                 "framer: {framer}", version=__version__, domains=", ".join(s.domains),
+                 starttls=", ".join(s.starttls_listeners) or "none",
+                 direct=", ".join(s.direct_tls_listeners) or "none", host=b.host,
+                 port=b.port, tls=b.tls, backend_listen=b.listen,
+                 dns=f"{b.dns_address}:{b.dns_port}", metrics=s.metrics_listen or "off",
+                 framer=FRAMER)
         for svc in self:    # the real bound addresses (a port 0 made real): never a target
             waiting = getattr(svc, "_waitingForPort", None)
             if waiting is not None:
                 waiting.addCallback(self._bound)
         self._ticker.start(TICK, now=False)
+        self.certificates.check(self.reactor.seconds())
+        if self.config_path is not None:
+            import signal
+            signal.signal(signal.SIGHUP,
+                          lambda *_: self.reactor.callFromThread(self.reload))
 
     def _bound(self, port):
         h = getattr(port, "getHost", lambda: None)()   # None: the listen failed (logged)
@@ -188,7 +286,8 @@ class Proxy(service.MultiService):
         now = self.reactor.seconds()
         failed = False
         parts = (("to_backend", self._tick_backend), ("to_remote", self._tick_remote),
-                 ("iqs", self._tick_iqs), ("keepalive", self._keepalive))
+                 ("iqs", self._tick_iqs), ("keepalive", self._keepalive),
+                 ("certificates", self.certificates.tick))
         for name, part in parts:
             try:
                 part(now)
@@ -419,12 +518,12 @@ class Proxy(service.MultiService):
             router = self._count(pair, batch)
             self._run_ops(router, router.send(pair, batch, now))
             return
-        writes: dict[Any, list[bytes]] = {}     # per stream, in the order first written
+        writes: dict[Any, list[R.Write]] = {}   # per stream, in the order first written
         for pair, batch in batches.items():
             router = self._count(pair, batch)
             for op in router.send(pair, batch, now):
                 if type(op) is R.Write:
-                    writes.setdefault(op.handle, []).append(op.data)
+                    writes.setdefault(op.handle, []).append(op)
                 else:       # what was written so far goes first, as it would have
                     self._write_all(writes)
                     self._run_ops(router, [op])
@@ -439,9 +538,13 @@ class Proxy(service.MultiService):
         return self.to_remote
 
     @staticmethod
-    def _write_all(writes: dict[Any, list[bytes]]) -> None:
-        for handle, data in writes.items():
-            handle.write(data[0] if len(data) == 1 else b"".join(data))
+    def _write_all(writes: dict[Any, list[R.Write]]) -> None:
+        for handle, ops in writes.items():
+            if len(ops) == 1:
+                handle.write_stanzas(ops[0].data, ops[0].stanzas)
+            else:
+                handle.write_stanzas(b"".join([op.data for op in ops]),
+                                     sum(op.stanzas for op in ops))
         writes.clear()
 
     def _apply(self, s: Stanza, outcome, source: StreamProtocol | None) -> bool:
@@ -475,7 +578,7 @@ class Proxy(service.MultiService):
         for op in ops:
             t = type(op)
             if t is R.Write:
-                op.handle.write(op.data)
+                op.handle.write_stanzas(op.data, op.stanzas)
             elif t is R.Open:
                 if router is self.to_backend:
                     self.connector.open_backend(op.pair)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Callable
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
@@ -104,13 +105,15 @@ def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
 @implementer(IOpenSSLContextFactory)
 class ContextFactory:
     """What Twisted's ``startTLS`` and ``TLSMemoryBIOFactory`` expect: an object with
-    ``getContext()``."""
+    ``getContext()``.  A callable gives the context in force at each connection (a
+    listener's factory outlives a reload; ``Proxy.reload``)."""
 
-    def __init__(self, ctx: SSL.Context) -> None:
+    def __init__(self, ctx: SSL.Context | Callable[[], SSL.Context]) -> None:
         self._ctx = ctx
 
     def getContext(self) -> SSL.Context:  # noqa: N802 (Twisted's name)
-        return self._ctx
+        ctx = self._ctx
+        return ctx if isinstance(ctx, SSL.Context) else ctx()
 
 
 @implementer(IOpenSSLClientConnectionCreator)

@@ -59,7 +59,7 @@ def public_stream(p: Proxy, reactor, remote: str = REMOTE, host: str = "192.0.2.
                   port: int = 40000, authenticate: bool = True):
     """A public StreamProtocol (STARTTLS listener), authenticated for remote -> local
     by a certificate valid for ``remote`` (XEP-0344: no dialback callback needed)."""
-    factory = p._inbound_factory(Role.PUBLIC, False)
+    factory = p.listener(Role.PUBLIC, False)
     proto = factory.buildProtocol(None)
     transport = Transport(host, port)
     proto.makeConnection(transport)

@@ -42,7 +42,8 @@ def proxy(tmp_path):
     p._ticker.start(1.0, now=False)     # MemoryReactor has no UDP: only the ticker
     # remote.example's bidi stream, where bounces to it go
     bidi = type("P", (), {"close": lambda self: None,
-                          "write": lambda self, data: self.transport.write(data)})()
+                          "write": lambda self, data: self.transport.write(data),
+                          "write_stanzas": lambda self, data, n: self.transport.write(data)})()
     bidi.transport = StringTransport()
     p.to_remote.stream_ready(("local.example", "remote.example"), bidi, 0, borrowed=True)
     yield p, reactor, bidi.transport

@@ -9,7 +9,7 @@ from tests.adapters.helpers import HEADER, REMOTE, Transport, proxy, public_stre
 
 
 def _connect(p, host, port):
-    proto = p._inbound_factory(Role.PUBLIC, False).buildProtocol(None)
+    proto = p.listener(Role.PUBLIC, False).buildProtocol(None)
     t = Transport(host, port)
     proto.makeConnection(t)
     return proto, t

@@ -135,7 +135,7 @@ def test_connector_own_connection_coming_back_is_never_trusted_by_address(tmp_pa
         remote={"evil.example": {"starttls": ["192.0.2.1:5269"]}})
     p.route([outgoing(1, "evil.example")])
     connect(reactor, local=("127.0.0.1", 40000))
-    incoming = p._inbound_factory(Role.BACKEND, False).buildProtocol(None)
+    incoming = p.listener(Role.BACKEND, False).buildProtocol(None)
     wire = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
     incoming.makeConnection(wire)
     incoming.dataReceived(

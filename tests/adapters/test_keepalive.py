@@ -45,7 +45,7 @@ def pinged_backend(tmp_path):
 def backend_in(p, reactor):
     """ejabberd's own outgoing stream local.example -> remote.example, authenticated
     by its source address."""
-    proto = p._inbound_factory(Role.BACKEND, False).buildProtocol(None)
+    proto = p.listener(Role.BACKEND, False).buildProtocol(None)
     transport = Transport("127.0.0.1", 40001)
     proto.makeConnection(transport)
     proto.dataReceived(EJ_HEADER + b"<db:result from='local.example' "
