@@ -68,6 +68,7 @@ class StreamBase:
         self.header_sent = False
         self.secure = False
         self.local_closed = False
+        self.end_reason = ""        # how the stream ended cleanly, for the closing log line
         self.bidi = False
         self._old_parser: XmlStreamParser | None = None
         self._tls_restart = False
@@ -132,8 +133,11 @@ class StreamBase:
             elif isinstance(item, StreamClosed):
                 if not self.local_closed:
                     self._send(b"</stream:stream>")
+                    self.end_reason = "stream closed by the peer"
                 else:
                     self._emit(A.CancelTimer("close"))
+                    self.end_reason = "stream closed by s2sproxy"
+
                 self._emit(A.CloseConnection())
                 self.state = self.closed_state
                 self._on_closed("")

@@ -53,6 +53,15 @@ def no_delay(transport: object) -> None:
         log.failure("cannot set TCP_NODELAY")
 
 
+def _short(reason: str) -> str:
+    """Twisted's connection-lost text, as the closing log line gives it."""
+    if reason.startswith("Connection was closed cleanly"):
+        return "connection closed"
+    if reason.startswith("Connection to the other side was lost"):
+        return "connection lost"
+    return reason.rstrip(".") or "connection closed"
+
+
 @implementer(IHandshakeListener)
 class StreamProtocol(Protocol):
     def __init__(self, stream: Any, owner: Owner, clock: IReactorTime, label: str) -> None:
@@ -132,7 +141,8 @@ class StreamProtocol(Protocol):
         log.info("{label} stream {peer} closed: {reason} (after {age:.1f} s; in "
                  "{rx_stanzas} stanzas, {rx_bytes} bytes; out {tx_stanzas} stanzas, "
                  "{tx_bytes} bytes)", label=self.label, peer=self.peer,
-                 reason=self.close_reason or text.rstrip(".") or "connection closed",
+                 reason=self.close_reason or getattr(self.stream, "end_reason", "")
+                 or _short(text),
                  age=self.clock.seconds() - self.opened_at, rx_stanzas=self.rx_stanzas,
                  rx_bytes=self.rx_bytes, tx_stanzas=self.tx_stanzas,
                  tx_bytes=self.tx_bytes)

@@ -240,6 +240,7 @@ class Proxy(service.MultiService):
             site = Site(root)
             site.noisy = False
             site.logPrefix = lambda: "s2sproxy metrics"
+            site.log = lambda request: None     # no access-log line per scrape
             strports.service(s.metrics_listen, site,
                              reactor=self.reactor).setServiceParent(self)
 

@@ -1,0 +1,133 @@
+"""Issue 10's sans-IO pieces: what a reload may change, the JSON log record, the
+certificate expiry warning, and reconfiguring routers and policy in place."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from s2sproxy.config import ConfigError, RESTART_ONLY, load, reload_refusals
+from s2sproxy.core.limits import CERT_EXPIRY_WARNING
+from s2sproxy.core.routing import ByteBudget, Router, Write
+from s2sproxy.logs import JsonLinesObserver, event_record
+from s2sproxy.policy.classify import Policy, PolicyConfig
+from s2sproxy.tx.certificates import expiry_warnings
+from tests.unit.test_config import conf  # noqa: F401 (fixture)
+
+
+def test_reload_refusals_name_each_restart_only_key(conf):  # noqa: F811
+    running = load(conf())
+    assert reload_refusals(running, load(conf())) == []
+    changed = load(conf("""
+        [public]
+        starttls = ["tcp:5369"]
+        [backend]
+        listen = "tcp:15271"
+        [log]
+        format = "json"
+        """))
+    refusals = reload_refusals(running, changed)
+    assert [r.split(" ", 1)[0] for r in refusals] == ["public.starttls", "backend.listen",
+                                                      "log.format"]
+    assert all("restart s2sproxy to apply it" in r for r in refusals)
+
+
+def test_reload_refusals_let_limits_policy_and_certificates_change(conf):  # noqa: F811
+    running = load(conf())
+    new = load(conf("""
+        [limits]
+        max_stanza_size = 100000
+        [policy]
+        answer_pings = false
+        [queue]
+        limit = 7
+        [log]
+        level = "warn"
+        """))
+    assert reload_refusals(running, new) == []
+    assert new.max_stanza_size == 100000 and new.queue.limit == 7
+
+
+def test_every_restart_only_key_is_compared(conf):  # noqa: F811
+    """A key in RESTART_ONLY that reload_refusals did not read would raise KeyError."""
+    s = load(conf())
+    assert reload_refusals(s, s) == [] and len(RESTART_ONLY) >= 9
+
+
+def test_log_format_is_checked(conf):  # noqa: F811
+    with pytest.raises(ConfigError) as e:
+        load(conf('[log]\nformat = "xml"\n'))
+    assert str(e.value) == "log.format: must be text or json, not 'xml'"
+    assert load(conf('[log]\nformat = "json"\n')).log_format == "json"
+
+
+def test_json_record_has_the_events_named_fields():
+    events = []
+    log = Logger(namespace="s2sproxy.test", observer=events.append)
+    log.info("public stream {peer} closed: {reason}", peer="192.0.2.1:5", reason="x",
+             n=3, obj=object())
+    rec = event_record(events[0])
+    assert rec["message"] == "public stream 192.0.2.1:5 closed: x"
+    assert rec["level"] == "info" and rec["namespace"] == "s2sproxy.test"
+    assert rec["peer"] == "192.0.2.1:5" and rec["reason"] == "x" and rec["n"] == 3
+    assert rec["obj"].startswith("<object object")
+    assert rec["time"].endswith("+00:00")
+    assert not any(k.startswith("log_") for k in rec)
+
+
+def test_json_observer_writes_one_object_per_line_with_traceback():
+    out = io.StringIO()
+    observer = JsonLinesObserver(out)
+    log = Logger(namespace="s2sproxy.test", observer=observer)
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.failure("tick {part} failed", Failure(), part="iqs")
+    log.warn("multi\nline {x}", x="y")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(x) for x in lines)
+    assert first["level"] == "critical"     # log.failure's level
+    assert "ZeroDivisionError" in first["traceback"] and first["part"] == "iqs"
+    assert second["message"] == "multi\nline y" and second["level"] == "warn"
+
+
+def test_expiry_warnings_from_fourteen_days():
+    now = 1_000_000.0
+    p = Path("/x.crt")
+    ends = {"far": (p, now + CERT_EXPIRY_WARNING + 60), "near": (p, now + 3 * 86400),
+            "gone": (p, now - 86400)}
+    texts = expiry_warnings(ends, now)
+    assert texts == ["certificate for near (/x.crt) expires in 3.0 days",
+                     "certificate for gone (/x.crt) expired 1.0 days ago"]
+
+
+def test_router_configure_keeps_queues_and_applies_new_limits():
+    r = Router(queue_limit=5, max_age=30, idle_timeout=60, budget=ByteBudget(1 << 20))
+    pair = ("remote.example", "local.example")
+    from tests.unit.test_routing import st
+    r.send(pair, [st(1)], 0)
+    r.configure(queue_limit=1, max_age=30, idle_timeout=60, backoff_after=2,
+                backoff_base=5, backoff_max=300, max_bytes=1 << 20)
+    ops = r.send(pair, [st(2)], 1)       # over the new limit of 1: bounced
+    assert [type(o).__name__ for o in ops] == ["Bounce"]
+    assert r.stream_ready(pair, "s1", 2) == [Write("s1", b"<m1/>")]
+
+
+def test_policy_reconfigure_keeps_pending_iqs():
+    cfg = PolicyConfig({}, True, 30.0, 100, True)
+    p = Policy(cfg, frozenset({"local.example"}))
+    p.reconfigure(PolicyConfig({}, False, 5.0, 10, False))
+    assert p.config.answer_pings is False
+    assert (p.iqs.timeout, p.iqs.max_entries, p.cache) == (5.0, 10, None)
+
+
+def test_write_counts_stanzas_but_compares_by_bytes():
+    assert Write("h", b"<a/><b/>", 2) == Write("h", b"<a/><b/>")
+    assert Write("h", b"<a/><b/>", 2).stanzas == 2
+
