@@ -677,6 +677,7 @@ def s2sproxy_config(mat: Material, sink_port: int, backend_tls: str) -> tuple[Pa
         "[dns]", f"nameservers = [{q(f'{HOST}:9')}]",
         "[keepalive]", "whitespace = 86400", "ping = 86400", "timeout = 86400",
         "[log]", 'level = "warn"', "",
+        "[control]", 'socket = ""', "",
     ]
     path = d / f"s2sproxy-{backend_tls}.toml"
     path.write_text("\n".join(lines))

@@ -23,6 +23,8 @@ from s2sproxy.core.identity import certificate_names, names_cover, subject_commo
 from s2sproxy.core.jid import InvalidJid, nameprep_domain
 
 DEFAULT_CONFIG_PATH = "/etc/s2sproxy/s2sproxy.toml"
+# systemd's RuntimeDirectory=s2sproxy (deploy/s2sproxy.service) makes /run/s2sproxy
+DEFAULT_CONTROL_SOCKET = "/run/s2sproxy/control.sock"
 
 # RFC 6120 section 13.12 requires servers to accept stanzas of at least 10000 bytes;
 # Prosody's s2s default is 512 KiB, ejabberd's is 512 KiB as well: a remote that works
@@ -140,6 +142,7 @@ class Settings:
     metrics_listen: str | None
     log_level: str
     log_format: str = "text"     # log.format: "text" (twistd's) | "json" (JSON lines)
+    control_socket: Path | None = None   # control.socket ("s2sproxy status"); None: off
     source: Path = field(default=Path("."))
     allow_private_targets: bool = False  # dns.allow_private_targets (core.connect rule 3b)
     multiplex: bool = True   # outgoing.multiplex: XEP-0220 sender multiplexing to remotes
@@ -147,7 +150,7 @@ class Settings:
 
 _TOP_KEYS = {"secret_file", "domain", "public", "backend", "queue", "trust", "remote",
              "outgoing", "limits", "timeouts", "dns", "policy", "keepalive", "flags",
-             "metrics", "log"}
+             "metrics", "log", "control"}
 
 
 def load(path: str | os.PathLike) -> Settings:
@@ -197,6 +200,8 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
     flags = _table(data, "flags", {"json_log", "quarantine", "quarantine_max_bytes"})
     metrics = _table(data, "metrics", {"listen"})
     log = _table(data, "log", {"level", "format"})
+    control = _table(data, "control", {"socket"})
+    control_socket = _str(control, "control.socket", DEFAULT_CONTROL_SOCKET)
     metrics_listen = None
     if "listen" in metrics:
         metrics_listen = _str(metrics, "metrics.listen", "")
@@ -248,6 +253,7 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
         metrics_listen=metrics_listen,
         log_level=level,
         log_format=log_format,
+        control_socket=(base / control_socket) if control_socket else None,
         source=source,
         allow_private_targets=_bool(dns, "dns.allow_private_targets", False),
         multiplex=_bool(outgoing, "outgoing.multiplex", True),
@@ -646,6 +652,7 @@ RESTART_ONLY = {
     "domain": "the served domains are routed on by every stream",
     "secret_file": "dialback keys in flight were made with the running secret",
     "log.format": "the log observer is chosen at start",
+    "control.socket": "the control socket is bound at start",
 }
 
 
@@ -658,7 +665,7 @@ def _restart_only_values(s: Settings) -> dict[str, Any]:
         "backend.dns_address": b.dns_address,
         "backend.dns_port": b.dns_port, "metrics.listen": s.metrics_listen,
         "domain": tuple(s.domains), "secret_file": (s.secret_file, s.secret),
-        "log.format": s.log_format,
+        "log.format": s.log_format, "control.socket": s.control_socket,
     }
 
 

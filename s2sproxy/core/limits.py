@@ -92,3 +92,10 @@ CAPS_CACHE_MAX = 1000
 #: seconds before a certificate we present expires from which a warning is logged
 #: (at start, at each reload, then once a day; ``tx.certificates``)
 CERT_EXPIRY_WARNING = 14 * 86400.0
+
+#: flags kept in memory for ``s2sproxy status`` (the newest; ``tx.flags``)
+LAST_FLAGS = 20
+#: pending iqs listed by ``s2sproxy status`` (the oldest; all are counted)
+STATUS_MAX_IQS = 50
+#: bytes of a request line on the control socket (``tx.control``)
+CONTROL_MAX_LINE = 1024

@@ -90,6 +90,15 @@ class IqTracker:
             out.append(self._forget(seq))
         return out
 
+    def oldest(self, n: int) -> list[Pending]:
+        """The ``n`` requests waiting longest (``s2sproxy status``)."""
+        out = []
+        for p in self._pending.values():
+            if len(out) >= n:
+                break
+            out.append(p)
+        return out
+
     def fail_all(self) -> list[Pending]:
         """Every request still waiting (s2sproxy is stopping)."""
         out = list(self._pending.values())

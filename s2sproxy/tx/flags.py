@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
 from pathlib import Path
 
 from s2sproxy.core import actions as A
+from s2sproxy.core.limits import LAST_FLAGS
 from s2sproxy.logs import get_logger
 from s2sproxy.metrics import Metrics
 
@@ -26,6 +28,7 @@ class FlagRecorder:
         self.quarantine = quarantine
         self.quarantine_max_bytes = quarantine_max_bytes
         self.count = 0
+        self.last: deque[dict] = deque(maxlen=LAST_FLAGS)   # for ``s2sproxy status``
 
     def record(self, flag: A.Flag, stream_id: str, peer: str, direction: str,
                authenticated: bool = True) -> None:
@@ -39,6 +42,7 @@ class FlagRecorder:
                   "peer": peer, "direction": direction, "kind": flag.kind,
                   "type": flag.type, "id": flag.id, "from": flag.from_, "to": flag.to,
                   "detail": flag.detail}
+        self.last.append(dict(record, time=time.time()))
         log.info("flag {reason} action={action} stream={stream} peer={peer} "
                  "direction={direction} kind={kind} type={type} id={id} detail={detail}",
                  **record)

@@ -47,7 +47,7 @@ from s2sproxy.tx.backend_dns import make_factories
 from s2sproxy.tx.certificates import Certificates
 from s2sproxy.tx.connector import Connector, OutboundFactory as _OutboundFactory
 from s2sproxy.tx.flags import FlagRecorder
-from s2sproxy.tx import shutdown
+from s2sproxy.tx import control, shutdown
 from s2sproxy.tx.protocol import StreamProtocol
 from s2sproxy.tx.resolver import RemoteResolver
 from s2sproxy.tx.verify import Verifier
@@ -125,9 +125,11 @@ class Proxy(service.MultiService):
                                      new_ping_id)   # the one registry of our pings
         self.verifier = Verifier(self)
         self.certificates = Certificates(self.metrics, reactor)
+        self.flags = FlagRecorder(self.metrics, None, None, 0)
         self._configure(settings)
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = reactor
+        self._control_port = None
         self._build_listeners()
 
     def _configure(self, settings: Settings) -> None:
@@ -160,8 +162,8 @@ class Proxy(service.MultiService):
         self.policy.reconfigure(_policy_config(settings))
         self.stream_actions = dict(settings.policy.actions)
         f = settings.flags
-        self.flags = FlagRecorder(self.metrics, f.json_log, f.quarantine,
-                                  f.quarantine_max_bytes)
+        self.flags.json_log, self.flags.quarantine = f.json_log, f.quarantine
+        self.flags.quarantine_max_bytes = f.quarantine_max_bytes
         self.keepalive.config = _keepalive_config(settings)
         self.certificates.configure(settings)
         set_level(settings.log_level)
@@ -263,6 +265,10 @@ class Proxy(service.MultiService):
                 waiting.addCallback(self._bound)
         self._ticker.start(TICK, now=False)
         self.certificates.check(self.reactor.seconds())
+        if s.control_socket is not None:
+            d = control.listen(self, s.control_socket)
+            if d is not None:
+                d.addCallback(lambda port: setattr(self, "_control_port", port))
         if self.config_path is not None:
             import signal
             signal.signal(signal.SIGHUP,
@@ -279,6 +285,9 @@ class Proxy(service.MultiService):
         (``tx/shutdown.py``); twistd waits for the returned Deferred."""
         if self._ticker.running:
             self._ticker.stop()
+        port, self._control_port = self._control_port, None
+        if port is not None:
+            port.stopListening()
         return shutdown.stop(self, lambda: super(Proxy, self).stopService())
 
     def _tick(self) -> None:

@@ -938,6 +938,7 @@ def write_s2sproxy_config(run: RunDir, *, backend_port: int, dns_port: int,
         lines += [f"nameservers = [{', '.join(q(n) for n in nameservers)}]"]
     lines.append("")
     lines += ["[log]", f"level = {q(log_level)}", ""]
+    lines += ["[control]", f"socket = {q(d / 'control.sock')}", ""]
     if extra_toml:
         lines.append(extra_toml)
     path = d / "s2sproxy.toml"

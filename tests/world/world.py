@@ -384,6 +384,9 @@ def write_proxy_config(run: harness.RunDir, trust: Trust, *, backend_port: int,
         "[log]",
         'level = "debug"',
         "",
+        "[control]",
+        f"socket = {q(d / 'control.sock')}",
+        "",
     ]
     path = d / "s2sproxy.toml"
     path.write_text("\n".join(lines))

@@ -1,0 +1,3 @@
+from s2sproxy.cli import main
+
+raise SystemExit(main())
