@@ -1,4 +1,5 @@
-"""``s2sproxy status`` and ``s2sproxy check`` (also ``python -m s2sproxy ...``).
+"""``s2sproxy status`` and ``s2sproxy check`` (also ``python -m s2sproxy ...``;
+``check`` is ``s2sproxy/check.py``).
 
 ``status`` asks the running proxy over its control socket (``control.socket`` in the
 configuration file, the same file ``twistd s2sproxy --config`` reads) and prints its
@@ -145,8 +146,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "running proxy")
     p.add_argument("--config", "-c", default=DEFAULT_CONFIG_PATH)
     p.add_argument("--json", action="store_true", help="the proxy's answer as JSON")
+    p = sub.add_parser("check", help="the configuration, certificates, secret, the "
+                       "ejabberd side, and with --dns the public DNS (exit 1 on findings)")
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG_PATH)
+    p.add_argument("--dns", action="store_true", help="also check the public SRV records "
+                   "of each served domain")
+    p.add_argument("--verbose", "-v", action="store_true", help="print what passed too")
     a = ap.parse_args(argv)
     try:
+        if a.command == "check":
+            from s2sproxy import check
+            findings = check.run(a.config, dns=a.dns)
+            for f in findings:
+                if a.verbose or f.level != check.OK:
+                    sys.stdout.write(f"{f}\n")
+            problems = sum(f.level != check.OK for f in findings)
+            sys.stdout.write(f"s2sproxy check: {problems} problem(s) in "
+                             f"{len(findings)} check(s)\n" if problems else
+                             f"s2sproxy check: all {len(findings)} checks passed\n")
+            return check.exit_status(findings)
         if a.command == "status":
             answer = ask(control_socket(a.config))
             sys.stdout.write(json.dumps(answer, indent=2) + "\n" if a.json

@@ -131,3 +131,67 @@ def test_write_counts_stanzas_but_compares_by_bytes():
     assert Write("h", b"<a/><b/>", 2) == Write("h", b"<a/><b/>")
     assert Write("h", b"<a/><b/>", 2).stanzas == 2
 
+
+
+def test_check_secret_mode_and_expired_certificate(conf, tmp_path):  # noqa: F811
+    import os
+    import time
+
+    from s2sproxy.check import OK, WARN, ERROR, certificate_findings, secret_findings
+    from tests.unit.helpers import certificate
+    from tests.unit.test_config import pem
+    s = load(conf())
+    assert [f.level for f in secret_findings(s)] == [OK]
+    os.chmod(s.secret_file, 0o644)
+    (f,) = secret_findings(s)
+    assert f.level == WARN and "mode 0644: make it 0600" in f.text
+    ca, _k, leaf, _key = certificate("local.example")
+    (tmp_path / "c.pem").write_bytes(pem(leaf) + pem(ca))
+    later = leaf.not_valid_after_utc.timestamp() + 2 * 86400
+    levels = [(x.level, x.text) for x in certificate_findings(
+        "local.example", tmp_path / "c.pem", __import__("OpenSSL").crypto.X509Store(),
+        later)]
+    assert (ERROR, "expired 2 days ago") in levels
+    assert any(lv == WARN and "chain does not verify" in t for lv, t in levels)
+    assert time.time() < later
+
+
+def test_status_table_lists_streams_links_iqs_and_flags():
+    from s2sproxy.cli import render_status
+    st = {"version": "0.1.0", "domains": ["local.example"],
+          "streams": [{"direction": "in", "role": "public", "peer": "192.0.2.1:4000",
+                       "stream_id": "x", "authenticated": ["remote.example -> local.example"],
+                       "carries": ["local.example -> remote.example"], "method": "external",
+                       "tls": "TLSv1.3", "bidi": True, "age": 4000.0, "in_stanzas": 5,
+                       "in_bytes": 900, "out_stanzas": 2, "out_bytes": 300, "queued": 0}],
+          "links": [{"router": "to-remote", "pair": "local.example -> down.example",
+                     "state": "backoff", "queued": 0, "queued_bytes": 0, "failures": 3,
+                     "condition": "remote-server-not-found", "retry_in": 42.0}],
+          "pending_iqs": 1, "oldest_iqs": [{"from": "a@local.example", "to":
+                                            "remote.example", "id": "q1",
+                                            "expires_in": 80.0}],
+          "flags_total": 1, "last_flags": [{"reason": "unsolicited-response",
+                                            "action": "drop", "peer": "remote.example",
+                                            "direction": "in", "kind": "iq", "id": "z",
+                                            "detail": ""}]}
+    out = render_status(st).splitlines()
+    row = next(x for x in out if "192.0.2.1:4000" in x)
+    for cell in ("in", "public", "remote.example -> local.example", "external", "TLSv1.3",
+                 "bidi", "66m", "5/900", "2/300"):
+        assert cell in row, (cell, row)
+    assert any("(carries local.example -> remote.example)" in x for x in out)
+    assert any("backoff" in x and "42.0s" in x and "remote-server-not-found" in x
+               for x in out)
+    assert "Pending iqs: 1" in out and any("q1" in x for x in out)
+    assert any("unsolicited-response" in x and "drop" in x for x in out)
+
+
+def test_status_reads_control_socket_from_the_config(tmp_path):
+    from s2sproxy.cli import CliError, control_socket
+    (tmp_path / "a.toml").write_text('[control]\nsocket = "run/c.sock"\n')
+    assert control_socket(str(tmp_path / "a.toml")) == tmp_path / "run/c.sock"
+    (tmp_path / "b.toml").write_text('[control]\nsocket = ""\n')
+    with pytest.raises(CliError, match="control socket is off"):
+        control_socket(str(tmp_path / "b.toml"))
+    with pytest.raises(CliError, match="cannot read"):
+        control_socket(str(tmp_path / "none.toml"))
