@@ -8,7 +8,7 @@ tests (and several proxies in one process) do not share counts.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from s2sproxy.core.limits import PEER_LABELS_MAX
@@ -54,8 +54,22 @@ class Metrics:
                                    "remote-server-timeout by s2sproxy", registry=r)
         self.dead_peers = Counter("s2sproxy_dead_peers", "Streams closed because the peer "
                                   "did not answer a keepalive ping", ["peer"], registry=r)
-        self.streams = Gauge("s2sproxy_streams", "Open streams, by kind", ["kind"],
-                             registry=r)
+        self.authentications = Counter(
+            "s2sproxy_authentications", "Authentications of a domain pair on a stream, by "
+            "the stream's role, method (external, dialback) and outcome (success, or the "
+            "SASL failure or dialback error condition)", ["role", "method", "outcome"],
+            registry=r)
+        self.outgoing_failures = Counter(
+            "s2sproxy_outgoing_failures", "Streams of ours (to ejabberd, to remotes) that "
+            "could not be set up, by role and the condition bounced with",
+            ["role", "condition"], registry=r)
+        self.dialback_verifications = Counter(
+            "s2sproxy_dialback_verifications", "Dialback keys s2sproxy had verified "
+            "(XEP-0220 db:verify), by outcome (valid, invalid, or the error condition)",
+            ["outcome"], registry=r)
+        self.tls_failures = Counter(
+            "s2sproxy_tls_handshake_failures", "Connections lost before their TLS "
+            "handshake completed, by role", ["role"], registry=r)
         self.connections_refused = Counter(
             "s2sproxy_connections_refused", "Public connections refused at accept, by "
             "the bound they hit (total, per-source)", ["bound"], registry=r)
@@ -84,3 +98,42 @@ class Metrics:
     def value(self, name: str, **labels: str) -> float:
         v = self.registry.get_sample_value(name, labels or None)
         return v or 0.0
+
+
+class ProxyState(Collector):
+    """What is open and what waits, read from the proxy at scrape time (nothing is
+    counted on the per-stanza path): ``s2sproxy_streams{role,state}`` (state
+    ``authenticated`` or ``negotiating``) and ``s2sproxy_queued_stanzas{toward}`` /
+    ``s2sproxy_queued_bytes{toward}`` (``toward`` ``ejabberd`` or ``remote``)."""
+
+    ROLES = ("public", "backend-in", "backend", "remote", "verify")
+
+    def __init__(self, proxy) -> None:
+        self.proxy = proxy
+
+    def collect(self):
+        counts = {(r, st): 0 for r in self.ROLES for st in ("authenticated",
+                                                             "negotiating")}
+        for proto in list(self.proxy.streams):
+            st = proto.stream
+            done = bool(getattr(st, "authenticated", None)) or \
+                getattr(getattr(st, "state", None), "value", "") == "ready"
+            key = (proto.label, "authenticated" if done else "negotiating")
+            counts[key] = counts.get(key, 0) + 1
+        g = GaugeMetricFamily("s2sproxy_streams", "Open streams, by role and state",
+                              labels=["role", "state"])
+        for (role, state), n in counts.items():
+            g.add_metric([role, state], n)
+        yield g
+        stanzas = GaugeMetricFamily("s2sproxy_queued_stanzas", "Stanzas waiting for a "
+                                    "stream, by where they go", labels=["toward"])
+        size = GaugeMetricFamily("s2sproxy_queued_bytes", "Bytes of the stanzas waiting "
+                                 "for a stream, by where they go", labels=["toward"])
+        for toward, router in (("ejabberd", self.proxy.to_backend),
+                               ("remote", self.proxy.to_remote)):
+            links = list(router.links.values())
+            stanzas.add_metric([toward], sum(len(x.queue) for x in links))
+            size.add_metric([toward], sum(x.queued_bytes for x in links))
+        yield stanzas
+        yield size
+

@@ -30,6 +30,15 @@ class CloseConnection:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthFailed:
+    """A peer's authentication was refused on this stream (for the metrics):
+    ``method`` "external" or "dialback", ``condition`` the SASL failure or the
+    dialback error (``invalid`` for a key that did not verify)."""
+    method: str
+    condition: str
+
+
+@dataclass(frozen=True, slots=True)
 class Authenticated:
     """``originating`` proved its identity on this stream to send as it to ``receiving``."""
     originating: str
@@ -127,6 +136,7 @@ class Flag:
     raw: bytes = b""
 
 
-Action = (SendBytes | StartTls | CloseConnection | Authenticated | BidiNegotiated
+Action = (SendBytes | StartTls | CloseConnection | AuthFailed | Authenticated
+          | BidiNegotiated
           | DeliverStanzas | VerifyDialback | SetTimer | CancelTimer | StreamReady
           | StreamFailed | PairReady | PairFailed | RetireStream | Flag)

@@ -301,6 +301,7 @@ class InboundStream(StreamBase):
                     failure = "not-authorized"
         if failure is not None:
             self._send(f"<failure xmlns='{NS_SASL}'><{failure}/></failure>".encode())
+            self._emit(A.AuthFailed("external", failure))
             return
         self.sasl_domain = self.remote_domain = domain
         self._send(f"<success xmlns='{NS_SASL}'/>".encode())
@@ -386,6 +387,8 @@ class InboundStream(StreamBase):
             self._send(f"<db:result {attrs}>{body}</error></db:result>".encode())
         else:
             self._send(f"<db:result {attrs}/>".encode())
+        if type_ != "valid":
+            self._emit(A.AuthFailed("dialback", condition or type_))
 
     def _db_verify(self, el: Element) -> None:
         if "type" in el.attrs:

@@ -26,7 +26,7 @@ from s2sproxy.tx.tls import tls_connection_of
 
 log = get_logger(__name__)
 
-_OUTCOMES = (A.StreamFailed, E.DialbackVerdict)
+_OUTCOMES = (A.StreamFailed, E.DialbackVerdict, A.AuthFailed)
 
 
 class Owner(TypingProtocol):
@@ -35,6 +35,7 @@ class Owner(TypingProtocol):
     def start_tls(self, proto: "StreamProtocol", server_name: str | None) -> None: ...
     def check_peer(self, proto: "StreamProtocol") -> E.TlsEstablished: ...
     def stream_lost(self, proto: "StreamProtocol") -> None: ...
+    def tls_failed(self, proto: "StreamProtocol") -> None: ...
 
 
 def no_delay(transport: object) -> None:
@@ -79,6 +80,8 @@ class StreamProtocol(Protocol):
         # what ``s2sproxy status`` and the closing log line report
         self.rx_bytes = self.tx_bytes = self.rx_stanzas = self.tx_stanzas = 0
         self.close_reason = ""      # the stream error of a CloseConnection, if any
+        self.tls_started = False    # STARTTLS begun (Direct TLS: from the start)
+        self.tls_done = False
 
     # -- Twisted callbacks -----------------------------------------------------------
 
@@ -127,6 +130,7 @@ class StreamProtocol(Protocol):
             self.write(data)
 
     def handshakeCompleted(self) -> None:  # noqa: N802
+        self.tls_done = True
         self.handle(self.owner.check_peer(self))
 
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
@@ -136,6 +140,11 @@ class StreamProtocol(Protocol):
                 call.cancel()
         self.timers.clear()
         text = reason.getErrorMessage() if reason is not None else ""
+        direct = getattr(getattr(self.stream, "config", None), "direct_tls", False)
+        if (self.tls_started or direct) and not self.tls_done:
+            tls_failed = getattr(self.owner, "tls_failed", None)
+            if tls_failed is not None:
+                tls_failed(self)
         self.handle(E.ConnectionLost(text))
         self._gone()
         log.info("{label} stream {peer} closed: {reason} (after {age:.1f} s; in "
@@ -169,6 +178,7 @@ class StreamProtocol(Protocol):
             elif t is A.SendBytes:
                 self.write(a.data)
             elif t is A.StartTls:
+                self.tls_started = True
                 self.owner.start_tls(self, a.server_name)
             elif t is A.CloseConnection:
                 if a.condition and not self.close_reason:

@@ -39,7 +39,7 @@ from s2sproxy.core.stanza import Stanza, bounce_stanza
 from s2sproxy.core.subject import flag_subject
 from s2sproxy.core.xmlstream import FRAMER
 from s2sproxy.logs import get_logger, set_level
-from s2sproxy.metrics import Metrics
+from s2sproxy.metrics import Metrics, ProxyState
 from s2sproxy.policy import keepalive as K
 from s2sproxy.policy.classify import (BOUNCE, CLOSE, FORWARD, NS_PING, Policy,
                                       PolicyConfig)
@@ -120,6 +120,7 @@ class Proxy(service.MultiService):
         self.to_remote = R.Router(0, 0.0, 0.0, budget=budget)
         self.admission = Admission(1, 1)
         self.metrics = Metrics()
+        self.metrics.registry.register(ProxyState(self))
         self.policy = Policy(_policy_config(settings), self.served)
         self.keepalive = K.Keepalive(_keepalive_config(settings),
                                      new_ping_id)   # the one registry of our pings
@@ -381,6 +382,12 @@ class Proxy(service.MultiService):
             proto.transport.startTLS(self.connector.client_tls(
                 proto.factory, server_name or "", alpn=False))
 
+    def tls_failed(self, proto: StreamProtocol) -> None:
+        """The connection went before its TLS handshake completed."""
+        self.metrics.tls_failures.labels(proto.label).inc()
+        log.info("{label} stream {peer}: TLS handshake not completed", label=proto.label,
+                 peer=proto.peer)
+
     def check_peer(self, proto: StreamProtocol) -> E.TlsEstablished:
         ok, cert = self.trust.check(proto.tls_connection())
         return E.TlsEstablished(ok, cert)
@@ -414,8 +421,11 @@ class Proxy(service.MultiService):
             self.route(stanzas, proto)
         elif t is A.Flag:
             self._flag(a, proto)
+        elif t is A.AuthFailed:
+            self.metrics.authentications.labels(proto.label, a.method, a.condition).inc()
         elif t is A.Authenticated:
             self._release(proto)
+            self.metrics.authentications.labels(proto.label, a.method, "success").inc()
             st = proto.stream
             log.info("{label} stream authenticated: {originating} -> {receiving} "
                      "method={method} tls={tls} bidi={bidi} direct_tls={direct} "
@@ -461,6 +471,8 @@ class Proxy(service.MultiService):
             return
         f = proto.factory
         st = proto.stream
+        self.metrics.authentications.labels(f.label, st.auth_method or "dialback",
+                                            "success").inc()
         if f.label == "backend":
             log.info("backend stream ready for {remote} -> {local} (dialback accepted by "
                      "ejabberd, tls={tls})", remote=f.pair[0], local=f.pair[1],
@@ -484,6 +496,7 @@ class Proxy(service.MultiService):
         """Opening the stream of ``factory.pair`` failed: bounce what waits for it."""
         log.warn("{label} stream {pair} failed: {condition} {text}", label=factory.label,
                  pair=" -> ".join(factory.pair), condition=condition, text=text)
+        self.metrics.outgoing_failures.labels(factory.label, condition).inc()
         self._run_ops(factory.router, factory.router.stream_failed(
             factory.pair, condition, text, self.reactor.seconds()))
 

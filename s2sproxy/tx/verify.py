@@ -52,8 +52,9 @@ class Verifier:
                     req, backend, wanted=lambda: not getattr(requester, "closing", False))
             finally:
                 self.in_flight -= 1
+        outcome = {True: "valid", False: "invalid"}.get(verdict.valid, verdict.condition)
         log.info("dialback verification {originating} -> {receiving}: {verdict}",
-                 originating=req.originating, receiving=req.receiving,
-                 verdict={True: "valid", False: "invalid"}.get(verdict.valid,
-                                                               verdict.condition))
+                 originating=req.originating, receiving=req.receiving, verdict=outcome)
+        if route != Verification.TRUSTED:
+            p.metrics.dialback_verifications.labels(outcome or "error").inc()
         requester.handle(verdict)

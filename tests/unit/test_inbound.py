@@ -140,7 +140,8 @@ def test_inbound_dialback_invalid_verdict_answers_invalid():
     actions, s = run(SECURE + [E.DataReceived(DB_RESULT),
                                E.DialbackVerdict(REMOTE, LOCAL, False)])
     assert actions == [A.SendBytes(f"<db:result from='{LOCAL}' to='{REMOTE}' "
-                                   f"type='invalid'/>".encode())]
+                                   f"type='invalid'/>".encode()),
+                       A.AuthFailed("dialback", "invalid")]
     assert not s.authenticated
 
 
@@ -152,7 +153,7 @@ def test_inbound_dialback_unreachable_authoritative_server_is_dialback_error():
     assert actions == [A.SendBytes(
         f"<db:result from='{LOCAL}' to='{REMOTE}' type='error'><error type='cancel'>"
         f"<remote-server-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"
-        f"</error></db:result>".encode())]
+        f"</error></db:result>".encode()), A.AuthFailed("dialback", "remote-server-not-found")]
 
 
 def test_inbound_dialback_for_unserved_domain_is_item_not_found():
@@ -162,7 +163,7 @@ def test_inbound_dialback_for_unserved_domain_is_item_not_found():
     assert actions == [A.SendBytes(
         f"<db:result from='nobody.example' to='{REMOTE}' type='error'><error type='cancel'>"
         f"<item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>"
-        f"</db:result>".encode())]
+        f"</db:result>".encode()), A.AuthFailed("dialback", "item-not-found")]
 
 
 def test_inbound_dialback_refused_for_secure_domain_without_certificate():
@@ -356,7 +357,8 @@ def test_inbound_sasl_external_for_another_domain_fails():
             b"b3RoZXIuZXhhbXBsZQ==</auth>")          # other.example
     actions, s = run(PRE_TLS + [E.TlsEstablished(True, leaf), E.DataReceived(HEADER)], auth)
     assert actions == [A.SendBytes(b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
-                                   b"<invalid-authzid/></failure>")]
+                                   b"<invalid-authzid/></failure>"),
+                       A.AuthFailed("external", "invalid-authzid")]
     assert not s.authenticated
 
 
@@ -366,7 +368,8 @@ def test_inbound_sasl_external_with_untrusted_chain_fails():
     auth = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
     actions, s = run(PRE_TLS + [E.TlsEstablished(False, leaf), E.DataReceived(HEADER)], auth)
     assert actions == [A.SendBytes(b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
-                                   b"<not-authorized/></failure>")]
+                                   b"<not-authorized/></failure>"),
+                       A.AuthFailed("external", "not-authorized")]
 
 
 def test_inbound_dialback_with_valid_certificate_needs_no_callback():
