@@ -39,6 +39,16 @@ class AuthFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class DialbackAnswered:
+    """A peer asked us (as authoritative server) whether a key we issued is valid
+    (``db:verify``), and was answered: for the log, since with several instances
+    behind a load balancer the answer may come from one that did not issue it."""
+    originating: str
+    receiving: str
+    valid: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Authenticated:
     """``originating`` proved its identity on this stream to send as it to ``receiving``."""
     originating: str
@@ -136,7 +146,8 @@ class Flag:
     raw: bytes = b""
 
 
-Action = (SendBytes | StartTls | CloseConnection | AuthFailed | Authenticated
+Action = (SendBytes | StartTls | CloseConnection | AuthFailed | DialbackAnswered
+          | Authenticated
           | BidiNegotiated
           | DeliverStanzas | VerifyDialback | SetTimer | CancelTimer | StreamReady
           | StreamFailed | PairReady | PairFailed | RetireStream | Flag)

@@ -401,6 +401,7 @@ class InboundStream(StreamBase):
         self._send(f"<db:verify from='{xml_escape(originating)}' to='{xml_escape(receiving)}'"
                    f" id='{xml_escape(stream_id)}' type='{'valid' if ok else 'invalid'}'/>"
                    .encode())
+        self._emit(A.DialbackAnswered(originating, receiving, ok))
 
     def _authenticate(self, originating: str, receiving: str, method: str) -> None:
         """Record the pair and report ``Authenticated``.  Called only after the bytes

@@ -46,14 +46,16 @@ class OutgoingProtocol(StreamProtocol):
         ip = C.parse_ip(str(getattr(host, "host", "")))
         if connector is not None and ip is not None:
             self.local = (ip, getattr(host, "port", 0))
-            connector.outgoing.add(self.local)
+            connector.outgoing.append((self.local, getattr(self.factory, "pair", None)))
             connector.local.add(ip)
         super().connectionMade()
 
     def connectionLost(self, reason=None) -> None:  # noqa: N802
         connector = getattr(self.owner, "connector", None)
         if connector is not None and self.local is not None:
-            connector.outgoing.discard(self.local)
+            entry = (self.local, getattr(self.factory, "pair", None))
+            if entry in connector.outgoing:
+                connector.outgoing.remove(entry)
         super().connectionLost(reason)
 
 
@@ -96,7 +98,9 @@ class Connector:
     def __init__(self, proxy: Any) -> None:
         self.proxy = proxy
         s = proxy.settings
-        self.outgoing: set[Address] = set()
+        # (local end, domain pair) of each connection of ours; two may share a local
+        # end (Linux reuses an ephemeral port toward another destination)
+        self.outgoing: list[tuple[Address, R.Pair | None]] = []
         listeners = own_listeners(s)
         # core.connect rule 3a: our listeners; toward remotes, ejabberd's internal
         # listener too.  ``local`` is shared and grows with our connections' local ends.
@@ -115,12 +119,21 @@ class Connector:
         for rules in (self.verify_rules, self.remote_rules):
             rules.add_own(host, port)
 
-    def is_own_connection(self, peer: str) -> bool:
-        """Is ``peer`` ("host:port" of an accepted connection) the local end of one of
-        our outgoing connections?"""
+    def is_own_connection(self, peer: str, pair: R.Pair) -> bool:
+        """Is the accepted connection from ``peer`` ("host:port"), asking to be
+        verified for ``pair`` (originating, receiving), one of ours come back?  Its
+        source is the local end of a connection of ours *and* it asks for that
+        connection's domain pair, as our own stream would.  The address alone is not
+        enough: Linux gives the same ephemeral port to connections toward different
+        destinations, so ejabberd's connection to our backend listener may share the
+        local end of one of ours (seen in the test world on Linux 6.18), and the
+        destination cannot tell either (a NAT or a load balancer in between changes
+        it)."""
         host, _, port = peer.rpartition(":")
         ip = C.parse_ip(host)
-        return ip is not None and port.isdigit() and (ip, int(port)) in self.outgoing
+        if ip is None or not port.isdigit():
+            return False
+        return ((ip, int(port)), pair) in self.outgoing
 
     def client_tls(self, factory: OutboundFactory, server_name: str,
                    alpn: bool) -> ClientCreator:

@@ -26,7 +26,7 @@ from s2sproxy.tx.tls import tls_connection_of
 
 log = get_logger(__name__)
 
-_OUTCOMES = (A.StreamFailed, E.DialbackVerdict, A.AuthFailed)
+_OUTCOMES = (A.StreamFailed, E.DialbackVerdict, A.AuthFailed, A.DialbackAnswered)
 
 
 class Owner(TypingProtocol):
@@ -92,14 +92,18 @@ class StreamProtocol(Protocol):
             self.transport.abortConnection()    # refused before reading a byte
             return
         no_delay(self.transport)
-        log.info("{label} stream {peer} {how}", label=self.label, peer=self.peer,
-                 how="accepted" if self.factory_label() is None else "connected")
+        if self.factory_label() is not None:
+            log.info("{label} stream {peer} connected", label=self.label, peer=self.peer)
+        # An accepted connection is announced at its first byte: a load balancer's
+        # health check (connect, close) is no stream, and logs at debug only.
         start = getattr(self.stream, "start", None)
         if start is not None:
             self.run(start())
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         self.last_rx = self.clock.seconds()
+        if not self.rx_bytes and self.factory_label() is None:
+            log.info("{label} stream {peer} accepted", label=self.label, peer=self.peer)
         self.rx_bytes += len(data)
         self.handle(E.DataReceived(data))
 
@@ -147,7 +151,9 @@ class StreamProtocol(Protocol):
                 tls_failed(self)
         self.handle(E.ConnectionLost(text))
         self._gone()
-        log.info("{label} stream {peer} closed: {reason} (after {age:.1f} s; in "
+        quiet = not self.rx_bytes and self.factory_label() is None
+        (log.debug if quiet else log.info)(
+                 "{label} stream {peer} closed: {reason} (after {age:.1f} s; in "
                  "{rx_stanzas} stanzas, {rx_bytes} bytes; out {tx_stanzas} stanzas, "
                  "{tx_bytes} bytes)", label=self.label, peer=self.peer,
                  reason=self.close_reason or getattr(self.stream, "end_reason", "")

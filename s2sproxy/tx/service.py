@@ -421,6 +421,11 @@ class Proxy(service.MultiService):
             self.route(stanzas, proto)
         elif t is A.Flag:
             self._flag(a, proto)
+        elif t is A.DialbackAnswered:
+            log.info("{label} stream {peer}: db:verify {originating} -> {receiving} "
+                     "answered {verdict}", label=proto.label, peer=proto.peer,
+                     originating=a.originating, receiving=a.receiving,
+                     verdict="valid" if a.valid else "invalid")
         elif t is A.AuthFailed:
             self.metrics.authentications.labels(proto.label, a.method, a.condition).inc()
         elif t is A.Authenticated:

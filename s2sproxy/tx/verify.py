@@ -27,7 +27,8 @@ class Verifier:
         backend = isinstance(requester.stream, InboundStream) \
             and requester.stream.role is Role.BACKEND
         route = verification_route(
-            own_connection=p.connector.is_own_connection(requester.peer), backend=backend,
+            own_connection=p.connector.is_own_connection(
+                requester.peer, (req.originating, req.receiving)), backend=backend,
             peer_host=requester.peer.rsplit(":", 1)[0],
             trusted_addresses=p.settings.backend.trusted_addresses,
             in_flight=self.in_flight, bound=MAX_VERIFICATIONS)

@@ -149,6 +149,28 @@ def test_connector_own_connection_coming_back_is_never_trusted_by_address(tmp_pa
     assert len(warnings) == 1
 
 
+def test_connector_same_local_port_for_another_pair_is_not_our_own(tmp_path, logged):
+    """ejabberd's connection to our backend listener may come from the local end of
+    one of our outgoing connections (Linux reuses an ephemeral port toward another
+    destination): asking for another domain pair, it is not ours come back, and is
+    trusted by address as configured (the world test saw it refused before)."""
+    p, reactor, _bounced = proxy_with(
+        tmp_path, backend={"trusted_addresses": ["127.0.0.1"]},
+        remote={"evil.example": {"starttls": ["192.0.2.1:5269"]}})
+    p.route([outgoing(1, "evil.example")])
+    connect(reactor, local=("127.0.0.1", 40000))
+    incoming = p.listener(Role.BACKEND, False).buildProtocol(None)
+    wire = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    incoming.makeConnection(wire)
+    incoming.dataReceived(
+        header("local.example").replace(b" to='local.example'", b" to='other.example'")
+        .replace(b" id='r1'", b"") + b"<db:result from='local.example' "
+        b"to='other.example'>key</db:result>")
+    assert incoming.stream.authenticated == {("local.example", "other.example")}
+    assert b"policy-violation" not in wire.value()
+    assert not [e for e in logged if "own outgoing connection" in e.get("log_format", "")]
+
+
 # -- defect 2: every address, A and AAAA, DNS errors ----------------------------------------
 
 REMOTE_SRV = {b"_xmpp-server._tcp.remote.example": [(0, 0, 5269, b"xmpp.remote.example")]}

@@ -80,6 +80,7 @@ Install the real peers (as root, Debian 12):
   apt-get update
   DEBIAN_FRONTEND=noninteractive apt-get install -y prosody lua-unbound
   DEBIAN_FRONTEND=noninteractive apt-get install -y -t bookworm-backports ejabberd
+  DEBIAN_FRONTEND=noninteractive apt-get install -y knot haproxy
 (or run scripts/install-peers)"""
 
 
@@ -494,7 +495,10 @@ class Ejabberd:
     def __init__(self, run: RunDir, *, dns_port: int, s2s_port: int = EJABBERD_INTERNAL_S2S_PORT,
                  s2s_ip: str = EJABBERD_IP, starttls: str = "required", trusts_ca: bool = True,
                  bidi: bool = False, loglevel: str = "info", leaf: Leaf | None = None,
-                 behind_proxy: bool = False, version: PeerVersion = EJABBERD_2412) -> None:
+                 behind_proxy: bool = False, version: PeerVersion = EJABBERD_2412,
+                 nameservers: Sequence[tuple[str, int]] = ()) -> None:
+        """``nameservers``: the DNS responders its inetrc names, in order (default: the
+        one at 127.0.0.1:``dns_port``)."""
         if starttls not in ("required", "optional", "true", "false"):
             raise ValueError(f"starttls={starttls!r}")
         if version.kind != "ejabberd":
@@ -543,6 +547,11 @@ class Ejabberd:
             config = apply_deploy_snippet(config, starttls)
             inetrc = (DEPLOY_DIR / "ejabberd" / "inetrc").read_text().replace(
                 "{nameserver, {127,0,0,1}, 15353}", f"{{nameserver, {{127,0,0,1}}, {dns_port}}}")
+        if nameservers:
+            lines = [f"{{nameserver, {{{host.replace('.', ',')}}}, {port}}}."
+                     for host, port in nameservers]
+            inetrc = re.sub(r"\{nameserver, \{127,0,0,1\}, \d+\}\.", "\n".join(lines),
+                            inetrc, count=1)
         (self.config_dir / "ejabberd.yml").write_text(config)
         (self.config_dir / "ejabberdctl.cfg").write_text(_fill("ejabberdctl.cfg.in", values))
         (self.config_dir / "inetrc").write_text(inetrc)
@@ -887,7 +896,10 @@ def write_s2sproxy_config(run: RunDir, *, backend_port: int, dns_port: int,
                           remotes: dict[str, Sequence[str]] | None = None,
                           nameservers: Sequence[str] | None = None,
                           leaf: Leaf | None = None, extra_toml: str = "",
-                          trusts_ca: bool = True) -> Path:
+                          trusts_ca: bool = True, name: str = "s2sproxy",
+                          listen_host: str = PROXY_IP, proxy_protocol: bool = False,
+                          backend_host: str = "127.0.0.1", srv_port: int | None = None,
+                          secret_file: Path | None = None, dns_host: str = "127.0.0.1") -> Path:
     """Write RUN/s2sproxy/s2sproxy.toml (and local.test cert/key) and return its path.
 
     ``remotes``: ``{"remote.test": ["127.0.0.20:5269"]}`` by default (STARTTLS
@@ -896,15 +908,16 @@ def write_s2sproxy_config(run: RunDir, *, backend_port: int, dns_port: int,
     resolver; None leaves ``dns.nameservers`` out.  ``dns.allow_private_targets`` is
     always set: every peer here is on loopback.  ``extra_toml`` is appended verbatim (new
     tables only, e.g. ``[limits]``)."""
-    d = run.path / "s2sproxy"
+    d = run.path / name
     d.mkdir(exist_ok=True)
     leaf = leaf or run.ca.issue(LOCAL_DOMAIN)
     leaf.write(d / "local.test.crt", d / "local.test.key")
     if remotes is None:
         remotes = {REMOTE_DOMAIN: [f"{PROSODY_IP}:{S2S_PORT}"]}
     q = _toml_str
+    pp = "haproxy:" if proxy_protocol else ""
     lines = [
-        f"secret_file = {q(d / 'dialback.secret')}",
+        f"secret_file = {q(secret_file or d / 'dialback.secret')}",
         "",
         "[[domain]]",
         f"name = {q(LOCAL_DOMAIN)}",
@@ -912,16 +925,17 @@ def write_s2sproxy_config(run: RunDir, *, backend_port: int, dns_port: int,
         f"key = {q(d / 'local.test.key')}",
         "",
         "[public]",
-        f"starttls = [{q(f'tcp:{PROXY_STARTTLS_PORT}:interface={PROXY_IP}')}]",
-        f"direct_tls = [{q(f'tcp:{PROXY_DIRECT_TLS_PORT}:interface={PROXY_IP}')}]",
+        f"starttls = [{q(f'{pp}tcp:{PROXY_STARTTLS_PORT}:interface={listen_host}')}]",
+        f"direct_tls = [{q(f'{pp}tcp:{PROXY_DIRECT_TLS_PORT}:interface={listen_host}')}]",
         "",
         "[backend]",
         f"host = {q(EJABBERD_INTERNAL_IP)}",
         f"port = {EJABBERD_INTERNAL_S2S_PORT}",
         f"tls = {q(backend_tls)}",
-        f"listen = {q(f'tcp:{backend_port}:interface=127.0.0.1')}",
+        f"listen = {q(f'tcp:{backend_port}:interface={backend_host}')}",
         f"srv_target = {q('localhost')}",
-        f"dns_address = {q('127.0.0.1')}",
+    ] + ([f"srv_port = {srv_port}"] if srv_port else []) + [
+        f"dns_address = {q(dns_host)}",
         f"dns_port = {dns_port}",
         "",
         "[trust]",
@@ -965,7 +979,7 @@ def s2sproxy_command(config_path: Path, log_path: Path, python: str = sys.execut
 def start_s2sproxy(run: RunDir, *, backend_port: int | None = None, dns_port: int | None = None,
                    config_path: Path | None = None, python: str = sys.executable,
                    timeout: float = 20.0, listen_host: str = PROXY_IP,
-                   **config_kw) -> S2SProxy:
+                   name: str = "s2sproxy", **config_kw) -> S2SProxy:
     """Write the config (unless ``config_path``), start s2sproxy, and wait until
     127.0.0.30:5269 accepts TCP connections (bounded by ``timeout``).
 
@@ -974,16 +988,16 @@ def start_s2sproxy(run: RunDir, *, backend_port: int | None = None, dns_port: in
     dns_port = dns_port or free_port(udp_too=True)
     if config_path is None:
         config_path = write_s2sproxy_config(run, backend_port=backend_port, dns_port=dns_port,
-                                            **config_kw)
-    log_path = run.path / "s2sproxy.log"
-    console = run.path / "s2sproxy.console.log"
+                                            name=name, listen_host=listen_host, **config_kw)
+    log_path = run.path / f"{name}.log"
+    console = run.path / f"{name}.console.log"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in
                                         env.get("PYTHONPATH", "").split(os.pathsep) if p])
     out = open(console, "ab")
     proc = subprocess.Popen(s2sproxy_command(config_path, log_path, python), env=env,
                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                            cwd=str(run.path / "s2sproxy"), start_new_session=True)
+                            cwd=str(run.path / name), start_new_session=True)
     out.close()
     proxy = S2SProxy(proc, config_path, log_path, backend_port, dns_port, console)
 
@@ -1407,6 +1421,7 @@ def start_federation(run: RunDir, *, via_proxy: bool = True, bidi: bool = True,
                      prosody_trusts_ca: bool = True, ejabberd_trusts_ca: bool = True,
                      ejabberd_starttls: str = "required", start_proxy: bool = False,
                      dns: DnsResponder | None = None, quiet: bool = False,
+                     ejabberd_nameservers: Sequence[tuple[str, int]] = (),
                      **proxy_kw) -> Federation:
     """Start ejabberd and Prosody (in parallel) and register alice and bob.
 
@@ -1423,7 +1438,7 @@ def start_federation(run: RunDir, *, via_proxy: bool = True, bidi: bool = True,
     backend_port = free_port()
     ej = Ejabberd(run, dns_port=dns_port, s2s_port=S2S_PORT, starttls=ejabberd_starttls,
                   trusts_ca=ejabberd_trusts_ca, behind_proxy=via_proxy,
-                  loglevel="warning" if quiet else "info")
+                  loglevel="warning" if quiet else "info", nameservers=ejabberd_nameservers)
     pr = Prosody(run, local_test_address=PROXY_IP if via_proxy else EJABBERD_IP,
                  bidi=bidi, trusts_ca=prosody_trusts_ca, debug_log=not quiet)
     fed = Federation(run, ej, pr, dns_port, backend_port, dns=dns)
@@ -1439,6 +1454,53 @@ def start_federation(run: RunDir, *, via_proxy: bool = True, bidi: bool = True,
         fed.stop()
         raise
     return fed
+
+
+# -- HAProxy ----------------------------------------------------------------------------
+
+class HAProxy:
+    """HAProxy (the Debian package) in the foreground with deploy/haproxy/haproxy.cfg
+    as it is, addresses given through its environment variables (``presetenv``)."""
+
+    def __init__(self, run: RunDir, env: dict[str, str]) -> None:
+        self.run = run
+        self.env = env
+        self.config = DEPLOY_DIR / "haproxy" / "haproxy.cfg"
+        self.log_path = run.path / "haproxy.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, listen: tuple[str, int], timeout: float = 10.0) -> None:
+        exe = _which("haproxy")
+        if exe is None:
+            raise HarnessError(f"haproxy not found.\n{INSTALL_HINT}")
+        _run([exe, "-c", "-q", "-f", str(self.config)], 10, "haproxy -c",
+             env=dict(os.environ, **self.env))
+        out = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([exe, "-db", "-f", str(self.config)],
+                                     env=dict(os.environ, **self.env),
+                                     stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        out.close()
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise HarnessError(f"haproxy exited with {self.proc.returncode}\n"
+                                   + tail(self.log_path))
+            return tcp_listening(*listen)
+        wait_for(ready, timeout, f"haproxy to listen on {listen[0]}:{listen[1]}",
+                 on_timeout=lambda: tail(self.log_path))
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            kill_and_wait(self.proc.pid, timeout)
+        if self.proc is not None:
+            _finish_popen(self.proc, 5)
 
 
 # -- a raw s2s peer ---------------------------------------------------------------------

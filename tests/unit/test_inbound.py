@@ -182,9 +182,11 @@ def test_inbound_db_verify_answers_from_derivation():
             f"<db:verify from='a.example' to='b.example' id='xyz'>00{good[2:]}</db:verify>"
             ).encode()
     actions, s = run(SECURE, data)
-    assert actions == [A.SendBytes(
-        b"<db:verify from='b.example' to='a.example' id='xyz' type='valid'/>"
-        b"<db:verify from='b.example' to='a.example' id='xyz' type='invalid'/>")]
+    assert actions == [
+        A.SendBytes(b"<db:verify from='b.example' to='a.example' id='xyz' type='valid'/>"),
+        A.DialbackAnswered("b.example", "a.example", True),
+        A.SendBytes(b"<db:verify from='b.example' to='a.example' id='xyz' type='invalid'/>"),
+        A.DialbackAnswered("b.example", "a.example", False)]
 
 
 def test_inbound_bidi_request_is_negotiated():
