@@ -99,3 +99,6 @@ LAST_FLAGS = 20
 STATUS_MAX_IQS = 50
 #: bytes of a request line on the control socket (``tx.control``)
 CONTROL_MAX_LINE = 1024
+#: seconds a connection on a ``haproxy:`` listener may take to send its PROXY header
+#: before it is dropped (``tx.proxyprotocol``)
+PROXY_HEADER_TIMEOUT = 10.0

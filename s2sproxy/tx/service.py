@@ -47,7 +47,7 @@ from s2sproxy.tx.backend_dns import make_factories
 from s2sproxy.tx.certificates import Certificates
 from s2sproxy.tx.connector import Connector, OutboundFactory as _OutboundFactory
 from s2sproxy.tx.flags import FlagRecorder
-from s2sproxy.tx import control, shutdown
+from s2sproxy.tx import control, proxyprotocol, shutdown
 from s2sproxy.tx.protocol import StreamProtocol
 from s2sproxy.tx.resolver import RemoteResolver
 from s2sproxy.tx.verify import Verifier
@@ -97,10 +97,9 @@ class _Listener(Factory):
 
     def buildProtocol(self, addr):  # noqa: N802
         p = self.proxy
-        proto = StreamProtocol(InboundStream(p.inbound_config(self.role, self.direct_tls)),
-                               p, p.reactor, self.label)
-        p.streams.add(proto)
-        return proto
+        # in proxy.streams once admitted (Proxy.admit, at connectionMade)
+        return StreamProtocol(InboundStream(p.inbound_config(self.role, self.direct_tls)),
+                              p, p.reactor, self.label)
 
 
 class Proxy(service.MultiService):
@@ -217,13 +216,16 @@ class Proxy(service.MultiService):
 
     def _build_listeners(self) -> None:
         s = self.settings
-        for desc in s.starttls_listeners:
-            strports.service(desc, self.listener(Role.PUBLIC, False),
-                             reactor=self.reactor).setServiceParent(self)
-        for desc in s.direct_tls_listeners:
-            f = TLSMemoryBIOFactory(ContextFactory(lambda: self.direct_ctx.for_domain(None)),
-                                    False, self.listener(Role.PUBLIC, True))
-            f.noisy = False
+        for desc, direct in [(d, False) for d in s.starttls_listeners] + \
+                [(d, True) for d in s.direct_tls_listeners]:
+            proxy_header, desc = proxyprotocol.split(desc)
+            f = self.listener(Role.PUBLIC, direct)
+            if direct:
+                f = TLSMemoryBIOFactory(
+                    ContextFactory(lambda: self.direct_ctx.for_domain(None)), False, f)
+                f.noisy = False
+            if proxy_header:        # the PROXY header comes first, before any TLS
+                f = proxyprotocol.ProxyHeaderFactory(f, self.reactor)
             strports.service(desc, f, reactor=self.reactor).setServiceParent(self)
         strports.service(s.backend.listen, self.listener(Role.BACKEND, False),
                          reactor=self.reactor).setServiceParent(self)
@@ -350,13 +352,16 @@ class Proxy(service.MultiService):
     # -- what StreamProtocol asks of its owner ------------------------------------------
 
     def admit(self, proto: StreamProtocol) -> bool:
-        """May this newly accepted public connection be held (``core.admission``)?"""
+        """May this newly accepted public connection be held (``core.admission``)?
+        Admitted, it is one of ``streams``."""
         if proto.label != "public":
+            self.streams.add(proto)
             return True
         host = proto.peer.rsplit(":", 1)[0]
         refused = self.admission.admit(proto, host)
         self.metrics.unauthenticated.set(len(self.admission))
         if refused is None:
+            self.streams.add(proto)
             return True
         self.metrics.connections_refused.labels(refused).inc()
         n = self.admission.log_due(self.reactor.seconds())
