@@ -208,15 +208,23 @@ def backend_dns_findings(s: Settings) -> Iterator[Finding]:
         yield Finding(ERROR, what, f"does not resolve ({e.strerror}): ejabberd cannot "
                                    "reach the backend listener")
         return
-    if listen is not None and listen[0] not in ("0.0.0.0", "::") \
-            and listen[0] not in addrs:
-        yield Finding(ERROR, what, f"resolves to {', '.join(sorted(addrs))}, but "
-                                   f"backend.listen is on {listen[0]}")
-    elif listen is not None and listen[1] != b.srv_port:
-        yield Finding(ERROR, what, f"backend.srv_port {b.srv_port} is not the backend "
-                                   f"listener's port {listen[1]}")
-    else:
-        yield Finding(OK, what, f"resolves to {', '.join(sorted(addrs))}")
+    shown = ", ".join(sorted(addrs))
+    if listen is not None and listen[1] == b.srv_port and (
+            listen[0] in ("0.0.0.0", "::") or listen[0] in addrs):
+        yield Finding(OK, what, f"resolves to {shown}: the backend listener")
+        return
+    # Not this instance's backend listener: a load balancer in front of several
+    # (deploy/haproxy/), which must answer.
+    try:
+        socket.create_connection((b.srv_target, b.srv_port), timeout=_TIMEOUT).close()
+    except OSError as e:
+        yield Finding(ERROR, what, f"{b.srv_target}:{b.srv_port} ({shown}) is not the "
+                                   f"backend listener ({b.listen}) and does not answer "
+                                   f"({e.strerror or e}): ejabberd's outgoing streams "
+                                   "would fail")
+        return
+    yield Finding(OK, what, f"{b.srv_target}:{b.srv_port} ({shown}) answers: a load "
+                            f"balancer in front of the backend listeners")
 
 
 # -- public DNS ---------------------------------------------------------------------------

@@ -163,6 +163,13 @@ def test_two_instances_behind_haproxy(scaled_out):
     assert peers and peers <= to_haproxy, (peers, to_haproxy)
     assert not peers & haproxy_to_us, (peers, haproxy_to_us)
 
+    # s2sproxy check knows the load balancer in front of the backend listeners
+    r = subprocess.run([sys.executable, "-m", "s2sproxy", "check", "--verbose", "--config",
+                        str(proxies["a"].config_path)], capture_output=True, text=True,
+                       timeout=60, cwd=str(harness.REPO_ROOT))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "answers: a load balancer in front of the backend listeners" in r.stdout
+
     # Stop the instance that carries Prosody's stream, mid-conversation.
     carrying = next(n for n in proxies if any(
         s["role"] == "public" and s["authenticated"] for s in status(proxies[n])["streams"]))
