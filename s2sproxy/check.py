@@ -278,7 +278,7 @@ def public_dns_findings(s: Settings, servers: list[tuple[str, int]]) -> Iterator
 def run(config: str, dns: bool = False,
         nameservers: list[tuple[str, int]] | None = None) -> list[Finding]:
     try:
-        s = load(config)
+        s = load(config, generate_secret=False)
     except ConfigError as e:
         return [Finding(ERROR, "config", str(e))]
     out = [Finding(OK, "config", f"{config}: valid ({len(s.domains)} domain(s))")]

@@ -96,7 +96,8 @@ def _table(header: Sequence[str], rows: list[Sequence[Any]]) -> list[str]:
 
 
 def render_status(st: dict) -> str:
-    out = [f"s2sproxy {st['version']} serving {', '.join(st['domains'])}", ""]
+    pid = f" (pid {st['pid']})" if st.get("pid") else ""
+    out = [f"s2sproxy {st['version']}{pid} serving {', '.join(st['domains'])}", ""]
     streams = st["streams"]
     out.append(f"Streams ({len(streams)}):")
     rows = []
@@ -167,6 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check.exit_status(findings)
         if a.command == "status":
             answer = ask(control_socket(a.config))
+            theirs = answer.get("config") or ""
+            if theirs and Path(theirs).resolve() != Path(a.config).resolve():
+                sys.stderr.write(f"s2sproxy status: note: the proxy answering (pid "
+                                 f"{answer.get('pid')}) runs with {theirs}, not "
+                                 f"{a.config}: give each instance its own "
+                                 "control.socket\n")
             sys.stdout.write(json.dumps(answer, indent=2) + "\n" if a.json
                              else render_status(answer))
             return 0

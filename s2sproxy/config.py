@@ -143,6 +143,8 @@ class Settings:
     log_level: str
     log_format: str = "text"     # log.format: "text" (twistd's) | "json" (JSON lines)
     control_socket: Path | None = None   # control.socket ("s2sproxy status"); None: off
+    # public.proxy_sources: who may send a PROXY header to a haproxy: listener
+    proxy_sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     source: Path = field(default=Path("."))
     allow_private_targets: bool = False  # dns.allow_private_targets (core.connect rule 3b)
     multiplex: bool = True   # outgoing.multiplex: XEP-0220 sender multiplexing to remotes
@@ -153,8 +155,10 @@ _TOP_KEYS = {"secret_file", "domain", "public", "backend", "queue", "trust", "re
              "metrics", "log", "control"}
 
 
-def load(path: str | os.PathLike) -> Settings:
-    """Read and validate the file at ``path``; raise ``ConfigError`` on any mistake."""
+def load(path: str | os.PathLike, generate_secret: bool = True) -> Settings:
+    """Read and validate the file at ``path``; raise ``ConfigError`` on any mistake.
+    ``generate_secret=False`` (reload, ``s2sproxy check``): a missing secret file is an
+    error, not made (a new secret would no longer match the other instances')."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -164,13 +168,18 @@ def load(path: str | os.PathLike) -> Settings:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(str(path), f"not valid TOML: {e}") from None
-    return parse(data, base=path.parent.resolve(), source=path)
+    return parse(data, base=path.parent.resolve(), source=path,
+                 generate_secret=generate_secret)
 
 
-def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Settings:
+def parse(data: dict[str, Any], base: Path, source: Path = Path("."),
+          generate_secret: bool = True) -> Settings:
     _no_unknown("", data, _TOP_KEYS)
     domains = _domains(data.get("domain"), base)
-    public = _table(data, "public", {"starttls", "direct_tls"})
+    public = _table(data, "public", {"starttls", "direct_tls", "proxy_sources"})
+    proxy_sources = tuple(_network(v, f"public.proxy_sources[{i}]") for i, v in
+                          enumerate(_list(public, "public.proxy_sources",
+                                          ["127.0.0.0/8", "::1"])))
     starttls = _endpoints(public, "public.starttls", ["tcp:5269"])
     direct = _endpoints(public, "public.direct_tls", ["tcp:5270"])
     if not starttls and not direct:
@@ -208,7 +217,7 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
         _check_server_endpoint(metrics_listen, "metrics.listen")
 
     secret_file = _path(data, "secret_file", base, "/var/lib/s2sproxy/dialback.secret")
-    secret = _secret(secret_file)
+    secret = _secret(secret_file, generate_secret)
 
     level = _str(log, "log.level", "info")
     if level not in ("debug", "info", "warn", "error"):
@@ -253,6 +262,7 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path(".")) -> Setting
         metrics_listen=metrics_listen,
         log_level=level,
         log_format=log_format,
+        proxy_sources=proxy_sources,
         control_socket=(base / control_socket) if control_socket else None,
         source=source,
         allow_private_targets=_bool(dns, "dns.allow_private_targets", False),
@@ -395,7 +405,7 @@ def _policy(t: dict[str, Any]) -> PolicySettings:
     )
 
 
-def _secret(path: Path) -> bytes:
+def _secret(path: Path, generate: bool = True) -> bytes:
     """Read the dialback secret, or generate one and keep it (mode 0600).
 
     All instances behind one load balancer must share this file: XEP-0185 keys are
@@ -404,6 +414,9 @@ def _secret(path: Path) -> bytes:
     try:
         secret = path.read_bytes().strip()
     except FileNotFoundError:
+        if not generate:
+            raise ConfigError("secret_file", f"{path} does not exist (it is made at "
+                                             "start, never by a reload or a check)") from None
         secret = secrets.token_hex(32).encode()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -545,6 +558,13 @@ def _address(t: dict[str, Any], key: str, default: str) -> str:
     return _ip(_str(t, key, default), key)
 
 
+def _network(v: Any, key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(str(v), strict=False)
+    except ValueError:
+        raise ConfigError(key, f"not an IP address or network: {v!r}") from None
+
+
 def _ip(v: Any, key: str) -> str:
     try:
         return str(ipaddress.ip_address(v))
@@ -584,7 +604,11 @@ def _endpoints(t: dict[str, Any], key: str, default: list[str]) -> list[str]:
 def _check_server_endpoint(desc: str, key: str) -> None:
     # Parsing only (no reactor): a typo such as "tpc:5269" is caught at start.
     from twisted.internet.endpoints import _parseServer  # noqa: PLC0415
-    if desc.split(":", 1)[0].lower() in ("ssl", "tls"):
+    inner = desc[len("haproxy:"):] if desc.lower().startswith("haproxy:") else desc
+    if inner != desc and key.startswith(("backend.", "metrics.")):
+        raise ConfigError(key, f"the PROXY protocol (haproxy:) is for public listeners, "
+                               f"not {desc!r}")
+    if inner.split(":", 1)[0].lower() in ("ssl", "tls"):
         raise ConfigError(key, f"use a plain tcp: endpoint; s2sproxy does TLS itself "
                                f"(for SNI and STARTTLS), not {desc!r}")
     try:
@@ -646,6 +670,8 @@ RESTART_ONLY = {
     "backend.port": "the rules for what s2sproxy may connect to are made at start",
     "dns.allow_private_targets": "the rules for what s2sproxy may connect to are made "
                                  "at start",
+    "backend.srv_target": "the backend DNS responder is made at start",
+    "backend.srv_port": "the backend DNS responder is made at start",
     "backend.dns_address": "the backend DNS responder is bound at start",
     "backend.dns_port": "the backend DNS responder is bound at start",
     "metrics.listen": "listeners are bound at start",
@@ -662,6 +688,7 @@ def _restart_only_values(s: Settings) -> dict[str, Any]:
         "public.starttls": s.starttls_listeners, "public.direct_tls": s.direct_tls_listeners,
         "backend.listen": b.listen, "backend.host": b.host, "backend.port": b.port,
         "dns.allow_private_targets": s.allow_private_targets,
+        "backend.srv_target": b.srv_target, "backend.srv_port": b.srv_port,
         "backend.dns_address": b.dns_address,
         "backend.dns_port": b.dns_port, "metrics.listen": s.metrics_listen,
         "domain": tuple(s.domains), "secret_file": (s.secret_file, s.secret),

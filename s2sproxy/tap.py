@@ -56,7 +56,9 @@ def _json_log_file(twistd: usage.Options | None):
 
     from twisted.python import logfile
     f = logfile.LogFile.fromFullPath(name or "twistd.log")
-    signal.signal(signal.SIGUSR1, lambda *_: f.rotate())    # as twistd does for its own
+    from twisted.internet import reactor
+    # as twistd does for its own: rotated in the reactor, not in the signal handler
+    signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(f.rotate))
     return f
 
 

@@ -134,11 +134,11 @@ class Policy:
         self.announced = AnnouncedCaps()
         self.cache = CapsCache() if config.caps_cache else None
 
-    def reconfigure(self, config: PolicyConfig) -> None:
+    def reconfigure(self, config: PolicyConfig, now: float = 0.0) -> None:
         """A reloaded configuration: new stanzas are checked with it; pending iqs keep
         their deadlines, and the caps cache is kept unless it was turned off."""
         self.config = config
-        self.iqs.timeout = config.iq_timeout
+        self.iqs.set_timeout(config.iq_timeout, now)
         self.iqs.max_entries = config.iq_max_pending
         if not config.caps_cache:
             self.cache = None

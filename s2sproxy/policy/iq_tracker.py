@@ -79,15 +79,32 @@ class IqTracker:
             del self._index[key]
         return p
 
+    def set_timeout(self, timeout: float, now: float) -> None:
+        """A reloaded ``policy.iq_timeout``: requests already waiting keep their
+        deadlines.  A shorter one puts later requests' deadlines before earlier ones'
+        until those are gone; ``expire`` scans them all until then."""
+        if timeout < self.timeout and self._pending:
+            self._unordered_until = max(self._unordered_until,
+                                        max(p.deadline for p in self._pending.values()))
+        self.timeout = timeout
+
+    _unordered_until = 0.0
+
     def expire(self, now: float) -> list[Pending]:
         """Requests whose deadline passed (constant timeout: insertion order is
-        deadline order, so this stops at the first live one)."""
+        deadline order, so this stops at the first live one; after a shorter timeout
+        was set, every one is looked at until the older deadlines passed)."""
         out = []
         while self._pending:
             seq, p = next(iter(self._pending.items()))
             if p.deadline > now:
                 break
             out.append(self._forget(seq))
+        if self._unordered_until and self._pending:
+            if now >= self._unordered_until:
+                self._unordered_until = 0.0
+            late = [seq for seq, p in self._pending.items() if p.deadline <= now]
+            out.extend(self._forget(seq) for seq in late)
         return out
 
     def oldest(self, n: int) -> list[Pending]:

@@ -48,13 +48,15 @@ class Certificates(Collector):
         self._next_check = 0.0
         metrics.registry.register(self)
 
-    def configure(self, settings: Settings) -> None:
+    @staticmethod
+    def read(settings: Settings) -> dict[str, tuple[Path, float]]:
+        """Each presented certificate's end (set ``ends`` to it: ``Proxy._configure``)."""
         ends = {name: (d.certificate, not_after(d.certificate))
                 for name, d in settings.domains.items()}
         if settings.backend.certificate is not None:
             ends["backend"] = (settings.backend.certificate,
                                not_after(settings.backend.certificate))
-        self.ends = ends
+        return ends
 
     def check(self, now: float) -> None:
         """Warn now (start, reload), then at most once a day from ``tick``."""

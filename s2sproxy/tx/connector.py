@@ -12,6 +12,7 @@ ours (a remote's DNS pointing at us) is recognised and never trusted by address.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Callable
 
 from twisted.internet import defer, error as neterror
@@ -46,16 +47,21 @@ class OutgoingProtocol(StreamProtocol):
         ip = C.parse_ip(str(getattr(host, "host", "")))
         if connector is not None and ip is not None:
             self.local = (ip, getattr(host, "port", 0))
-            connector.outgoing.append((self.local, getattr(self.factory, "pair", None)))
+            connector.outgoing.setdefault(self.local, Counter())[
+                getattr(self.factory, "pair", None)] += 1
             connector.local.add(ip)
         super().connectionMade()
 
     def connectionLost(self, reason=None) -> None:  # noqa: N802
         connector = getattr(self.owner, "connector", None)
         if connector is not None and self.local is not None:
-            entry = (self.local, getattr(self.factory, "pair", None))
-            if entry in connector.outgoing:
-                connector.outgoing.remove(entry)
+            pairs = connector.outgoing.get(self.local)
+            if pairs is not None:
+                pairs[getattr(self.factory, "pair", None)] -= 1
+                if pairs[getattr(self.factory, "pair", None)] <= 0:
+                    del pairs[getattr(self.factory, "pair", None)]
+                if not pairs:
+                    del connector.outgoing[self.local]
         super().connectionLost(reason)
 
 
@@ -100,7 +106,7 @@ class Connector:
         s = proxy.settings
         # (local end, domain pair) of each connection of ours; two may share a local
         # end (Linux reuses an ephemeral port toward another destination)
-        self.outgoing: list[tuple[Address, R.Pair | None]] = []
+        self.outgoing: dict[Address, Counter] = {}
         listeners = own_listeners(s)
         # core.connect rule 3a: our listeners; toward remotes, ejabberd's internal
         # listener too.  ``local`` is shared and grows with our connections' local ends.
@@ -133,7 +139,7 @@ class Connector:
         ip = C.parse_ip(host)
         if ip is None or not port.isdigit():
             return False
-        return ((ip, int(port)), pair) in self.outgoing
+        return self.outgoing.get((ip, int(port)), {}).get(pair, 0) > 0
 
     def client_tls(self, factory: OutboundFactory, server_name: str,
                    alpn: bool) -> ClientCreator:

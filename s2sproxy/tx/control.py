@@ -47,7 +47,11 @@ def _tls_version(proto) -> str:
 
 def stream_rows(p: "Proxy", now: float) -> list[dict[str, Any]]:
     rows = []
-    routers = (p.to_backend, p.to_remote)
+    carried_by: dict[int, list] = {}         # one pass over the links, not one per stream
+    for r in (p.to_backend, p.to_remote):
+        for pair, link in r.links.items():
+            if link.state is LinkState.READY and link.handle is not None:
+                carried_by.setdefault(id(link.handle), []).append((pair, len(link.queue)))
     for proto in sorted(p.streams, key=lambda x: x.opened_at):
         st = proto.stream
         if isinstance(st, InboundStream):
@@ -59,9 +63,8 @@ def stream_rows(p: "Proxy", now: float) -> list[dict[str, Any]]:
             ready = getattr(getattr(st, "state", None), "value", "") == "ready"
             pairs = [f"{cfg.originating} -> {cfg.receiving}"] if cfg is not None \
                 and ready else []
-        carried = [pair for r in routers for pair in r.pairs_of(proto)]
-        queued = sum(len(r.links[pair].queue) for r in routers for pair in carried
-                     if pair in r.links)
+        carried = [pair for pair, _ in carried_by.get(id(proto), ())]
+        queued = sum(n for _, n in carried_by.get(id(proto), ()))
         rows.append({
             "direction": direction, "role": proto.label, "peer": proto.peer,
             "stream_id": getattr(st, "stream_id", ""),
@@ -99,6 +102,8 @@ def snapshot(p: "Proxy") -> dict[str, Any]:
     iqs = p.policy.iqs
     return {
         "version": __version__,
+        "pid": os.getpid(),
+        "config": str(p.config_path or ""),
         "domains": sorted(p.served),
         "streams": stream_rows(p, now),
         "links": link_rows(p, now),
@@ -122,7 +127,11 @@ class ControlProtocol(LineOnlyReceiver):
         except ValueError:
             command = None
         if command == "status":
-            answer = snapshot(self.factory.proxy)
+            try:
+                answer = snapshot(self.factory.proxy)
+            except Exception:  # noqa: BLE001 (a bug of ours: one traceback, an answer)
+                log.failure("control socket: status failed")
+                answer = {"error": "internal error (see the proxy's log)"}
         else:
             answer = {"error": "unknown request: send {\"command\": \"status\"}"}
         self.transport.write(json.dumps(answer, default=str).encode() + b"\n")

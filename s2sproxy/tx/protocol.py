@@ -80,6 +80,7 @@ class StreamProtocol(Protocol):
         # what ``s2sproxy status`` and the closing log line report
         self.rx_bytes = self.tx_bytes = self.rx_stanzas = self.tx_stanzas = 0
         self.close_reason = ""      # the stream error of a CloseConnection, if any
+        self.admitted = False
         self.tls_started = False    # STARTTLS begun (Direct TLS: from the start)
         self.tls_done = False
 
@@ -91,6 +92,7 @@ class StreamProtocol(Protocol):
         if not self.owner.admit(self):
             self.transport.abortConnection()    # refused before reading a byte
             return
+        self.admitted = True
         no_delay(self.transport)
         if self.factory_label() is not None:
             log.info("{label} stream {peer} connected", label=self.label, peer=self.peer)
@@ -145,7 +147,7 @@ class StreamProtocol(Protocol):
         self.timers.clear()
         text = reason.getErrorMessage() if reason is not None else ""
         direct = getattr(getattr(self.stream, "config", None), "direct_tls", False)
-        if (self.tls_started or direct) and not self.tls_done:
+        if self.admitted and (self.tls_started or direct) and not self.tls_done:
             tls_failed = getattr(self.owner, "tls_failed", None)
             if tls_failed is not None:
                 tls_failed(self)

@@ -18,6 +18,8 @@ fixes:
 
 from __future__ import annotations
 
+from ipaddress import ip_address, ip_network
+
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from twisted.protocols.policies import ProtocolWrapper
@@ -38,13 +40,25 @@ def split(desc: str) -> tuple[bool, str]:
 
 @implementer(IHandshakeListener)
 class ProxyHeaderWrapper(HAProxyProtocolWrapper):
+    _connected_inner = False
+    _timer = None
+
     def makeConnection(self, transport) -> None:  # noqa: N802 (Twisted's name)
         # ProtocolWrapper.makeConnection without connecting the wrapped protocol yet
         directlyProvides(self, providedBy(transport))
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
-        self._connected_inner = False
+        if not self.factory.trusted(transport.getPeer()):
+            # anyone else could claim any address in the header
+            self.factory.refused += 1
+            self.disconnecting = 1
+            transport.abortConnection()
+            return
         self._timer = self.factory.clock.callLater(PROXY_HEADER_TIMEOUT, self._no_header)
+
+    def abortConnection(self) -> None:  # noqa: N802
+        self.disconnecting = 1      # nothing more reaches the wrapped protocol
+        self.transport.abortConnection()
 
     def _no_header(self) -> None:
         self._timer = None
@@ -53,6 +67,8 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self._connected_inner:
             self.wrappedProtocol.dataReceived(data)
+            return
+        if self.disconnecting:
             return
         if self._parser is None:
             # Twisted's wrapper picks v1 or v2 on the first read and closes the
@@ -77,17 +93,18 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
         self._connected_inner = True
         inner.makeConnection(self)          # getPeer() is now the remote's address
         for chunk in captured:
-            if self.transport is not None and not self.disconnecting:
-                inner.dataReceived(chunk)
+            if self.disconnecting:          # refused by admission, or failed at once
+                break
+            inner.dataReceived(chunk)
 
     def handshakeCompleted(self) -> None:  # noqa: N802
         if self._connected_inner and IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
 
     def connectionLost(self, reason) -> None:  # noqa: N802
-        if getattr(self, "_timer", None) is not None and self._timer.active():
+        if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        if getattr(self, "_connected_inner", False):
+        if self._connected_inner:
             ProtocolWrapper.connectionLost(self, reason)
         else:
             self.factory.unregisterProtocol(self)
@@ -102,9 +119,24 @@ class _Capture:
 
 
 class ProxyHeaderFactory(HAProxyWrappingFactory):
+    """``sources``: the networks a PROXY header is taken from (``public.proxy_sources``,
+    the load balancers); a connection from anywhere else is dropped at accept."""
+
     protocol = ProxyHeaderWrapper
     noisy = False
 
-    def __init__(self, wrapped, clock) -> None:
+    def __init__(self, wrapped, clock, sources=(ip_network("127.0.0.0/8"),
+                                                 ip_network("::1"))) -> None:
         super().__init__(wrapped)
         self.clock = clock
+        self.sources = tuple(sources)
+        self.refused = 0
+
+    def trusted(self, peer) -> bool:
+        try:
+            ip = ip_address(str(getattr(peer, "host", "")).split("%", 1)[0])
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip.version == n.version and ip in n for n in self.sources)

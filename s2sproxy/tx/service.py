@@ -134,20 +134,27 @@ class Proxy(service.MultiService):
 
     def _configure(self, settings: Settings) -> None:
         """Everything a configuration decides that a reload may change: new
-        connections and new stanzas see it, established streams keep running."""
+        connections and new stanzas see it, established streams keep running.  What
+        can fail (TLS contexts, certificates, the resolver) is made first; nothing is
+        changed until all of it was made, so a failure leaves the running one whole."""
+        b = settings.backend
+        backend_identity = (b.certificate, b.key) if b.certificate else None
+        made = dict(
+            trust=TrustStore(settings.trust),
+            public_ctx=ServerContexts(settings.domains, alpn=False),
+            direct_ctx=ServerContexts(settings.domains, alpn=True),
+            backend_ctx=ServerContexts(settings.domains, alpn=False, extra=backend_identity),
+            client_ctx=ClientContexts(),
+            resolver=RemoteResolver(settings.remotes, settings.nameservers, self.reactor))
+        ends = self.certificates.read(settings)
+        # -- from here on nothing raises ---------------------------------------------
         self.settings = settings
-        self.trust = TrustStore(settings.trust)
+        for name, value in made.items():
+            setattr(self, name, value)
+        self.certificates.ends = ends
         self.trust_policy = TrustPolicy(settings.trust.require_valid_certificates,
                                         settings.trust.secure_domains,
                                         settings.trust.insecure_domains)
-        self.public_ctx = ServerContexts(settings.domains, alpn=False)
-        self.direct_ctx = ServerContexts(settings.domains, alpn=True)
-        b = settings.backend
-        backend_identity = (b.certificate, b.key) if b.certificate else None
-        self.backend_ctx = ServerContexts(settings.domains, alpn=False,
-                                          extra=backend_identity)
-        self.client_ctx = ClientContexts()
-        self.resolver = RemoteResolver(settings.remotes, settings.nameservers, self.reactor)
         q = settings.queue
         routers = dict(queue_limit=q.limit, max_age=q.max_age,
                        idle_timeout=settings.idle_timeout, backoff_after=q.backoff_after,
@@ -159,13 +166,12 @@ class Proxy(service.MultiService):
                                  if settings.multiplex else 1)
         self.admission.max_total = settings.max_unauthenticated
         self.admission.max_per_source = settings.max_unauthenticated_per_source
-        self.policy.reconfigure(_policy_config(settings))
+        self.policy.reconfigure(_policy_config(settings), self.reactor.seconds())
         self.stream_actions = dict(settings.policy.actions)
         f = settings.flags
         self.flags.json_log, self.flags.quarantine = f.json_log, f.quarantine
         self.flags.quarantine_max_bytes = f.quarantine_max_bytes
         self.keepalive.config = _keepalive_config(settings)
-        self.certificates.configure(settings)
         set_level(settings.log_level)
 
     def reload(self) -> bool:
@@ -176,7 +182,7 @@ class Proxy(service.MultiService):
             log.warn("reload: no configuration file to re-read")
             return False
         try:
-            new = load(self.config_path)
+            new = load(self.config_path, generate_secret=False)
         except ConfigError as e:
             log.error("reload refused: {error}; the running configuration stays in force",
                       error=str(e))
@@ -189,10 +195,10 @@ class Proxy(service.MultiService):
             return False
         try:
             self._configure(new)
-        except Exception as e:  # noqa: BLE001 (a certificate unreadable since load)
+        except Exception as e:  # noqa: BLE001 (OpenSSL refusing a certificate config
+            # accepted, a file gone since load): nothing was changed
             log.error("reload refused: {error}; the running configuration stays in force",
-                      error=str(e))
-            self._configure(self.settings)
+                      error=f"{type(e).__name__}: {e}")
             return False
         log.info("reloaded {path}: new connections and new stanzas use it; {n} open "
                  "stream(s) keep running", path=str(self.config_path), n=len(self.streams))
@@ -225,7 +231,7 @@ class Proxy(service.MultiService):
                     ContextFactory(lambda: self.direct_ctx.for_domain(None)), False, f)
                 f.noisy = False
             if proxy_header:        # the PROXY header comes first, before any TLS
-                f = proxyprotocol.ProxyHeaderFactory(f, self.reactor)
+                f = proxyprotocol.ProxyHeaderFactory(f, self.reactor, s.proxy_sources)
             strports.service(desc, f, reactor=self.reactor).setServiceParent(self)
         strports.service(s.backend.listen, self.listener(Role.BACKEND, False),
                          reactor=self.reactor).setServiceParent(self)
@@ -390,8 +396,9 @@ class Proxy(service.MultiService):
     def tls_failed(self, proto: StreamProtocol) -> None:
         """The connection went before its TLS handshake completed."""
         self.metrics.tls_failures.labels(proto.label).inc()
-        log.info("{label} stream {peer}: TLS handshake not completed", label=proto.label,
-                 peer=proto.peer)
+        # debug: a scan of the Direct TLS port would log a line per connection
+        log.debug("{label} stream {peer}: TLS handshake not completed", label=proto.label,
+                  peer=proto.peer)
 
     def check_peer(self, proto: StreamProtocol) -> E.TlsEstablished:
         ok, cert = self.trust.check(proto.tls_connection())

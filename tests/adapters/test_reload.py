@@ -112,3 +112,63 @@ def test_listener_factories_are_quiet(tmp_path):
     p = Proxy(load(write_conf(tmp_path)), MemoryReactorClock())
     f = p.listener(Role.PUBLIC, False)
     assert f.noisy is False and f.logPrefix() == "s2sproxy public STARTTLS listener"
+
+
+def test_reload_that_fails_midway_changes_nothing(tmp_path, logged, monkeypatch):
+    """OpenSSL refusing what the config checks accepted (a weak key, say): the reload
+    is refused and everything stays as it was, settings and contexts alike."""
+    import s2sproxy.tx.service as service
+    first = new_leaf(tmp_path)
+    path = write_conf(tmp_path)
+    p = Proxy(load(path), MemoryReactorClock(), config_path=path)
+    before, ctx = p.settings, p.public_ctx
+    new_leaf(tmp_path)
+    write_conf(tmp_path, "[queue]\nlimit = 3\n")
+    calls = []
+
+    def refuse(*a, **kw):
+        calls.append(a)
+        if len(calls) == 2:
+            raise ValueError("ee key too small")
+        return real(*a, **kw)
+    real = service.ServerContexts
+    monkeypatch.setattr(service, "ServerContexts", refuse)
+    assert p.reload() is False
+    errors = lines(logged, LogLevel.error)
+    assert errors == ["reload refused: ValueError: ee key too small; the running "
+                      "configuration stays in force"]
+    assert p.settings is before and p.public_ctx is ctx and served(p) == first
+    assert p.to_backend.queue_limit == before.queue.limit
+
+
+def test_reload_never_makes_a_secret(tmp_path, logged):
+    new_leaf(tmp_path)
+    path = write_conf(tmp_path)
+    p = Proxy(load(path), MemoryReactorClock(), config_path=path)
+    (tmp_path / "secret").unlink()
+    assert p.reload() is False
+    assert not (tmp_path / "secret").exists()
+    assert any("secret_file: " in x and "does not exist" in x
+               for x in lines(logged, LogLevel.error))
+
+
+def test_proxy_header_only_from_proxy_sources(tmp_path):
+    from twisted.internet.address import IPv4Address
+    from s2sproxy.tx.proxyprotocol import ProxyHeaderFactory
+    from tests.adapters.helpers import Transport
+    import ipaddress
+    new_leaf(tmp_path)
+    p = Proxy(load(write_conf(tmp_path)), MemoryReactorClock())
+    f = ProxyHeaderFactory(p.listener(Role.PUBLIC, False), p.reactor,
+                           [ipaddress.ip_network("10.0.0.0/24")])
+    w = f.buildProtocol(IPv4Address("TCP", "192.0.2.66", 4000))
+    t = Transport("192.0.2.66", 4000)
+    w.makeConnection(t)
+    assert t.aborted and f.refused == 1
+    w.dataReceived(b"PROXY TCP4 198.51.100.1 10.0.0.1 1 5269\r\n")
+    w.connectionLost(None)
+    assert p.streams == set()
+    ok = f.buildProtocol(None)
+    t2 = Transport("10.0.0.9", 4000)
+    ok.makeConnection(t2)
+    assert not t2.aborted

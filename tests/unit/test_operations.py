@@ -32,8 +32,9 @@ def test_reload_refusals_name_each_restart_only_key(conf):  # noqa: F811
         format = "json"
         """))
     refusals = reload_refusals(running, changed)
+    # backend.srv_port follows backend.listen's port unless set
     assert [r.split(" ", 1)[0] for r in refusals] == ["public.starttls", "backend.listen",
-                                                      "log.format"]
+                                                      "backend.srv_port", "log.format"]
     assert all("restart s2sproxy to apply it" in r for r in refusals)
 
 
@@ -56,7 +57,7 @@ def test_reload_refusals_let_limits_policy_and_certificates_change(conf):  # noq
 def test_every_restart_only_key_is_compared(conf):  # noqa: F811
     """A key in RESTART_ONLY that reload_refusals did not read would raise KeyError."""
     s = load(conf())
-    assert reload_refusals(s, s) == [] and len(RESTART_ONLY) >= 9
+    assert reload_refusals(s, s) == [] and len(RESTART_ONLY) >= 14
 
 
 def test_log_format_is_checked(conf):  # noqa: F811
@@ -195,3 +196,37 @@ def test_status_reads_control_socket_from_the_config(tmp_path):
         control_socket(str(tmp_path / "b.toml"))
     with pytest.raises(CliError, match="cannot read"):
         control_socket(str(tmp_path / "none.toml"))
+
+
+def test_shorter_iq_timeout_after_reload_expires_new_requests_in_time():
+    from s2sproxy.core.stanza import Stanza
+    from s2sproxy.policy.iq_tracker import IqTracker
+
+    def iq(n):
+        return Stanza("iq", b"", f"a@local.example/{n}", "b@remote.example", "get",
+                      f"q{n}", "urn:x", "local.example", "remote.example")
+    t = IqTracker(120.0, 100)
+    t.request(iq(1), 0.0)               # deadline 120
+    t.set_timeout(10.0, 5.0)
+    t.request(iq(2), 5.0)               # deadline 15, behind the one of 120
+    assert [p.request.id for p in t.expire(16.0)] == ["q2"]
+    assert [p.request.id for p in t.expire(121.0)] == ["q1"]
+    assert len(t) == 0
+
+
+def test_load_without_generating_a_secret(conf, tmp_path):  # noqa: F811
+    path = conf()
+    (tmp_path / "secret").unlink(missing_ok=True)
+    with pytest.raises(ConfigError, match="secret_file: .* does not exist"):
+        load(path, generate_secret=False)
+    assert not (tmp_path / "secret").exists()
+
+
+def test_haproxy_prefix_only_on_public_listeners_and_never_over_ssl(conf):  # noqa: F811
+    with pytest.raises(ConfigError, match="backend.listen: the PROXY protocol"):
+        load(conf('[backend]\nlisten = "haproxy:tcp:15270"\n'))
+    with pytest.raises(ConfigError, match="use a plain tcp: endpoint"):
+        load(conf('[public]\ndirect_tls = ["haproxy:ssl:5270"]\n'))
+    s = load(conf('[public]\nstarttls = ["haproxy:tcp:5269"]\n'
+                  'proxy_sources = ["10.0.0.0/24", "::1"]\n'))
+    assert [str(n) for n in s.proxy_sources] == ["10.0.0.0/24", "::1/128"]
