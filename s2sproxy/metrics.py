@@ -101,39 +101,49 @@ class Metrics:
 
 
 class ProxyState(Collector):
-    """What is open and what waits, read from the proxy at scrape time (nothing is
-    counted on the per-stanza path): ``s2sproxy_streams{role,state}`` (state
+    """What is open and what waits: ``s2sproxy_streams{role,state}`` (state
     ``authenticated`` or ``negotiating``) and ``s2sproxy_queued_stanzas{toward}`` /
-    ``s2sproxy_queued_bytes{toward}`` (``toward`` ``ejabberd`` or ``remote``)."""
+    ``s2sproxy_queued_bytes{toward}`` (``toward`` ``ejabberd`` or ``remote``).  Counted
+    by ``update`` on the reactor (the proxy's tick, once a second), never on the
+    per-stanza path, and read by ``collect`` in the thread that serves /metrics."""
 
     ROLES = ("public", "backend-in", "backend", "remote", "verify")
 
     def __init__(self, proxy) -> None:
         self.proxy = proxy
+        self._streams: dict[tuple[str, str], int] = {}
+        self._queued: dict[str, tuple[int, int]] = {}
+        self.update()
 
-    def collect(self):
+    def update(self, now: float = 0.0) -> None:
         counts = {(r, st): 0 for r in self.ROLES for st in ("authenticated",
                                                              "negotiating")}
-        for proto in list(self.proxy.streams):
+        for proto in self.proxy.streams:
             st = proto.stream
             done = bool(getattr(st, "authenticated", None)) or \
                 getattr(getattr(st, "state", None), "value", "") == "ready"
             key = (proto.label, "authenticated" if done else "negotiating")
             counts[key] = counts.get(key, 0) + 1
+        queued = {}
+        for toward, router in (("ejabberd", self.proxy.to_backend),
+                               ("remote", self.proxy.to_remote)):
+            links = router.links.values()
+            queued[toward] = (sum(len(x.queue) for x in links),
+                              sum(x.queued_bytes for x in links))
+        self._streams, self._queued = counts, queued     # swapped whole: no torn read
+
+    def collect(self):
         g = GaugeMetricFamily("s2sproxy_streams", "Open streams, by role and state",
                               labels=["role", "state"])
-        for (role, state), n in counts.items():
+        for (role, state), n in self._streams.items():
             g.add_metric([role, state], n)
         yield g
         stanzas = GaugeMetricFamily("s2sproxy_queued_stanzas", "Stanzas waiting for a "
                                     "stream, by where they go", labels=["toward"])
         size = GaugeMetricFamily("s2sproxy_queued_bytes", "Bytes of the stanzas waiting "
                                  "for a stream, by where they go", labels=["toward"])
-        for toward, router in (("ejabberd", self.proxy.to_backend),
-                               ("remote", self.proxy.to_remote)):
-            links = list(router.links.values())
-            stanzas.add_metric([toward], sum(len(x.queue) for x in links))
-            size.add_metric([toward], sum(x.queued_bytes for x in links))
+        for toward, (n, b) in self._queued.items():
+            stanzas.add_metric([toward], n)
+            size.add_metric([toward], b)
         yield stanzas
         yield size
-

@@ -119,7 +119,8 @@ class Proxy(service.MultiService):
         self.to_remote = R.Router(0, 0.0, 0.0, budget=budget)
         self.admission = Admission(1, 1)
         self.metrics = Metrics()
-        self.metrics.registry.register(ProxyState(self))
+        self.state_metrics = ProxyState(self)
+        self.metrics.registry.register(self.state_metrics)
         self.policy = Policy(_policy_config(settings), self.served)
         self.keepalive = K.Keepalive(_keepalive_config(settings),
                                      new_ping_id)   # the one registry of our pings
@@ -306,7 +307,8 @@ class Proxy(service.MultiService):
         failed = False
         parts = (("to_backend", self._tick_backend), ("to_remote", self._tick_remote),
                  ("iqs", self._tick_iqs), ("keepalive", self._keepalive),
-                 ("certificates", self.certificates.tick))
+                 ("certificates", self.certificates.tick),
+                 ("metrics", self.state_metrics.update))
         for name, part in parts:
             try:
                 part(now)
