@@ -101,6 +101,11 @@ _PROCEED = f"<proceed xmlns='{NS_TLS}'/>".encode()
 class InboundStream(StreamBase):
     closed_state = InboundState.CLOSED
 
+    def shutdown_phase(self) -> int:
+        """ejabberd's outgoing streams (the backend listener) after the remotes' ones:
+        see ``StreamBase.shutdown_phase``."""
+        return 2 if self.role is Role.BACKEND else 1
+
     def __init__(self, config: InboundConfig) -> None:
         pre_auth = config.role is Role.PUBLIC
         super().__init__(min(config.pre_auth_max_size, config.max_size) if pre_auth

@@ -35,6 +35,9 @@ CLOSE_GRACE = 10.0
 
 #: seconds per shutdown phase for the peers' ``</stream:stream>`` (``tx.shutdown``)
 SHUTDOWN_WAIT = 5.0
+#: seconds of silence on ejabberd's outgoing stream before it is closed at shutdown
+#: (what ejabberd routed to it meanwhile is read and bounced, not lost in ejabberd)
+SHUTDOWN_QUIET = 0.25
 
 #: seconds a stream may be silent (no byte heard) before its framer drops its expat
 #: parser (about 10 KiB; ``XmlStreamParser.release``, ``policy.keepalive`` rule 7); the

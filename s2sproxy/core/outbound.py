@@ -445,7 +445,7 @@ class OutboundStream(StreamBase):
 
     def shutdown_phase(self) -> int:
         """Only our bidi streams bring stanzas from the peer (see StreamBase)."""
-        return 1 if self.bidi else 2
+        return 1 if self.bidi else 3
 
     def _emit_close(self) -> None:
         self._send(b"</stream:stream>")

@@ -290,9 +290,11 @@ class StreamBase:
         return out
 
     def shutdown_phase(self) -> int:
-        """When this stream is closed as s2sproxy stops: 1 for a stream the peer can
-        still send on (what it sends while we close is routed on the phase-2 streams,
-        which stay open meanwhile), 2 for a stream only we send on."""
+        """When this stream is closed as s2sproxy stops (``tx.shutdown``): 1 for a
+        remote's stream (it can send on it; what it sends while we close is routed on
+        the streams of later phases, still open), 2 for ejabberd's own outgoing
+        streams (closed once they went quiet: see ``tx.shutdown``), 3 for a stream
+        only we send on."""
         return 1
 
     def close(self, wait: float = 10.0) -> list[A.Action]:

@@ -61,3 +61,42 @@ def test_shutdown_aborts_peers_that_do_not_close(tmp_path):
     for _ in range(int(SHUTDOWN_WAIT / 0.05) + 2):
         reactor.advance(0.05)
     assert done.called
+
+
+def test_shutdown_closes_ejabberds_stream_once_it_is_quiet(tmp_path):
+    """ejabberd's outgoing stream is closed after the remotes' streams, once it sent
+    nothing for SHUTDOWN_QUIET: what ejabberd routes to it until then is read and
+    bounced back (ejabberd would write it to the closed socket and lose it), and our
+    stream to ejabberd, which carries the bounces, is closed last."""
+    from s2sproxy.core.limits import SHUTDOWN_QUIET
+    from tests.adapters.test_keepalive import backend_in
+    p, reactor = proxy(tmp_path, backend={"trusted_addresses": ["127.0.0.1"]})
+    backend, backend_t = _ready_backend_stream(p, reactor)
+    ej, ej_t = backend_in(p, reactor)
+    public, public_t = public_stream(p, reactor)
+    done = defer.ensureDeferred(shut_down(p, lambda: defer.succeed(None)))
+    assert public_t.value().endswith(b"</stream:stream>")
+    public.dataReceived(b"</stream:stream>")
+    public.connectionLost(None)
+    # ejabberd keeps sending for a while: its stream stays open, each stanza bounced
+    for n in range(5):
+        reactor.advance(SHUTDOWN_QUIET / 2)
+        ej.dataReceived(message(f"a@{LOCAL}/r", f"b@{REMOTE}", f"late{n}"))
+        assert not ej_t.value().endswith(b"</stream:stream>")
+        assert f"id='late{n}'".encode() in backend_t.value()      # the bounce
+    assert backend_t.value().count(b"s2sproxy is shutting down") == 5
+    # quiet: closed now, ours to ejabberd still open (phase 3)
+    for _ in range(int(SHUTDOWN_QUIET / 0.05) + 2):
+        reactor.advance(0.05)
+    assert ej_t.value().endswith(b"</stream:stream>")
+    assert not backend_t.value().endswith(b"</stream:stream>")
+    ej.dataReceived(b"</stream:stream>")
+    ej.connectionLost(None)
+    for _ in range(3):
+        reactor.advance(0.05)
+    assert backend_t.value().endswith(b"</stream:stream>")
+    backend.dataReceived(b"</stream:stream>")
+    backend.connectionLost(None)
+    for _ in range(3):
+        reactor.advance(0.05)
+    assert done.called
