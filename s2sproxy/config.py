@@ -116,6 +116,14 @@ class Flags:
 
 
 @dataclass(frozen=True)
+class FilterSettings:
+    mode: str                       # "deny" | "allow"
+    allow: tuple[str, ...]          # policy.domains patterns: "x.org", "*.x.org"
+    deny: tuple[str, ...]
+    deny_files: tuple[Path, ...]    # blocklist files (one domain per line)
+
+
+@dataclass(frozen=True)
 class Settings:
     domains: dict[str, Domain]
     starttls_listeners: tuple[str, ...]
@@ -142,6 +150,7 @@ class Settings:
     metrics_listen: str | None
     log_level: str
     log_format: str = "text"     # log.format: "text" (twistd's) | "json" (JSON lines)
+    filter: FilterSettings = FilterSettings("deny", (), (), ())
     control_socket: Path | None = None   # control.socket ("s2sproxy status"); None: off
     # public.proxy_sources: who may send a PROXY header to a haproxy: listener
     proxy_sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -152,7 +161,7 @@ class Settings:
 
 _TOP_KEYS = {"secret_file", "domain", "public", "backend", "queue", "trust", "remote",
              "outgoing", "limits", "timeouts", "dns", "policy", "keepalive", "flags",
-             "metrics", "log", "control"}
+             "metrics", "log", "control", "filter"}
 
 
 def load(path: str | os.PathLike, generate_secret: bool = True) -> Settings:
@@ -210,6 +219,8 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path("."),
     metrics = _table(data, "metrics", {"listen"})
     log = _table(data, "log", {"level", "format"})
     control = _table(data, "control", {"socket"})
+    filter_ = _filter(_table(data, "filter", {"mode", "allow", "deny", "deny_files"}),
+                      base)
     control_socket = _str(control, "control.socket", DEFAULT_CONTROL_SOCKET)
     metrics_listen = None
     if "listen" in metrics:
@@ -262,6 +273,7 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path("."),
         metrics_listen=metrics_listen,
         log_level=level,
         log_format=log_format,
+        filter=filter_,
         proxy_sources=proxy_sources,
         control_socket=(base / control_socket) if control_socket else None,
         source=source,
@@ -403,6 +415,27 @@ def _policy(t: dict[str, Any]) -> PolicySettings:
         iq_max_pending=_int(t, "policy.iq_max_pending", 10000, 1),
         caps_cache=_bool(t, "policy.caps_cache", False),
     )
+
+
+def _filter(t: dict[str, Any], base: Path) -> FilterSettings:
+    from s2sproxy.policy.domains import parse_entry
+    mode = _str(t, "filter.mode", "deny")
+    if mode not in ("deny", "allow"):
+        raise ConfigError("filter.mode", f"must be deny or allow, not {mode!r}")
+    lists = {}
+    for key in ("allow", "deny"):
+        out = []
+        for i, v in enumerate(_list(t, f"filter.{key}", [])):
+            try:
+                out.append(str(parse_entry(str(v))))
+            except ValueError as e:
+                raise ConfigError(f"filter.{key}[{i}]", str(e)) from None
+        lists[key] = tuple(out)
+    if mode == "allow" and not lists["allow"]:
+        raise ConfigError("filter.allow", "empty with filter.mode = \"allow\": no remote "
+                                          "could federate")
+    files = tuple(base / str(v) for v in _list(t, "filter.deny_files", []))
+    return FilterSettings(mode, lists["allow"], lists["deny"], files)
 
 
 def _secret(path: Path, generate: bool = True) -> bytes:

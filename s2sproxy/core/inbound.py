@@ -26,6 +26,7 @@ import base64
 import binascii
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from s2sproxy.core import actions as A
 from s2sproxy.core import events as E
@@ -90,6 +91,8 @@ class InboundConfig:
     # pre_auth_max_stanza_size uses the same figures): bytes per element, and elements.
     pre_auth_max_size: int = 8192
     pre_auth_max_elements: int = 32
+    # PUBLIC: which remote domains may authenticate (policy.domains.DomainFilter)
+    domains: Any = None
 
 
 _SASL_AUTH = f"{NS_SASL} auth"
@@ -304,6 +307,8 @@ class InboundStream(StreamBase):
                     failure = "invalid-authzid"
                 elif not certificate_valid_for(self.chain_valid, self.certificate, domain):
                     failure = "not-authorized"
+        if failure is None and self._denied(domain, self.local_domain or "", "external"):
+            return
         if failure is not None:
             self._send(f"<failure xmlns='{NS_SASL}'><{failure}/></failure>".encode())
             self._emit(A.AuthFailed("external", failure))
@@ -316,6 +321,27 @@ class InboundStream(StreamBase):
         self.state = InboundState.HEADER
 
     # -- dialback (XEP-0220) -------------------------------------------------------------
+
+    def _denied(self, remote: str, local: str, method: str) -> bool:
+        """A remote domain ``[filter]`` refuses (``policy.domains``): the dialback
+        result an error ``forbidden`` or SASL ``not-authorized``, a ``denied-domain``
+        flag, then the stream error ``policy-violation``, as Prosody's
+        mod_s2s_blacklist does.  True when refused."""
+        domains = self.config.domains
+        if domains is None or not domains.active or self.role is not Role.PUBLIC:
+            return False
+        why = domains.verdict(remote)
+        if why is None:
+            return False
+        text = f"{remote} may not federate with this server"
+        if method == "dialback":
+            self._db_result_reply(local, remote, "error", "forbidden", text)
+        else:
+            self._send(f"<failure xmlns='{NS_SASL}'><not-authorized/></failure>".encode())
+            self._emit(A.AuthFailed("external", "denied-domain"))
+        self._emit(A.Flag("denied-domain", "refuse", why, from_=remote, to=local))
+        self._stream_error("policy-violation", text)
+        return True
 
     def _db_addressing(self, el: Element) -> tuple[str, str]:
         try:
@@ -337,6 +363,8 @@ class InboundStream(StreamBase):
                 return
         elif to not in self.config.served:
             self._db_result_reply(to, frm, "error", "item-not-found")
+            return
+        elif self._denied(frm, to, "dialback"):
             return
         key = (el.tree().text or "").strip()
         pair = (frm, to)

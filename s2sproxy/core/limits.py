@@ -105,3 +105,5 @@ CONTROL_MAX_LINE = 1024
 #: seconds a connection on a ``haproxy:`` listener may take to send its PROXY header
 #: before it is dropped (``tx.proxyprotocol``)
 PROXY_HEADER_TIMEOUT = 10.0
+#: bad lines of one blocklist file reported one by one (then a count; ``[filter]``)
+MAX_REPORTED_BAD_LINES = 20

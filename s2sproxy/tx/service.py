@@ -41,11 +41,13 @@ from s2sproxy.core.xmlstream import FRAMER
 from s2sproxy.logs import get_logger, set_level
 from s2sproxy.metrics import Metrics, ProxyState
 from s2sproxy.policy import keepalive as K
+from s2sproxy.policy.domains import REASON as REASON_DENIED, parse_entry
 from s2sproxy.policy.classify import (BOUNCE, CLOSE, FORWARD, NS_PING, Policy,
                                       PolicyConfig)
 from s2sproxy.tx.backend_dns import make_factories
 from s2sproxy.tx.certificates import Certificates
 from s2sproxy.tx.connector import Connector, OutboundFactory as _OutboundFactory
+from s2sproxy.tx.filtering import Filtering
 from s2sproxy.tx.flags import FlagRecorder
 from s2sproxy.tx import control, proxyprotocol, shutdown
 from s2sproxy.tx.protocol import StreamProtocol
@@ -127,6 +129,8 @@ class Proxy(service.MultiService):
         self.verifier = Verifier(self)
         self.certificates = Certificates(self.metrics, reactor)
         self.flags = FlagRecorder(self.metrics, None, None, 0)
+        self.filtering = Filtering(self)    # [filter] (tx.filtering)
+        self.domains = self.filtering.domains
         self._configure(settings)
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = reactor
@@ -148,6 +152,9 @@ class Proxy(service.MultiService):
             client_ctx=ClientContexts(),
             resolver=RemoteResolver(settings.remotes, settings.nameservers, self.reactor))
         ends = self.certificates.read(settings)
+        fs = settings.filter
+        lists = (fs.mode, [parse_entry(x) for x in fs.allow],
+                 [parse_entry(x) for x in fs.deny])
         # -- from here on nothing raises ---------------------------------------------
         self.settings = settings
         for name, value in made.items():
@@ -174,6 +181,7 @@ class Proxy(service.MultiService):
         self.flags.quarantine_max_bytes = f.quarantine_max_bytes
         self.keepalive.config = _keepalive_config(settings)
         set_level(settings.log_level)
+        self.filtering.configure(lists, fs.deny_files)
 
     def reload(self) -> bool:
         """SIGHUP: re-read the configuration file.  A file with an error, or one that
@@ -219,7 +227,8 @@ class Proxy(service.MultiService):
                              starttls_available=True, direct_tls=direct_tls,
                              actions=self.stream_actions, auth_timeout=s.auth_timeout,
                              pre_auth_max_size=s.pre_auth_max_stanza_size,
-                             pre_auth_max_elements=s.pre_auth_max_elements)
+                             pre_auth_max_elements=s.pre_auth_max_elements,
+                             domains=self.domains)
 
     def _build_listeners(self) -> None:
         s = self.settings
@@ -308,7 +317,7 @@ class Proxy(service.MultiService):
         parts = (("to_backend", self._tick_backend), ("to_remote", self._tick_remote),
                  ("iqs", self._tick_iqs), ("keepalive", self._keepalive),
                  ("certificates", self.certificates.tick),
-                 ("metrics", self.state_metrics.update))
+                 ("metrics", self.state_metrics.update), ("filter", self.filtering.tick))
         for name, part in parts:
             try:
                 part(now)
@@ -555,6 +564,8 @@ class Proxy(service.MultiService):
             batches = {}
             for s in stanzas:
                 batches.setdefault((s.from_domain, s.to_domain), []).append(s)
+        if self.domains.active:
+            self._refuse_denied(batches)
         if len(batches) == 1:
             pair, batch = batches.popitem()
             router = self._count(pair, batch)
@@ -570,6 +581,19 @@ class Proxy(service.MultiService):
                     self._write_all(writes)
                     self._run_ops(router, [op])
         self._write_all(writes)
+
+    def _refuse_denied(self, batches: dict) -> None:
+        """Stanzas to a remote ``[filter]`` denies: bounced ``not-allowed`` and flagged,
+        no stream opened (``policy.domains``)."""
+        for pair in [p for p in batches if p[1] not in self.served]:
+            why = self.domains.verdict(pair[1])
+            if why is None:
+                continue
+            for s in batches.pop(pair):
+                self._flag(A.Flag(REASON_DENIED, "bounce", why, s.kind, s.type, s.id,
+                                  s.from_, s.to), None, s)
+                self.bounce(s, "not-allowed", f"{pair[1]} may not federate with this "
+                                              "server")
 
     def _count(self, pair: R.Pair, batch: list[Stanza]) -> R.Router:
         inbound = pair[1] in self.served

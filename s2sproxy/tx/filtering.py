@@ -1,0 +1,94 @@
+"""``[filter]`` on the tx side: the blocklist files (read at start and at each reload,
+and again when a file's modification time changes, checked every tick) and closing
+the streams of a remote that a change denies.  What is denied is decided by
+``policy.domains``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from s2sproxy.core.inbound import InboundStream, Role
+from s2sproxy.core.limits import MAX_REPORTED_BAD_LINES
+from s2sproxy.logs import get_logger
+from s2sproxy.policy.domains import DomainFilter, parse_blocklist
+
+if TYPE_CHECKING:
+    from s2sproxy.tx.service import Proxy
+
+log = get_logger(__name__)
+
+
+class Filtering:
+    def __init__(self, proxy: "Proxy") -> None:
+        self.proxy = proxy
+        self.domains = DomainFilter()       # changed in place: streams hold it
+        self.files: dict[Path, float] = {}  # path -> modification time read (-1: failed)
+
+    def configure(self, lists, deny_files) -> None:
+        self.domains.set_lists(*lists)
+        for path in set(self.files) - set(deny_files):
+            self.domains.set_file(str(path), None)
+            del self.files[path]
+        for path in deny_files:
+            self.read(path)
+        self.enforce()
+
+    def read(self, path: Path, force: bool = True) -> None:
+        """Read a blocklist file (``filter.deny_files``) if it changed; a bad line is
+        one warn line with its number and skipped; an unreadable file keeps what was
+        read from it before (one error line)."""
+        try:
+            mtime = path.stat().st_mtime
+            if not force and self.files.get(path) == mtime:
+                return
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            if self.files.get(path, None) != -1.0:
+                log.error("filter.deny_files: cannot read {path}: {err}; keeping what was "
+                          "read from it", path=str(path), err=e.strerror)
+            self.files[path] = -1.0
+            return
+        entries, errors = parse_blocklist(text)
+        for n, why in errors[:MAX_REPORTED_BAD_LINES]:
+            log.warn("filter.deny_files: {path} line {n}: {why}; skipped", path=str(path),
+                     n=n, why=why)
+        if len(errors) > MAX_REPORTED_BAD_LINES:
+            log.warn("filter.deny_files: {path}: {more} more bad lines skipped",
+                     path=str(path), more=len(errors) - MAX_REPORTED_BAD_LINES)
+        self.domains.set_file(str(path), entries)
+        self.files[path] = mtime
+        log.info("filter.deny_files: {path}: {n} domains", path=str(path), n=len(entries))
+
+    def tick(self, now: float) -> None:
+        if not self.files:
+            return
+        version = self.domains.version
+        for path in list(self.files):
+            self.read(path, force=False)
+        if self.domains.version != version:
+            self.enforce()
+
+    def enforce(self) -> None:
+        """After ``[filter]`` changed: streams of remotes now denied are closed with
+        ``policy-violation`` (what they had sent is delivered; what waits for them
+        bounces as they go)."""
+        if not self.domains.active:
+            return
+        verdict = self.domains.verdict
+        for proto in list(self.proxy.streams):
+            st = proto.stream
+            if proto.closing:
+                continue
+            if isinstance(st, InboundStream):
+                remotes = {o for o, _r in st.authenticated} if st.role is Role.PUBLIC \
+                    else set()
+            else:
+                f = getattr(proto, "factory", None)
+                remotes = {f.pair[1]} if f is not None and f.label == "remote" else set()
+            denied = sorted(d for d in remotes if verdict(d) is not None)
+            if denied:
+                log.info("{label} stream {peer}: {remotes} now denied by [filter]: closed",
+                         label=proto.label, peer=proto.peer, remotes=", ".join(denied))
+                proto.run(st.fail("policy-violation",
+                                  f"{denied[0]} may not federate with this server"))

@@ -1,0 +1,86 @@
+"""[filter] on the memory reactor (issue 11): a denied remote is refused at
+authentication (dialback error forbidden, SASL not-authorized, then policy-violation)
+with a denied-domain flag whose peer label is never the claimed domain; ejabberd's
+stanzas to it bounce not-allowed with no connection opened; a blocklist file is read,
+re-read when it changes, and a stream of a newly denied remote is closed."""
+
+from __future__ import annotations
+
+import os
+
+from tests.adapters.helpers import LOCAL, REMOTE, proxy, public_stream
+from tests.adapters.test_connector import outgoing, proxy_with
+
+
+def test_denied_remote_is_refused_at_dialback(tmp_path):
+    p, reactor = proxy(tmp_path, filter={"deny": ["*.remote.example"]})
+    proto, t = public_stream(p, reactor, authenticate=False)
+    proto.dataReceived(f"<db:result from='{REMOTE}' to='{LOCAL}'>k</db:result>".encode())
+    out = t.value()
+    assert b"type='error'><error type='auth'><forbidden " in out or \
+        b"type='error'><error type='cancel'><forbidden " in out, out
+    assert b"<policy-violation xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in out
+    assert not proto.stream.authenticated and not proto.stream.pending_dialback
+    assert p.flags.count == 1 and p.flags.last[-1]["reason"] == "denied-domain"
+    assert p.metrics.value("s2sproxy_flags_total", reason="denied-domain", peer="-",
+                           action="refuse") == 1
+
+
+def test_denied_remote_is_refused_at_sasl_external(tmp_path):
+    p, reactor = proxy(tmp_path, filter={"deny": [REMOTE]})
+    proto, t = public_stream(p, reactor, authenticate=False)
+    t.clear()
+    proto.dataReceived(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' "
+                       b"mechanism='EXTERNAL'>=</auth>")
+    out = t.value()
+    assert out.startswith(b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+                          b"<not-authorized/></failure>"), out
+    assert b"<policy-violation " in out and not proto.stream.authenticated
+    assert p.metrics.value("s2sproxy_authentications_total", role="public",
+                           method="external", outcome="denied-domain") == 1
+
+
+def test_allowed_remote_still_federates_and_allow_mode(tmp_path):
+    p, reactor = proxy(tmp_path, filter={"deny": ["spam.example"]})
+    proto, _t = public_stream(p, reactor)
+    assert (REMOTE, LOCAL) in proto.stream.authenticated
+    (tmp_path / "b").mkdir()
+    p2, reactor2 = proxy(tmp_path / "b", filter={"mode": "allow", "allow": ["friend.example"]})
+    proto2, t2 = public_stream(p2, reactor2, authenticate=False)
+    proto2.dataReceived(f"<db:result from='{REMOTE}' to='{LOCAL}'>k</db:result>".encode())
+    assert b"<policy-violation " in t2.value()
+
+
+def test_stanzas_to_a_denied_remote_bounce_without_a_connection(tmp_path):
+    p, reactor, bounced = proxy_with(
+        tmp_path, filter={"deny": ["*.spam.example"]},
+        remote={"x.spam.example": {"starttls": ["192.0.2.1:5269"]}})
+    p.route([outgoing(1, "x.spam.example"), outgoing(2, "ok.example")])
+    assert ("m1", "not-allowed", "x.spam.example may not federate with this server") \
+        in bounced
+    assert [c[:2] for c in reactor.tcpClients] == [] or all(
+        c[0] != "192.0.2.1" for c in reactor.tcpClients)
+    assert p.metrics.value("s2sproxy_flags_total", reason="denied-domain", peer="-",
+                           action="bounce") == 1
+
+
+def test_blocklist_file_change_closes_the_stream_of_a_newly_denied_remote(tmp_path):
+    lst = tmp_path / "blocklist.txt"
+    lst.write_text("# nobody yet\nspam.example\n")
+    p, reactor = proxy(tmp_path, filter={"deny_files": ["blocklist.txt"]})
+    proto, t = public_stream(p, reactor)
+    assert (REMOTE, LOCAL) in proto.stream.authenticated
+    t.clear()
+    lst.write_text("spam.example\nnot a domain\n" + REMOTE + "\n")
+    os.utime(lst, (1, 2))           # a new modification time, whatever the clock
+    p._tick()                       # the periodic tick reads it
+    assert b"<policy-violation " in t.value()
+    assert p.domains.verdict(REMOTE) == f"{lst}: {REMOTE}"
+    # back off the list: accepted again
+    lst.write_text("spam.example\n")
+    os.utime(lst, (3, 4))
+    p._tick()
+    assert p.domains.verdict(REMOTE) is None
+    again, _t = public_stream(p, reactor, host="192.0.2.8")
+    assert (REMOTE, LOCAL) in again.stream.authenticated
+

@@ -1,0 +1,84 @@
+"""[filter] with real Prosody and ejabberd (issue 11): remote.test listed in a
+blocklist file cannot reach alice (Prosody's stream is refused at authentication) and
+alice's messages to it bounce not-allowed from s2sproxy, with denied-domain flags;
+taken off the list (the file changes on disk, no reload), it federates again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import harness
+from harness import ALICE, BOB
+
+pytestmark = pytest.mark.integration
+
+
+async def attempt(fed, sender, recipient, body: str, timeout: float = 20.0) -> str:
+    """'delivered' or the bounce's error condition."""
+    a, b = await asyncio.gather(harness.Client.connected(sender, fed.run.ca_file),
+                                harness.Client.connected(recipient, fed.run.ca_file))
+    try:
+        a.send_message(recipient.bare, body)
+        got = asyncio.ensure_future(b.wait_message(timeout, match=lambda m: m.body == body))
+        err = asyncio.ensure_future(a.wait_message(timeout, match=lambda m: m.type == "error"))
+        done, pending = await asyncio.wait({got, err}, return_when=asyncio.FIRST_COMPLETED)
+        for f in pending:
+            f.cancel()
+        for f in done:
+            f.exception()
+        if got in done and got.exception() is None:
+            return "delivered"
+        if err in done and err.exception() is None:
+            xml = err.result().xml
+            for cond in ("not-allowed", "remote-server-not-found", "remote-server-timeout",
+                         "policy-violation", "forbidden", "not-authorized"):
+                if cond in xml:
+                    return cond
+            return xml
+        return "nothing"
+    finally:
+        await asyncio.gather(a.close(), b.close())
+
+
+def test_blocklist_file_denies_then_allows_again(federation):
+    fed = federation(via_proxy=True, bidi=True)
+    d = fed.run.path / "s2sproxy"
+    d.mkdir(exist_ok=True)
+    lst = d / "blocklist.txt"
+    lst.write_text("# test list\nspam.invalid\nremote.test\n")
+    proxy = fed.start_proxy(extra_toml='[filter]\ndeny_files = ["blocklist.txt"]\n')
+
+    out = harness.run_async(lambda: attempt(fed, ALICE, BOB, "to a denied domain"), 60)
+    assert out == "not-allowed", out
+    out = harness.run_async(lambda: attempt(fed, BOB, ALICE, "from a denied domain"), 60)
+    assert out != "delivered", out
+    log = proxy.log_text()
+    assert "flag denied-domain action=bounce" in log
+    assert "flag denied-domain action=refuse" in log
+    assert "filter.deny_files: " + str(lst) + ": 2 domains" in log
+    r = subprocess.run([sys.executable, "-m", "s2sproxy", "status", "--json", "--config",
+                        str(proxy.config_path)], capture_output=True, text=True, timeout=30,
+                       cwd=str(harness.REPO_ROOT))
+    reasons = {f["reason"] for f in json.loads(r.stdout)["last_flags"]}
+    assert reasons == {"denied-domain"}, reasons
+
+    # off the list: no reload, the file's change is noticed within a tick
+    lst.write_text("spam.invalid\n")
+    os.utime(lst, None)
+    deadline = time.monotonic() + 10
+    while "filter.deny_files: " + str(lst) + ": 1 domains" not in proxy.log_text():
+        assert time.monotonic() < deadline, proxy.log_text()[-2000:]
+        time.sleep(0.1)
+    # Prosody remembers the refusal for a while (its s2s retry): alice speaks first
+    out = harness.run_async(lambda: attempt(fed, ALICE, BOB, "allowed again", 30), 60)
+    assert out == "delivered", out
+    out = harness.run_async(lambda: attempt(fed, BOB, ALICE, "hello again", 30), 60)
+    assert out == "delivered", out
+    assert "Traceback" not in proxy.log_text()
