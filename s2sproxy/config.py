@@ -221,7 +221,10 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path("."),
     control = _table(data, "control", {"socket"})
     filter_ = _filter(_table(data, "filter", {"mode", "allow", "deny", "deny_files"}),
                       base)
-    control_socket = _str(control, "control.socket", DEFAULT_CONTROL_SOCKET)
+    control_socket = control.get("socket", DEFAULT_CONTROL_SOCKET)
+    if not isinstance(control_socket, str):
+        raise ConfigError("control.socket", f"must be a path, or \"\" for none, not "
+                                            f"{control_socket!r}")
     metrics_listen = None
     if "listen" in metrics:
         metrics_listen = _str(metrics, "metrics.listen", "")

@@ -230,3 +230,12 @@ def test_haproxy_prefix_only_on_public_listeners_and_never_over_ssl(conf):  # no
     s = load(conf('[public]\nstarttls = ["haproxy:tcp:5269"]\n'
                   'proxy_sources = ["10.0.0.0/24", "::1"]\n'))
     assert [str(n) for n in s.proxy_sources] == ["10.0.0.0/24", "::1/128"]
+
+
+def test_control_socket_empty_is_off_and_relative_to_the_file(conf, tmp_path):  # noqa: F811
+    assert load(conf('[control]\nsocket = ""\n')).control_socket is None
+    assert load(conf('[control]\nsocket = "run/c.sock"\n')).control_socket == \
+        tmp_path / "run/c.sock"
+    assert str(load(conf()).control_socket) == "/run/s2sproxy/control.sock"
+    with pytest.raises(ConfigError, match="control.socket: must be a path"):
+        load(conf('[control]\nsocket = 5\n'))
