@@ -39,8 +39,8 @@ from s2sproxy.core.serialize import escape as xml_escape
 from s2sproxy.core.stanza import ERROR_TYPES, STANZA_NAMES
 from s2sproxy.core.stream import (DB_RESULT, DB_VERIFY, NS_BIDI, NS_BIDI_FEATURE,
                                   NS_DIALBACK_FEATURE, NS_SASL, NS_TLS, STREAM_ERROR,
-                                  NewStreamId, Refusal, StreamBase,
-                                  peer_stream_error)
+                                  NewStreamId, Refusal, StreamBase, limits_element,
+                                  peer_max_bytes, peer_stream_error)
 from s2sproxy.core.xmlstream import Element, StreamOpened
 
 
@@ -93,6 +93,7 @@ class InboundConfig:
     pre_auth_max_elements: int = 32
     # PUBLIC: which remote domains may authenticate (policy.domains.DomainFilter)
     domains: Any = None
+    idle_seconds: int | None = None     # XEP-0478 idle-seconds (keepalive.ping)
 
 
 _SASL_AUTH = f"{NS_SASL} auth"
@@ -121,6 +122,7 @@ class InboundStream(StreamBase):
                       else InboundState.HEADER)
         self.stream_id = ""
         self.local_domain = ""            # the header's 'to'
+        self.peer_max_bytes: int | None = None   # XEP-0478, from its <bidi/>
         self.remote_domain = ""           # the header's 'from' (may be empty)
         self.chain_valid = False
         self.certificate = None
@@ -194,6 +196,8 @@ class InboundStream(StreamBase):
             if self.role is Role.PUBLIC and self.secure and not self.sasl_domain:
                 parts.append(f"<bidi xmlns='{NS_BIDI_FEATURE}'/>")
                 self.bidi_offered = True
+            if self.role is Role.PUBLIC:
+                parts.append(limits_element(self.config.max_size, self.config.idle_seconds))
         self._send(b"<stream:features>" + "".join(parts).encode() + b"</stream:features>")
 
     # -- TLS -------------------------------------------------------------------------
@@ -241,6 +245,8 @@ class InboundStream(StreamBase):
                 # be switched on for pairs already authenticated one-way.
                 if not self.bidi:
                     self.bidi = True
+                    # XEP-0478 section 3: its limits for what we send back on it
+                    self.peer_max_bytes = peer_max_bytes(el.tree())
                     self._emit(A.BidiNegotiated())
             elif name == STREAM_ERROR:
                 self._peer_error(el)

@@ -77,7 +77,8 @@ from s2sproxy.core.serialize import escape as xml_escape
 from s2sproxy.core.stanza import STANZA_NAMES
 from s2sproxy.core.stream import (DB_RESULT, DB_VERIFY, FEATURES, NS_BIDI, NS_BIDI_FEATURE,
                                   NS_DIALBACK_FEATURE, NS_SASL, NS_TLS, STREAM_ERROR,
-                                  Refusal, StreamBase, peer_stream_error)
+                                  Refusal, StreamBase, limits_element, peer_max_bytes,
+                                  peer_stream_error)
 from s2sproxy.core.xmlstream import Element, StreamOpened
 
 
@@ -131,6 +132,7 @@ class OutboundStream(StreamBase):
                       else OutboundState.HEADER)
         self.stream_id = ""
         self.bidi = False
+        self.peer_max_bytes: int | None = None   # XEP-0478, from its features
         # The peer offered bidi as <bidi xmlns='urn:xmpp:bidi'/>, the request's
         # namespace (ejabberd 24.10 to 25.02): not a XEP-0288 offer, so not requested.
         self.peer_bidi_misnamed = False
@@ -228,6 +230,9 @@ class OutboundStream(StreamBase):
     def _features(self, el: Element) -> None:
         tree = el.tree()
         c = self.config
+        limit = peer_max_bytes(tree)        # XEP-0478: what the peer accepts
+        if limit is not None:
+            self.peer_max_bytes = limit
         if tree.find(f"{{{NS_DIALBACK_FEATURE}}}dialback") is not None:
             self.peer_dialback_feature = True   # XEP-0220 section 2.4
         if not self.secure:
@@ -250,7 +255,9 @@ class OutboundStream(StreamBase):
             return
         if c.request_bidi and not self.bidi and self.secure:
             if tree.find(f"{{{NS_BIDI_FEATURE}}}bidi") is not None:
-                self._send(f"<bidi xmlns='{NS_BIDI}'/>".encode())
+                # XEP-0478 section 3: our limits for what the peer sends back on it
+                self._send(f"<bidi xmlns='{NS_BIDI}'>{limits_element(c.max_size, None)}"
+                           f"</bidi>".encode())
                 self.bidi = True
                 self._emit(A.BidiNegotiated())
             elif tree.find(f"{{{NS_BIDI}}}bidi") is not None:

@@ -32,6 +32,23 @@ NS_DIALBACK = "jabber:server:dialback"
 NS_DIALBACK_FEATURE = "urn:xmpp:features:dialback"
 NS_BIDI = "urn:xmpp:bidi"
 NS_BIDI_FEATURE = "urn:xmpp:features:bidi"
+NS_LIMITS = "urn:xmpp:stream-limits:0"       # XEP-0478
+
+
+def limits_element(max_bytes: int, idle_seconds: int | None) -> str:
+    """XEP-0478: the limits we enforce on what we receive on a stream."""
+    idle = f"<idle-seconds>{idle_seconds}</idle-seconds>" if idle_seconds else ""
+    return f"<limits xmlns='{NS_LIMITS}'><max-bytes>{max_bytes}</max-bytes>{idle}</limits>"
+
+
+def peer_max_bytes(tree) -> int | None:
+    """The ``max-bytes`` a peer advertised in ``tree`` (its features, or the ``<bidi>``
+    element it sent: XEP-0478 section 3 for bidi), or None.  Nonsense is ignored,
+    and a figure below RFC 6120's floor of 10000 bytes is read as 10000."""
+    el = tree.find(f"{{{NS_LIMITS}}}limits/{{{NS_LIMITS}}}max-bytes")
+    if el is None or not (el.text or "").strip().isdigit():
+        return None
+    return max(10000, int(el.text.strip()))
 
 STREAM_NAME = f"{NS_STREAMS} stream"
 FEATURES = f"{NS_STREAMS} features"

@@ -228,7 +228,8 @@ class Proxy(service.MultiService):
                              actions=self.stream_actions, auth_timeout=s.auth_timeout,
                              pre_auth_max_size=s.pre_auth_max_stanza_size,
                              pre_auth_max_elements=s.pre_auth_max_elements,
-                             domains=self.domains)
+                             domains=self.domains,
+                             idle_seconds=int(s.keepalive.ping) or None)
 
     def _build_listeners(self) -> None:
         s = self.settings
@@ -569,12 +570,13 @@ class Proxy(service.MultiService):
         if len(batches) == 1:
             pair, batch = batches.popitem()
             router = self._count(pair, batch)
-            self._run_ops(router, router.send(pair, batch, now))
+            if batch:
+                self._run_ops(router, router.send(pair, batch, now))
             return
         writes: dict[Any, list[R.Write]] = {}   # per stream, in the order first written
         for pair, batch in batches.items():
             router = self._count(pair, batch)
-            for op in router.send(pair, batch, now):
+            for op in (router.send(pair, batch, now) if batch else ()):
                 if type(op) is R.Write:
                     writes.setdefault(op.handle, []).append(op)
                 else:       # what was written so far goes first, as it would have
@@ -600,8 +602,21 @@ class Proxy(service.MultiService):
         if inbound:
             self.metrics.stanzas.inbound += len(batch)
             return self.to_backend
+        handle = self.to_remote.ready_handle(pair)
+        limit = getattr(getattr(handle, "stream", None), "peer_max_bytes", None)
+        if limit is not None:
+            self._too_large(batch, limit)
         self.metrics.stanzas.outbound += len(batch)
         return self.to_remote
+
+    def _too_large(self, batch: list[Stanza], limit: int) -> None:
+        """XEP-0478: a stanza larger than the remote said it accepts is bounced
+        ``policy-violation`` here, rather than written and our stream closed by it."""
+        big = [s for s in batch if len(s.raw) > limit]
+        for s in big:
+            batch.remove(s)
+            self.bounce(s, "policy-violation", f"{len(s.raw)} bytes, more than the "
+                                               f"{limit} {s.to_domain} accepts (XEP-0478)")
 
     @staticmethod
     def _write_all(writes: dict[Any, list[R.Write]]) -> None:

@@ -84,3 +84,25 @@ def test_blocklist_file_change_closes_the_stream_of_a_newly_denied_remote(tmp_pa
     again, _t = public_stream(p, reactor, host="192.0.2.8")
     assert (REMOTE, LOCAL) in again.stream.authenticated
 
+
+
+def test_xep0478_limits_advertised_and_a_remotes_max_bytes_honoured(tmp_path):
+    """Our features after TLS carry our limits; a stanza larger than the max-bytes the
+    remote advertised inside its <bidi/> is bounced policy-violation, not written."""
+    p, reactor = proxy(tmp_path, limits={"max_stanza_size": 100000})
+    proto, t = public_stream(p, reactor, authenticate=False)
+    assert proto.stream.config.max_size == 100000
+    bidi, bt = public_stream(p, reactor, host="192.0.2.9", authenticate=False)
+    bidi.dataReceived(f"<bidi xmlns='urn:xmpp:bidi'><limits xmlns='urn:xmpp:stream-limits:0'>"
+                      f"<max-bytes>10000</max-bytes></limits></bidi><db:result from='{REMOTE}'"
+                      f" to='{LOCAL}'>k</db:result>".encode())
+    assert bidi.stream.peer_max_bytes == 10000
+    bounced = []
+    p.bounce = lambda s, condition, text="": bounced.append((s.id, condition))
+    bt.clear()
+    big = outgoing(1, REMOTE)
+    big.raw = b"<message>" + b"x" * 20000 + b"</message>"
+    small = outgoing(2, REMOTE)
+    p.route([big, small])
+    assert bounced == [("m1", "policy-violation")]
+    assert bt.value() == small.raw

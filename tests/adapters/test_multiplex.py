@@ -84,8 +84,10 @@ def ready_stream(p, reactor, index: int = 0, features: bytes = FEATURES):
     proto.handle(E.TlsEstablished(False, None))
     proto.dataReceived(header("r2") + features)
     key = p.keys.key(REMOTE, LOCAL, "r2")
-    assert wire.value().endswith(f"<bidi xmlns='urn:xmpp:bidi'/><db:result from='{LOCAL}' "
-                                 f"to='{REMOTE}'>{key}</db:result>".encode())
+    limits = (f"<limits xmlns='urn:xmpp:stream-limits:0'><max-bytes>{p.settings.max_stanza_size}"
+              f"</max-bytes></limits>")
+    assert wire.value().endswith(f"<bidi xmlns='urn:xmpp:bidi'>{limits}</bidi><db:result "
+                                 f"from='{LOCAL}' to='{REMOTE}'>{key}</db:result>".encode())
     proto.dataReceived(f"<db:result from='{REMOTE}' to='{LOCAL}' type='valid'/>".encode())
     return proto, wire
 

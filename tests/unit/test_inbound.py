@@ -17,13 +17,16 @@ NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
 STARTTLS = f"<starttls xmlns='{NS_TLS}'/>".encode()
 FEATURES_TLS = (f"<stream:features><starttls xmlns='{NS_TLS}'><required/></starttls>"
                 f"</stream:features>").encode()
+# XEP-0478: the limits of what we accept, after TLS (the helpers' max_size is 20000)
+LIMITS = b"<limits xmlns='urn:xmpp:stream-limits:0'><max-bytes>20000</max-bytes></limits>"
 FEATURES_DB_BIDI = (b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'>"
                     b"<errors/></dialback><bidi xmlns='urn:xmpp:features:bidi'/>"
-                    b"</stream:features>")
+                    + LIMITS + b"</stream:features>")
 FEATURES_EXTERNAL = (b"<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
                      b"<mechanism>EXTERNAL</mechanism></mechanisms>"
                      b"<dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback>"
-                     b"<bidi xmlns='urn:xmpp:features:bidi'/></stream:features>")
+                     b"<bidi xmlns='urn:xmpp:features:bidi'/>" + LIMITS
+                     + b"</stream:features>")
 KEY = KEYS.key(LOCAL, REMOTE, "remote-sid")   # any key: the verdict is the test's
 DB_RESULT = f"<db:result from='{REMOTE}' to='{LOCAL}'>{KEY}</db:result>".encode()
 MESSAGE = (b"<message from='juliet@remote.example/balcony' to='romeo@local.example' "
@@ -325,7 +328,7 @@ def test_inbound_sasl_external_with_valid_certificate_succeeds_and_restarts():
                                    + our_header(LOCAL, REMOTE, "sid3")
                                    + b"<stream:features><dialback xmlns='urn:xmpp:"
                                      b"features:dialback'><errors/></dialback>"
-                                     b"</stream:features>"),
+                                   + LIMITS + b"</stream:features>"),
                        A.CancelTimer("auth"), A.Authenticated(REMOTE, LOCAL, "external")]
     assert s.sasl_domain == REMOTE
 

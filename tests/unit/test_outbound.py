@@ -190,7 +190,10 @@ def test_outbound_remote_requests_bidi_then_sasl_external():
     assert secured(s, E.TlsEstablished(True, leaf)) == [A.SendBytes(OUR_REMOTE_HEADER)]
     assert s.peer_verified
     actions = merge(s.handle(E.DataReceived(REMOTE_HEADER2 + PROSODY_FEATURES)))
-    assert actions == [A.SendBytes(b"<bidi xmlns='urn:xmpp:bidi'/>"), A.BidiNegotiated(),
+    # XEP-0478 section 3: our limits for what comes back on it, inside the request
+    assert actions == [A.SendBytes(b"<bidi xmlns='urn:xmpp:bidi'><limits xmlns='urn:xmpp:"
+                                   b"stream-limits:0'><max-bytes>20000</max-bytes></limits>"
+                                   b"</bidi>"), A.BidiNegotiated(),
                        A.SendBytes(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' "
                                    b"mechanism='EXTERNAL'>bG9jYWwuZXhhbXBsZQ==</auth>")]
     actions = merge(s.handle(E.DataReceived(
