@@ -1422,6 +1422,7 @@ def start_federation(run: RunDir, *, via_proxy: bool = True, bidi: bool = True,
                      ejabberd_starttls: str = "required", start_proxy: bool = False,
                      dns: DnsResponder | None = None, quiet: bool = False,
                      ejabberd_nameservers: Sequence[tuple[str, int]] = (),
+                     prosody_version: PeerVersion = PROSODY_012,
                      **proxy_kw) -> Federation:
     """Start ejabberd and Prosody (in parallel) and register alice and bob.
 
@@ -1440,7 +1441,8 @@ def start_federation(run: RunDir, *, via_proxy: bool = True, bidi: bool = True,
                   trusts_ca=ejabberd_trusts_ca, behind_proxy=via_proxy,
                   loglevel="warning" if quiet else "info", nameservers=ejabberd_nameservers)
     pr = Prosody(run, local_test_address=PROXY_IP if via_proxy else EJABBERD_IP,
-                 bidi=bidi, trusts_ca=prosody_trusts_ca, debug_log=not quiet)
+                 bidi=bidi, trusts_ca=prosody_trusts_ca, debug_log=not quiet,
+                 version=prosody_version)
     fed = Federation(run, ej, pr, dns_port, backend_port, dns=dns)
     try:
         if dns is not None:

@@ -82,3 +82,26 @@ def test_blocklist_file_denies_then_allows_again(federation):
     out = harness.run_async(lambda: attempt(fed, BOB, ALICE, "hello again", 30), 60)
     assert out == "delivered", out
     assert "Traceback" not in proxy.log_text()
+
+
+def test_prosody_13_honours_our_xep0478_max_bytes(federation):
+    """With limits.max_stanza_size = 10000, Prosody 13 reads our advertised max-bytes
+    and does not send bob's larger message (its log says so; it bounces nothing to
+    bob, as 13.0.1 does): it never reaches us, so s2sproxy closes nothing with
+    policy-violation, and the next message is delivered."""
+    import versions
+    if versions.PROSODY_13.missing():
+        pytest.fail(versions.PROSODY_13.missing())
+    fed = federation(via_proxy=True, bidi=True, prosody_version=versions.PROSODY_13)
+    proxy = fed.start_proxy(extra_toml="[limits]\nmax_stanza_size = 10000\n")
+    out = harness.run_async(lambda: attempt(fed, BOB, ALICE, "small first"), 60)
+    assert out == "delivered", out
+    out = harness.run_async(lambda: attempt(fed, BOB, ALICE, "x" * 12000, 5), 60)
+    assert out in ("policy-violation", "nothing"), out
+    harness.wait_for(lambda: "exceeding session limit of 10000B" in
+                     fed.prosody.log_text(), 10, "Prosody 13 to apply our max-bytes")
+    log = proxy.log_text()
+    assert "stanza larger than" not in log and "policy-violation" not in log, log[-2000:]
+    out = harness.run_async(lambda: attempt(fed, BOB, ALICE, "small after"), 60)
+    assert out == "delivered", out
+    assert "Traceback" not in proxy.log_text()
