@@ -20,40 +20,34 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from twisted.application import internet, service, strports
+from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from s2sproxy import __version__
-from s2sproxy.config import ConfigError, Settings, load, reload_refusals
+from s2sproxy.config import Settings
 from s2sproxy.core import actions as A
 from s2sproxy.core import events as E
 from s2sproxy.core import routing as R
 from s2sproxy.core.admission import Admission
 from s2sproxy.core.dialback import DialbackKeys
-from s2sproxy.core.inbound import InboundConfig, InboundStream, Role, TrustPolicy
-from s2sproxy.core.limits import MAX_MULTIPLEXED_PAIRS
+from s2sproxy.core.inbound import InboundConfig, InboundStream, Role
 from s2sproxy.core.stanza import Stanza, bounce_stanza
 from s2sproxy.core.subject import flag_subject
 from s2sproxy.core.xmlstream import FRAMER
-from s2sproxy.logs import get_logger, set_level
+from s2sproxy.logs import get_logger
 from s2sproxy.metrics import Metrics, ProxyState
 from s2sproxy.policy import keepalive as K
-from s2sproxy.policy.domains import REASON as REASON_DENIED, parse_entry
-from s2sproxy.policy.classify import (BOUNCE, CLOSE, FORWARD, NS_PING, Policy,
-                                      PolicyConfig)
-from s2sproxy.tx.backend_dns import make_factories
+from s2sproxy.policy.classify import BOUNCE, CLOSE, FORWARD, NS_PING, Policy
+from s2sproxy.policy.domains import REASON as REASON_DENIED
+from s2sproxy.tx import control, listeners, reloading, shutdown
 from s2sproxy.tx.certificates import Certificates
 from s2sproxy.tx.connector import Connector, OutboundFactory as _OutboundFactory
 from s2sproxy.tx.filtering import Filtering
 from s2sproxy.tx.flags import FlagRecorder
-from s2sproxy.tx import control, proxyprotocol, shutdown
 from s2sproxy.tx.protocol import StreamProtocol
-from s2sproxy.tx.resolver import RemoteResolver
+from s2sproxy.tx.tls import ContextFactory
 from s2sproxy.tx.verify import Verifier
-from s2sproxy.tx.tls import ClientContexts, ContextFactory, ServerContexts, TrustStore
 
 log = get_logger(__name__)
 
@@ -67,41 +61,6 @@ def new_stream_id() -> str:
 def new_ping_id() -> str:
     # 80 random bits; digits keep the ids the integration harness's raw peer answers.
     return f"s2sproxy-ping-{secrets.randbelow(10 ** 24):024d}"
-
-
-def _policy_config(s: Settings) -> PolicyConfig:
-    p = s.policy
-    return PolicyConfig(dict(p.actions), p.answer_pings, p.iq_timeout, p.iq_max_pending,
-                        p.caps_cache)
-
-
-def _keepalive_config(s: Settings) -> K.KeepaliveConfig:
-    ka = s.keepalive
-    return K.KeepaliveConfig(ka.whitespace, ka.ping, ka.timeout)
-
-
-class _Listener(Factory):
-    """An accepting listener: each connection gets a stream made with the
-    configuration in force when it is accepted (a reload applies from the next one)."""
-
-    noisy = False       # no "Starting factory <...>" lines
-
-    def __init__(self, proxy: "Proxy", role: Role, direct_tls: bool) -> None:
-        self.proxy = proxy
-        self.role = role
-        self.direct_tls = direct_tls
-        self.label = {Role.PUBLIC: "public", Role.BACKEND: "backend-in"}[role]
-
-    def logPrefix(self) -> str:  # noqa: N802 (Twisted's "... starting on PORT")
-        if self.role is Role.BACKEND:
-            return "s2sproxy backend listener (ejabberd's outgoing streams)"
-        return f"s2sproxy public {'Direct TLS' if self.direct_tls else 'STARTTLS'} listener"
-
-    def buildProtocol(self, addr):  # noqa: N802
-        p = self.proxy
-        # in proxy.streams once admitted (Proxy.admit, at connectionMade)
-        return StreamProtocol(InboundStream(p.inbound_config(self.role, self.direct_tls)),
-                              p, p.reactor, self.label)
 
 
 class Proxy(service.MultiService):
@@ -123,8 +82,8 @@ class Proxy(service.MultiService):
         self.metrics = Metrics()
         self.state_metrics = ProxyState(self)
         self.metrics.registry.register(self.state_metrics)
-        self.policy = Policy(_policy_config(settings), self.served)
-        self.keepalive = K.Keepalive(_keepalive_config(settings),
+        self.policy = Policy(reloading.policy_config(settings), self.served)
+        self.keepalive = K.Keepalive(reloading.keepalive_config(settings),
                                      new_ping_id)   # the one registry of our pings
         self.verifier = Verifier(self)
         self.certificates = Certificates(self.metrics, reactor)
@@ -138,86 +97,18 @@ class Proxy(service.MultiService):
         self._build_listeners()
 
     def _configure(self, settings: Settings) -> None:
-        """Everything a configuration decides that a reload may change: new
-        connections and new stanzas see it, established streams keep running.  What
-        can fail (TLS contexts, certificates, the resolver) is made first; nothing is
-        changed until all of it was made, so a failure leaves the running one whole."""
-        b = settings.backend
-        backend_identity = (b.certificate, b.key) if b.certificate else None
-        made = dict(
-            trust=TrustStore(settings.trust),
-            public_ctx=ServerContexts(settings.domains, alpn=False),
-            direct_ctx=ServerContexts(settings.domains, alpn=True),
-            backend_ctx=ServerContexts(settings.domains, alpn=False, extra=backend_identity),
-            client_ctx=ClientContexts(),
-            resolver=RemoteResolver(settings.remotes, settings.nameservers, self.reactor))
-        ends = self.certificates.read(settings)
-        fs = settings.filter
-        lists = (fs.mode, [parse_entry(x) for x in fs.allow],
-                 [parse_entry(x) for x in fs.deny])
-        # -- from here on nothing raises ---------------------------------------------
-        self.settings = settings
-        for name, value in made.items():
-            setattr(self, name, value)
-        self.certificates.ends = ends
-        self.trust_policy = TrustPolicy(settings.trust.require_valid_certificates,
-                                        settings.trust.secure_domains,
-                                        settings.trust.insecure_domains)
-        q = settings.queue
-        routers = dict(queue_limit=q.limit, max_age=q.max_age,
-                       idle_timeout=settings.idle_timeout, backoff_after=q.backoff_after,
-                       backoff_base=q.backoff_base, backoff_max=q.backoff_max,
-                       max_bytes=q.max_bytes)
-        self.to_backend.budget.limit = q.max_total_bytes
-        self.to_backend.configure(**routers)    # never multiplexed toward ejabberd
-        self.to_remote.configure(**routers, max_pairs=MAX_MULTIPLEXED_PAIRS
-                                 if settings.multiplex else 1)
-        self.admission.max_total = settings.max_unauthenticated
-        self.admission.max_per_source = settings.max_unauthenticated_per_source
-        self.policy.reconfigure(_policy_config(settings), self.reactor.seconds())
-        self.stream_actions = dict(settings.policy.actions)
-        f = settings.flags
-        self.flags.json_log, self.flags.quarantine = f.json_log, f.quarantine
-        self.flags.quarantine_max_bytes = f.quarantine_max_bytes
-        self.keepalive.config = _keepalive_config(settings)
-        set_level(settings.log_level)
-        self.filtering.configure(lists, fs.deny_files)
+        reloading.configure(self, settings)
 
     def reload(self) -> bool:
-        """SIGHUP: re-read the configuration file.  A file with an error, or one that
-        changes what only a restart can (``config.RESTART_ONLY``), is refused with one
-        line per problem, and the running configuration stays in force."""
-        if self.config_path is None:
-            log.warn("reload: no configuration file to re-read")
-            return False
-        try:
-            new = load(self.config_path, generate_secret=False)
-        except ConfigError as e:
-            log.error("reload refused: {error}; the running configuration stays in force",
-                      error=str(e))
-            return False
-        refusals = reload_refusals(self.settings, new)
-        for why in refusals:
-            log.error("reload refused: {error}; the running configuration stays in force",
-                      error=why)
-        if refusals:
-            return False
-        try:
-            self._configure(new)
-        except Exception as e:  # noqa: BLE001 (OpenSSL refusing a certificate config
-            # accepted, a file gone since load): nothing was changed
-            log.error("reload refused: {error}; the running configuration stays in force",
-                      error=f"{type(e).__name__}: {e}")
-            return False
-        log.info("reloaded {path}: new connections and new stanzas use it; {n} open "
-                 "stream(s) keep running", path=str(self.config_path), n=len(self.streams))
-        self.certificates.check(self.reactor.seconds())
-        return True
+        """SIGHUP (``tx.reloading``)."""
+        return reloading.reload(self)
 
-    # -- lifecycle -----------------------------------------------------------------------
+    def listener(self, role: Role, direct_tls: bool) -> listeners.Listener:
+        return listeners.Listener(self, role, direct_tls)
 
-    def listener(self, role: Role, direct_tls: bool) -> _Listener:
-        return _Listener(self, role, direct_tls)
+    def _build_listeners(self) -> None:
+        listeners.build(self)
+
 
     def inbound_config(self, role: Role, direct_tls: bool) -> InboundConfig:
         s = self.settings
@@ -230,41 +121,6 @@ class Proxy(service.MultiService):
                              pre_auth_max_elements=s.pre_auth_max_elements,
                              domains=self.domains,
                              idle_seconds=int(s.keepalive.ping) or None)
-
-    def _build_listeners(self) -> None:
-        s = self.settings
-        for desc, direct in [(d, False) for d in s.starttls_listeners] + \
-                [(d, True) for d in s.direct_tls_listeners]:
-            proxy_header, desc = proxyprotocol.split(desc)
-            f = self.listener(Role.PUBLIC, direct)
-            if direct:
-                f = TLSMemoryBIOFactory(
-                    ContextFactory(lambda: self.direct_ctx.for_domain(None)), False, f)
-                f.noisy = False
-            if proxy_header:        # the PROXY header comes first, before any TLS
-                f = proxyprotocol.ProxyHeaderFactory(f, self.reactor, s.proxy_sources)
-            strports.service(desc, f, reactor=self.reactor).setServiceParent(self)
-        strports.service(s.backend.listen, self.listener(Role.BACKEND, False),
-                         reactor=self.reactor).setServiceParent(self)
-        tcp_f, udp_p = make_factories(s.backend.srv_target, s.backend.srv_port)
-        # There is no "udp:" endpoint string in Twisted; the DNS responder is
-        # configured by address and port instead.
-        internet.UDPServer(s.backend.dns_port, udp_p, interface=s.backend.dns_address,
-                           reactor=self.reactor).setServiceParent(self)
-        internet.TCPServer(s.backend.dns_port, tcp_f, interface=s.backend.dns_address,
-                           reactor=self.reactor).setServiceParent(self)
-        if s.metrics_listen:
-            from prometheus_client.twisted import MetricsResource
-            from twisted.web.resource import Resource
-            from twisted.web.server import Site
-            root = Resource()
-            root.putChild(b"metrics", MetricsResource(registry=self.metrics.registry))
-            site = Site(root)
-            site.noisy = False
-            site.logPrefix = lambda: "s2sproxy metrics"
-            site.log = lambda request: None     # no access-log line per scrape
-            strports.service(s.metrics_listen, site,
-                             reactor=self.reactor).setServiceParent(self)
 
     def startService(self):  # noqa: N802
         super().startService()

@@ -117,7 +117,7 @@ def test_listener_factories_are_quiet(tmp_path):
 def test_reload_that_fails_midway_changes_nothing(tmp_path, logged, monkeypatch):
     """OpenSSL refusing what the config checks accepted (a weak key, say): the reload
     is refused and everything stays as it was, settings and contexts alike."""
-    import s2sproxy.tx.service as service
+    import s2sproxy.tx.reloading as service
     first = new_leaf(tmp_path)
     path = write_conf(tmp_path)
     p = Proxy(load(path), MemoryReactorClock(), config_path=path)
