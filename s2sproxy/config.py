@@ -124,6 +124,17 @@ class FilterSettings:
 
 
 @dataclass(frozen=True)
+class RateLimits:
+    bytes_per_second: float             # per remote domain (0: none)
+    stanzas_per_second: float
+    connection_bytes_per_second: float  # per connection
+    connection_stanzas_per_second: float
+    burst_seconds: float
+    flag_after: float
+    close_after: float                  # 0: never
+
+
+@dataclass(frozen=True)
 class Settings:
     domains: dict[str, Domain]
     starttls_listeners: tuple[str, ...]
@@ -151,6 +162,7 @@ class Settings:
     log_level: str
     log_format: str = "text"     # log.format: "text" (twistd's) | "json" (JSON lines)
     filter: FilterSettings = FilterSettings("deny", (), (), ())
+    ratelimit: RateLimits = RateLimits(0, 0, 0, 0, 2, 30, 0)
     control_socket: Path | None = None   # control.socket ("s2sproxy status"); None: off
     # public.proxy_sources: who may send a PROXY header to a haproxy: listener
     proxy_sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -161,7 +173,7 @@ class Settings:
 
 _TOP_KEYS = {"secret_file", "domain", "public", "backend", "queue", "trust", "remote",
              "outgoing", "limits", "timeouts", "dns", "policy", "keepalive", "flags",
-             "metrics", "log", "control", "filter"}
+             "metrics", "log", "control", "filter", "ratelimit"}
 
 
 def load(path: str | os.PathLike, generate_secret: bool = True) -> Settings:
@@ -221,6 +233,16 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path("."),
     control = _table(data, "control", {"socket"})
     filter_ = _filter(_table(data, "filter", {"mode", "allow", "deny", "deny_files"}),
                       base)
+    rl = _table(data, "ratelimit", {"bytes_per_second", "stanzas_per_second",
+                                    "connection_bytes_per_second",
+                                    "connection_stanzas_per_second", "burst_seconds",
+                                    "flag_after", "close_after"})
+    ratelimit = RateLimits(*(_nonneg(rl, f"ratelimit.{k}", d) for k, d in (
+        ("bytes_per_second", 0), ("stanzas_per_second", 0),
+        ("connection_bytes_per_second", 0), ("connection_stanzas_per_second", 0),
+        ("burst_seconds", 2.0), ("flag_after", 30.0), ("close_after", 0))))
+    if ratelimit.burst_seconds <= 0:
+        raise ConfigError("ratelimit.burst_seconds", "must be more than 0")
     control_socket = control.get("socket", DEFAULT_CONTROL_SOCKET)
     if not isinstance(control_socket, str):
         raise ConfigError("control.socket", f"must be a path, or \"\" for none, not "
@@ -277,6 +299,7 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path("."),
         log_level=level,
         log_format=log_format,
         filter=filter_,
+        ratelimit=ratelimit,
         proxy_sources=proxy_sources,
         control_socket=(base / control_socket) if control_socket else None,
         source=source,
@@ -439,6 +462,13 @@ def _filter(t: dict[str, Any], base: Path) -> FilterSettings:
                                           "could federate")
     files = tuple(base / str(v) for v in _list(t, "filter.deny_files", []))
     return FilterSettings(mode, lists["allow"], lists["deny"], files)
+
+
+def _nonneg(t: dict[str, Any], key: str, default: float) -> float:
+    v = t.get(key.rsplit(".", 1)[-1], default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+        raise ConfigError(key, f"must be a number >= 0, not {v!r}")
+    return float(v)
 
 
 def _secret(path: Path, generate: bool = True) -> bytes:

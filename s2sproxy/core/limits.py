@@ -107,3 +107,8 @@ CONTROL_MAX_LINE = 1024
 PROXY_HEADER_TIMEOUT = 10.0
 #: bad lines of one blocklist file reported one by one (then a count; ``[filter]``)
 MAX_REPORTED_BAD_LINES = 20
+#: remote domains whose rate buckets are kept (the most recently active; ``[ratelimit]``)
+RATE_LIMITED_DOMAINS = 10000
+#: longest single pause of a rate-limited remote's reading (then it is read and
+#: accounted again; below keepalive.timeout, so a paused stream is never "dead")
+RATE_LIMIT_MAX_PAUSE = 30.0

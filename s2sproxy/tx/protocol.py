@@ -81,6 +81,10 @@ class StreamProtocol(Protocol):
         self.rx_bytes = self.tx_bytes = self.rx_stanzas = self.tx_stanzas = 0
         self.close_reason = ""      # the stream error of a CloseConnection, if any
         self.admitted = False
+        self.rate: Any = None       # [ratelimit]: (remote domain, connection bucket)
+        self.paused = False
+        self._held: list[bytes] = []   # read while paused: handled at resume
+        self._paid = False             # the first held read is already accounted
         self.tls_started = False    # STARTTLS begun (Direct TLS: from the start)
         self.tls_done = False
 
@@ -107,7 +111,56 @@ class StreamProtocol(Protocol):
         if not self.rx_bytes and self.factory_label() is None:
             log.info("{label} stream {peer} accepted", label=self.label, peer=self.peer)
         self.rx_bytes += len(data)
-        self.handle(E.DataReceived(data))
+        if self.rate is None:
+            self.handle(E.DataReceived(data))
+            return
+        self._rate_limited(data)
+
+    # -- [ratelimit] (decided by policy.ratelimit through the owner) -------------------
+
+    def _rate_limited(self, data: bytes) -> None:
+        """Bytes are accounted before they are handled: over the limit, they are held
+        (with what TLS decodes from the same read after the pause) and reading pauses
+        until the budget allows them; stanzas are accounted once handled."""
+        if self.paused:
+            self._held.append(data)
+            return
+        self._held = [data]
+        self._drain(resume=False)
+
+    def _drain(self, resume: bool = True) -> None:
+        """Handle held reads while the budget allows; pause at the first it does not."""
+        while self._held and not self.closing:
+            data = self._held[0]
+            wait = self.owner.account_read(self, len(data), 0) if not self._paid else 0.0
+            if wait > 0 and not self.closing:
+                self._paid = True           # accounted: handled when the pause ends
+                self._pause(wait)
+                return
+            self._paid = False
+            self._held.pop(0)
+            before = self.rx_stanzas
+            self.handle(E.DataReceived(data))
+            n = self.rx_stanzas - before
+            if n and not self.closing:
+                wait = self.owner.account_read(self, 0, n)
+                if wait > 0 and not self.closing:
+                    self._pause(wait)
+                    return
+        if resume and not self.closing and self.transport is not None:
+            self.transport.resumeProducing()
+
+    def _pause(self, seconds: float) -> None:
+        """Stop reading for ``seconds`` (TCP back-pressure on the peer)."""
+        self.paused = True
+        self.transport.pauseProducing()
+        self._cancel("resume")
+        self.timers["resume"] = self.clock.callLater(seconds, self._resume)
+
+    def _resume(self) -> None:
+        self.timers.pop("resume", None)
+        self.paused = False
+        self._drain()
 
     def handle(self, event: object) -> None:
         """Feed the core one event and run its actions.  This is the tx boundary: a bug

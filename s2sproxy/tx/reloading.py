@@ -17,6 +17,7 @@ from s2sproxy.logs import get_logger, set_level
 from s2sproxy.policy import keepalive as K
 from s2sproxy.policy.classify import PolicyConfig
 from s2sproxy.policy.domains import parse_entry
+from s2sproxy.policy.ratelimit import RateConfig
 from s2sproxy.tx.resolver import RemoteResolver
 from s2sproxy.tx.tls import ClientContexts, ServerContexts, TrustStore
 
@@ -30,6 +31,15 @@ def policy_config(s: Settings) -> PolicyConfig:
     p = s.policy
     return PolicyConfig(dict(p.actions), p.answer_pings, p.iq_timeout, p.iq_max_pending,
                         p.caps_cache)
+
+
+def rate_configs(s: Settings) -> tuple[RateConfig, RateConfig]:
+    r = s.ratelimit
+    common = dict(burst_seconds=r.burst_seconds, flag_after=r.flag_after,
+                  close_after=r.close_after)
+    return (RateConfig(r.bytes_per_second, r.stanzas_per_second, **common),
+            RateConfig(r.connection_bytes_per_second, r.connection_stanzas_per_second,
+                       **common))
 
 
 def keepalive_config(s: Settings) -> K.KeepaliveConfig:
@@ -82,6 +92,7 @@ def configure(self: "Proxy", settings: Settings) -> None:
     self.keepalive.config = keepalive_config(settings)
     set_level(settings.log_level)
     self.filtering.configure(lists, fs.deny_files)
+    self.limiter.configure(*rate_configs(settings))
 
 def reload(self: "Proxy") -> bool:
     """SIGHUP: re-read the configuration file.  A file with an error, or one that

@@ -32,6 +32,7 @@ from s2sproxy.core import routing as R
 from s2sproxy.core.admission import Admission
 from s2sproxy.core.dialback import DialbackKeys
 from s2sproxy.core.inbound import InboundConfig, InboundStream, Role
+from s2sproxy.core.limits import RATE_LIMIT_MAX_PAUSE
 from s2sproxy.core.stanza import Stanza, bounce_stanza
 from s2sproxy.core.subject import flag_subject
 from s2sproxy.core.xmlstream import FRAMER
@@ -40,6 +41,7 @@ from s2sproxy.metrics import Metrics, ProxyState
 from s2sproxy.policy import keepalive as K
 from s2sproxy.policy.classify import BOUNCE, CLOSE, FORWARD, NS_PING, Policy
 from s2sproxy.policy.domains import REASON as REASON_DENIED
+from s2sproxy.policy.ratelimit import REASON as REASON_RATE, Limiter
 from s2sproxy.tx import control, listeners, reloading, shutdown
 from s2sproxy.tx.certificates import Certificates
 from s2sproxy.tx.connector import Connector, OutboundFactory as _OutboundFactory
@@ -88,6 +90,7 @@ class Proxy(service.MultiService):
         self.verifier = Verifier(self)
         self.certificates = Certificates(self.metrics, reactor)
         self.flags = FlagRecorder(self.metrics, None, None, 0)
+        self.limiter = Limiter(*reloading.rate_configs(settings))   # [ratelimit]
         self.filtering = Filtering(self)    # [filter] (tx.filtering)
         self.domains = self.filtering.domains
         self._configure(settings)
@@ -261,6 +264,22 @@ class Proxy(service.MultiService):
             proto.transport.startTLS(self.connector.client_tls(
                 proto.factory, server_name or "", alpn=False))
 
+    def account_read(self, proto: StreamProtocol, nbytes: int, nstanzas: int) -> float:
+        """[ratelimit]: what an authenticated remote stream read (bytes, before they
+        are handled) or handled (stanzas); the seconds it must stop reading
+        (``policy.ratelimit``)."""
+        if not self.limiter.active:
+            return 0.0
+        remote, conn = proto.rate
+        d = self.limiter.account(remote, conn, nbytes, nstanzas, self.reactor.seconds())
+        if d.flag:
+            self._flag(A.Flag(REASON_RATE, "throttle", f"over its rate limit for "
+                              f"{self.settings.ratelimit.flag_after:g} s"), proto)
+        if d.close:
+            proto.run(proto.stream.fail("policy-violation", "over its rate limit"))
+            return 0.0
+        return min(d.pause, RATE_LIMIT_MAX_PAUSE)
+
     def tls_failed(self, proto: StreamProtocol) -> None:
         """The connection went before its TLS handshake completed."""
         self.metrics.tls_failures.labels(proto.label).inc()
@@ -310,6 +329,10 @@ class Proxy(service.MultiService):
             self.metrics.authentications.labels(proto.label, a.method, a.condition).inc()
         elif t is A.Authenticated:
             self._release(proto)
+            if proto.label == "public" and self.limiter.active:
+                # [ratelimit]: a remote's stream (ejabberd's are never limited)
+                proto.rate = (a.originating, self.limiter.new_connection(
+                    self.reactor.seconds()))
             self.metrics.authentications.labels(proto.label, a.method, "success").inc()
             st = proto.stream
             log.info("{label} stream authenticated: {originating} -> {receiving} "

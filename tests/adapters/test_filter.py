@@ -106,3 +106,36 @@ def test_xep0478_limits_advertised_and_a_remotes_max_bytes_honoured(tmp_path):
     p.route([big, small])
     assert bounced == [("m1", "policy-violation")]
     assert bt.value() == small.raw
+
+
+def test_ratelimit_pauses_a_remote_and_resumes_it(tmp_path):
+    """Over ratelimit.stanzas_per_second, reading from the remote's stream pauses (its
+    stanzas are all delivered, later); flagged once after flag_after; ejabberd's own
+    streams are never limited."""
+    from tests.adapters.helpers import message
+    from tests.adapters.test_backend import _ready_backend_stream
+    p, reactor = proxy(tmp_path, ratelimit={"stanzas_per_second": 2, "burst_seconds": 1,
+                                            "flag_after": 1})
+    backend, backend_t = _ready_backend_stream(p, reactor)
+    proto, t = public_stream(p, reactor)
+    assert proto.rate is not None and proto.rate[0] == REMOTE
+    calls = []
+    t.pauseProducing = lambda: calls.append("pause")
+    t.resumeProducing = lambda: calls.append("resume")
+    proto.dataReceived(b"".join(message(f"a@{REMOTE}", f"b@{LOCAL}", f"s{i}")
+                                for i in range(6)))
+    assert calls == ["pause"] and proto.paused
+    assert backend_t.value().count(b"<message") == 6      # what was read is delivered
+    reactor.advance(2.0)                                   # 4 over at 2/s
+    assert calls == ["pause", "resume"] and not proto.paused
+    proto.dataReceived(b"".join(message(f"a@{REMOTE}", f"b@{LOCAL}", f"t{i}")
+                                for i in range(6)))
+    assert calls[-1] == "pause"
+    held = backend_t.value().count(b"<message")
+    proto.dataReceived(message(f"a@{REMOTE}", f"b@{LOCAL}", "u"))   # while paused: held
+    assert backend_t.value().count(b"<message") == held
+    reactor.advance(3.5)                   # resumed (6 over at 2/s): the held read is handled
+    assert backend_t.value().count(b"id='u'") == 1
+    assert p.flags.last and p.flags.last[-1]["reason"] == "rate-limited"
+    # ejabberd's stream: never limited
+    assert backend.rate is None

@@ -105,3 +105,61 @@ def test_prosody_13_honours_our_xep0478_max_bytes(federation):
     out = harness.run_async(lambda: attempt(fed, BOB, ALICE, "small after"), 60)
     assert out == "delivered", out
     assert "Traceback" not in proxy.log_text()
+
+
+async def burst_and_other(fed, n: int) -> dict:
+    """bob sends ``n`` messages at once; meanwhile raw.test (another remote) sends one:
+    when each arrived at alice."""
+    alice, bob = await asyncio.gather(harness.Client.connected(ALICE, fed.run.ca_file),
+                                      harness.Client.connected(BOB, fed.run.ca_file))
+    try:
+        await _warm(bob, alice)
+        raw = harness.RawPeer(fed.run).open(bidi=True)
+        try:
+            t0 = time.monotonic()
+            for i in range(n):      # 2 KB each at 25/s: 50 KB/s against 20 KB/s
+                bob.send_message(ALICE.bare, f"burst {i} " + "x" * 2000)
+                await asyncio.sleep(0.04)
+            t_raw = time.monotonic()
+            raw.send("<message from='eve@raw.test/r' to='alice@local.test' type='chat' "
+                     "id='r1'><body>from another remote</body></message>")
+            arrived: dict[str, float] = {}
+            deadline = time.monotonic() + 60
+            while len(arrived) < n + 1 and time.monotonic() < deadline:
+                try:
+                    m = await alice.wait_message(1)
+                except harness.HarnessError:
+                    continue
+                arrived[m.body.split(" x", 1)[0].rstrip("x ")] = time.monotonic()
+        finally:
+            raw.close()
+    finally:
+        await asyncio.gather(alice.close(), bob.close())
+    return {"t0": t0, "t_raw": t_raw, "arrived": arrived}
+
+
+async def _warm(bob, alice) -> None:
+    bob.send_message(ALICE.bare, "warm-up")
+    await alice.wait_message(20, match=lambda m: m.body == "warm-up")
+
+
+def test_rate_limited_remote_is_slowed_not_dropped_and_others_are_not(federation):
+    """ratelimit.bytes_per_second = 20000 (burst 1 s): bob's 50 messages of 2 KB, sent
+    at 25/s, all arrive, the last of them seconds after they were sent; raw.test's
+    message, sent while bob is throttled, arrives at once."""
+    fed = federation(via_proxy=True, bidi=True)
+    proxy = fed.start_proxy(extra_toml="[ratelimit]\nbytes_per_second = 20000\n"
+                                       "burst_seconds = 1\nflag_after = 1\n")
+    n = 50
+    out = harness.run_async(lambda: burst_and_other(fed, n), 120)
+    arrived = out["arrived"]
+    missing = [i for i in range(n) if f"burst {i}" not in arrived]
+    assert not missing, missing
+    last = max(arrived[f"burst {i}"] for i in range(n)) - out["t0"]
+    other = arrived["from another remote"] - out["t_raw"]
+    print(f"\nrate-limited remote: last of {n} after {last:.1f} s; the other remote's "
+          f"message after {other * 1000:.0f} ms")
+    assert last >= 3.5, last        # about 110 KB at 20 KB/s after a 20 KB burst: ~4.5 s
+    assert other < 1.0, other
+    assert "flag rate-limited action=throttle" in proxy.log_text()
+    assert "Traceback" not in proxy.log_text()
