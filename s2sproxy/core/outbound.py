@@ -230,9 +230,8 @@ class OutboundStream(StreamBase):
     def _features(self, el: Element) -> None:
         tree = el.tree()
         c = self.config
-        limit = peer_max_bytes(tree)        # XEP-0478: what the peer accepts
-        if limit is not None:
-            self.peer_max_bytes = limit
+        if self.secure:     # XEP-0478: what the peer accepts, never from plain text
+            self.peer_max_bytes = peer_max_bytes(tree)
         if tree.find(f"{{{NS_DIALBACK_FEATURE}}}dialback") is not None:
             self.peer_dialback_feature = True   # XEP-0220 section 2.4
         if not self.secure:

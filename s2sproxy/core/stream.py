@@ -33,6 +33,7 @@ NS_DIALBACK_FEATURE = "urn:xmpp:features:dialback"
 NS_BIDI = "urn:xmpp:bidi"
 NS_BIDI_FEATURE = "urn:xmpp:features:bidi"
 NS_LIMITS = "urn:xmpp:stream-limits:0"       # XEP-0478
+_DIGITS = re.compile(r"[0-9]{1,10}")
 
 
 def limits_element(max_bytes: int, idle_seconds: int | None) -> str:
@@ -46,9 +47,10 @@ def peer_max_bytes(tree) -> int | None:
     element it sent: XEP-0478 section 3 for bidi), or None.  Nonsense is ignored,
     and a figure below RFC 6120's floor of 10000 bytes is read as 10000."""
     el = tree.find(f"{{{NS_LIMITS}}}limits/{{{NS_LIMITS}}}max-bytes")
-    if el is None or not (el.text or "").strip().isdigit():
+    text = (el.text or "").strip() if el is not None else ""
+    if not _DIGITS.fullmatch(text):     # not str.isdigit: "²" passes it, int() fails
         return None
-    return max(10000, int(el.text.strip()))
+    return max(10000, int(text))
 
 STREAM_NAME = f"{NS_STREAMS} stream"
 FEATURES = f"{NS_STREAMS} features"

@@ -129,7 +129,23 @@ class StreamProtocol(Protocol):
         self._drain(resume=False)
 
     def _drain(self, resume: bool = True) -> None:
-        """Handle held reads while the budget allows; pause at the first it does not."""
+        """Handle held reads while the budget allows; pause at the first it does not.
+        A bug of ours here ends this connection, as in ``handle``."""
+        try:
+            self._drain_held(resume)
+        except Exception:  # noqa: BLE001 (the tx boundary)
+            log.failure("{label} stream {peer}: internal error", label=self.label,
+                        peer=self.peer)
+            self.transport.abortConnection()
+
+    def _flush_held(self) -> None:
+        """The connection is going: what was held is handled now, unaccounted."""
+        held, self._held = self._held, []
+        self.rate = None
+        for chunk in held:
+            self.handle(E.DataReceived(chunk))
+
+    def _drain_held(self, resume: bool) -> None:
         while self._held and not self.closing:
             data = self._held[0]
             wait = self.owner.account_read(self, len(data), 0) if not self._paid else 0.0
@@ -198,6 +214,8 @@ class StreamProtocol(Protocol):
             if call.active():
                 call.cancel()
         self.timers.clear()
+        if self._held:
+            self._flush_held()          # read before the connection went: handled
         text = reason.getErrorMessage() if reason is not None else ""
         direct = getattr(getattr(self.stream, "config", None), "direct_tls", False)
         if self.admitted and (self.tls_started or direct) and not self.tls_done:
@@ -278,6 +296,14 @@ class StreamProtocol(Protocol):
         self.transport.abortConnection()
 
     def close(self) -> None:
+        if self.rate is not None:
+            # a stream we close is read to its end, unpaused: the peer's last stanzas
+            # and its </stream:stream> are not held back by a rate limit
+            self._cancel("resume")
+            self._flush_held()
+            if self.paused:
+                self.paused = False
+                self.transport.resumeProducing()
         self.run(self.stream.close())
 
     def tls_connection(self):

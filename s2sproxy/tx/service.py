@@ -329,8 +329,9 @@ class Proxy(service.MultiService):
             self.metrics.authentications.labels(proto.label, a.method, a.condition).inc()
         elif t is A.Authenticated:
             self._release(proto)
-            if proto.label == "public" and self.limiter.active:
-                # [ratelimit]: a remote's stream (ejabberd's are never limited)
+            if proto.label == "public" and self.limiter.active and proto.rate is None:
+                # [ratelimit]: a remote's stream (ejabberd's are never limited), its
+                # buckets made once, for its first domain (a further pair gets none)
                 proto.rate = (a.originating, self.limiter.new_connection(
                     self.reactor.seconds()))
             self.metrics.authentications.labels(proto.label, a.method, "success").inc()
@@ -381,6 +382,9 @@ class Proxy(service.MultiService):
         st = proto.stream
         self.metrics.authentications.labels(f.label, st.auth_method or "dialback",
                                             "success").inc()
+        if f.label == "remote" and st.bidi and self.limiter.active and proto.rate is None:
+            # [ratelimit]: what the remote sends back on our bidi stream counts too
+            proto.rate = (f.pair[1], self.limiter.new_connection(self.reactor.seconds()))
         if f.label == "backend":
             log.info("backend stream ready for {remote} -> {local} (dialback accepted by "
                      "ejabberd, tls={tls})", remote=f.pair[0], local=f.pair[1],

@@ -139,3 +139,29 @@ def test_ratelimit_pauses_a_remote_and_resumes_it(tmp_path):
     assert p.flags.last and p.flags.last[-1]["reason"] == "rate-limited"
     # ejabberd's stream: never limited
     assert backend.rate is None
+
+
+def test_ratelimit_held_reads_are_handled_when_the_connection_goes(tmp_path):
+    """What was read and held while paused is delivered, not lost, when the peer's
+    connection ends (or we close it) before the pause is over."""
+    from tests.adapters.helpers import message
+    from tests.adapters.test_backend import _ready_backend_stream
+    p, reactor = proxy(tmp_path, ratelimit={"bytes_per_second": 100, "burst_seconds": 1})
+    backend, backend_t = _ready_backend_stream(p, reactor)
+    proto, t = public_stream(p, reactor)
+    t.pauseProducing = t.resumeProducing = lambda: None
+    proto.dataReceived(message(f"a@{REMOTE}", f"b@{LOCAL}", "first"))   # over 100 B
+    assert proto.paused and b"id='first'" not in backend_t.value()
+    proto.dataReceived(message(f"a@{REMOTE}", f"b@{LOCAL}", "second"))
+    proto.connectionLost(None)
+    assert b"id='first'" in backend_t.value() and b"id='second'" in backend_t.value()
+
+
+def test_malformed_peer_max_bytes_is_ignored():
+    from lxml import etree
+    from s2sproxy.core.stream import peer_max_bytes
+    for text, want in (("262144", 262144), ("5", 10000), ("²", None), ("1" * 5000, None),
+                       ("-3", None), ("", None)):
+        tree = etree.fromstring(f"<f><limits xmlns='urn:xmpp:stream-limits:0'><max-bytes>"
+                                f"{text}</max-bytes></limits></f>")
+        assert peer_max_bytes(tree) == want, text
