@@ -112,3 +112,5 @@ RATE_LIMITED_DOMAINS = 10000
 #: longest single pause of a rate-limited remote's reading (then it is read and
 #: accounted again; below keepalive.timeout, so a paused stream is never "dead")
 RATE_LIMIT_MAX_PAUSE = 30.0
+#: bytes of one blocklist file (``filter.deny_files``; JabberSPAM's list is ~20 KiB)
+MAX_BLOCKLIST_BYTES = 16 * 1024 * 1024

@@ -5,11 +5,12 @@ the streams of a remote that a change denies.  What is denied is decided by
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from s2sproxy.core.inbound import InboundStream, Role
-from s2sproxy.core.limits import MAX_REPORTED_BAD_LINES
+from s2sproxy.core.limits import MAX_BLOCKLIST_BYTES, MAX_REPORTED_BAD_LINES
 from s2sproxy.logs import get_logger
 from s2sproxy.policy.domains import DomainFilter, parse_blocklist
 
@@ -23,7 +24,8 @@ class Filtering:
     def __init__(self, proxy: "Proxy") -> None:
         self.proxy = proxy
         self.domains = DomainFilter()       # changed in place: streams hold it
-        self.files: dict[Path, float] = {}  # path -> modification time read (-1: failed)
+        # path -> (mtime_ns, size, inode) read, or ("failed", why)
+        self.files: dict[Path, tuple] = {}
 
     def configure(self, lists, deny_files) -> None:
         self.domains.set_lists(*lists)
@@ -35,19 +37,27 @@ class Filtering:
         self.enforce()
 
     def read(self, path: Path, force: bool = True) -> None:
-        """Read a blocklist file (``filter.deny_files``) if it changed; a bad line is
-        one warn line with its number and skipped; an unreadable file keeps what was
-        read from it before (one error line)."""
+        """Read a blocklist file (``filter.deny_files``) if it changed (modification
+        time, size or inode); a bad line is one warn line with its number and skipped.
+        A file that cannot be read, is not a regular file, or is larger than
+        ``MAX_BLOCKLIST_BYTES`` keeps what was read from it before (one error line)."""
         try:
-            mtime = path.stat().st_mtime
-            if not force and self.files.get(path) == mtime:
+            st = path.stat()
+            seen = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if not force and self.files.get(path) == seen:
                 return
-            text = path.read_text(encoding="utf-8", errors="replace")
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(0, "not a regular file")
+            if st.st_size > MAX_BLOCKLIST_BYTES:
+                raise OSError(0, f"larger than {MAX_BLOCKLIST_BYTES} bytes")
+            with open(path, "rb") as f:
+                text = f.read(MAX_BLOCKLIST_BYTES + 1).decode("utf-8", errors="replace")
         except OSError as e:
-            if self.files.get(path, None) != -1.0:
+            failed = ("failed", getattr(e, "strerror", str(e)))
+            if self.files.get(path) != failed:
                 log.error("filter.deny_files: cannot read {path}: {err}; keeping what was "
-                          "read from it", path=str(path), err=e.strerror)
-            self.files[path] = -1.0
+                          "read from it", path=str(path), err=failed[1])
+            self.files[path] = failed
             return
         entries, errors = parse_blocklist(text)
         for n, why in errors[:MAX_REPORTED_BAD_LINES]:
@@ -57,7 +67,7 @@ class Filtering:
             log.warn("filter.deny_files: {path}: {more} more bad lines skipped",
                      path=str(path), more=len(errors) - MAX_REPORTED_BAD_LINES)
         self.domains.set_file(str(path), entries)
-        self.files[path] = mtime
+        self.files[path] = seen
         log.info("filter.deny_files: {path}: {n} domains", path=str(path), n=len(entries))
 
     def tick(self, now: float) -> None:

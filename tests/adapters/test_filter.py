@@ -165,3 +165,23 @@ def test_malformed_peer_max_bytes_is_ignored():
         tree = etree.fromstring(f"<f><limits xmlns='urn:xmpp:stream-limits:0'><max-bytes>"
                                 f"{text}</max-bytes></limits></f>")
         assert peer_max_bytes(tree) == want, text
+
+
+def test_blocklist_that_is_no_regular_file_or_too_large_keeps_the_last_good_read(
+        tmp_path, monkeypatch):
+    import s2sproxy.tx.filtering as filtering
+    lst = tmp_path / "blocklist.txt"
+    lst.write_text(REMOTE + "\n")
+    p, reactor = proxy(tmp_path, filter={"deny_files": ["blocklist.txt"]})
+    assert p.domains.verdict(REMOTE) is not None
+    monkeypatch.setattr(filtering, "MAX_BLOCKLIST_BYTES", 10)
+    lst.write_text("spam.example\n" + REMOTE + "\n")     # 35 bytes now
+    p._tick()
+    assert p.domains.verdict(REMOTE) is not None          # the last good read stands
+    assert p.filtering.files[lst][0] == "failed"
+    lst.unlink()
+    import os
+    os.mkfifo(lst)                                        # would block a reader for ever
+    p._tick()
+    assert p.filtering.files[lst] == ("failed", "not a regular file")
+    assert p.domains.verdict(REMOTE) is not None
