@@ -7,22 +7,15 @@ from __future__ import annotations
 import pytest
 from OpenSSL import SSL
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent
 
 from s2sproxy.config import load
 from s2sproxy.core.inbound import Role
 from s2sproxy.tx.service import Proxy
 from tests.adapters.helpers import LOCAL, REMOTE, public_stream
+from tests.adapters.test_connector import logged  # noqa: F401 (fixture)
 from tests.unit.helpers import certificate
 from tests.unit.test_config import pem
-
-
-@pytest.fixture
-def logged():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def write_conf(tmp_path, extra: str = "") -> str:

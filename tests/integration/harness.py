@@ -1458,6 +1458,15 @@ def start_federation(run: RunDir, *, via_proxy: bool = True, bidi: bool = True,
     return fed
 
 
+def s2sproxy_cli(command: str, config: Path, *args: str,
+                 timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """``python -m s2sproxy COMMAND --config CONFIG ARGS`` (status, check), as an
+    operator runs it."""
+    return subprocess.run([sys.executable, "-m", "s2sproxy", command, "--config",
+                           str(config), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=str(REPO_ROOT))
+
+
 # -- HAProxy ----------------------------------------------------------------------------
 
 class HAProxy:

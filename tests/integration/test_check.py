@@ -5,7 +5,6 @@ and an expiring certificate each give one line naming it and exit 1."""
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
@@ -15,9 +14,7 @@ pytestmark = pytest.mark.integration
 
 
 def check(config, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "s2sproxy", "check", "--config",
-                           str(config), *args], capture_output=True, text=True, timeout=60,
-                          cwd=str(harness.REPO_ROOT))
+    return harness.s2sproxy_cli("check", config, *args)
 
 
 def test_check_against_running_proxy_and_ejabberd(federation):

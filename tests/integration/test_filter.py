@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -63,9 +61,7 @@ def test_blocklist_file_denies_then_allows_again(federation):
     assert "flag denied-domain action=bounce" in log
     assert "flag denied-domain action=refuse" in log
     assert "filter.deny_files: " + str(lst) + ": 2 domains" in log
-    r = subprocess.run([sys.executable, "-m", "s2sproxy", "status", "--json", "--config",
-                        str(proxy.config_path)], capture_output=True, text=True, timeout=30,
-                       cwd=str(harness.REPO_ROOT))
+    r = harness.s2sproxy_cli("status", proxy.config_path, "--json")
     reasons = {f["reason"] for f in json.loads(r.stdout)["last_flags"]}
     assert reasons == {"denied-domain"}, reasons
 

@@ -16,7 +16,6 @@ import asyncio
 import json
 import re
 import subprocess
-import sys
 import time
 
 import pytest
@@ -86,9 +85,7 @@ def sources(dst: str) -> set[str]:
 
 
 def status(proxy) -> dict:
-    r = subprocess.run([sys.executable, "-m", "s2sproxy", "status", "--json", "--config",
-                        str(proxy.config_path)], capture_output=True, text=True, timeout=30,
-                       cwd=str(harness.REPO_ROOT))
+    r = harness.s2sproxy_cli("status", proxy.config_path, "--json")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -164,9 +161,7 @@ def test_two_instances_behind_haproxy(scaled_out):
     assert not peers & haproxy_to_us, (peers, haproxy_to_us)
 
     # s2sproxy check knows the load balancer in front of the backend listeners
-    r = subprocess.run([sys.executable, "-m", "s2sproxy", "check", "--verbose", "--config",
-                        str(proxies["a"].config_path)], capture_output=True, text=True,
-                       timeout=60, cwd=str(harness.REPO_ROOT))
+    r = harness.s2sproxy_cli("check", proxies["a"].config_path, "--verbose")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "answers: a load balancer in front of the backend listeners" in r.stdout
 

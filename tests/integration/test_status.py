@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 
 import pytest
 
@@ -18,9 +17,7 @@ pytestmark = pytest.mark.integration
 
 
 def status(config, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "s2sproxy", "status", "--config",
-                           str(config), *args], capture_output=True, text=True, timeout=30,
-                          cwd=str(harness.REPO_ROOT))
+    return harness.s2sproxy_cli("status", config, *args)
 
 
 def test_status_shows_each_stream_of_a_real_federation(federation):
