@@ -129,6 +129,15 @@ def render_status(st: dict) -> str:
             ["FROM", "TO", "ID", "EXPIRES IN"],
             [[x["from"], x["to"], x["id"], f"{x['expires_in']}s"]
              for x in st["oldest_iqs"]])]
+    rtbl = st.get("rtbl") or []
+    if rtbl:
+        out += ["", f"Real-time block lists ({len(rtbl)}):"]
+        out += ["  " + ln for ln in _table(
+            ["SOURCE", "SUBSCRIBER", "STATE", "DOMAINS", "SYNCED", "NEXT SYNC",
+             "LAST ERROR"],
+            [[x["source"], x["subscriber"], x["state"], x["entries"],
+              "never" if x["synced_ago"] is None else _age(x["synced_ago"]) + " ago",
+              f"in {_age(x['next_sync_in'])}", x["last_error"] or "-"] for x in rtbl])]
     flags = st["last_flags"]
     out += ["", f"Flags: {st['flags_total']} since start; the last {len(flags)}:"]
     if flags:

@@ -121,6 +121,8 @@ class FilterSettings:
     allow: tuple[str, ...]          # policy.domains patterns: "x.org", "*.x.org"
     deny: tuple[str, ...]
     deny_files: tuple[Path, ...]    # blocklist files (one domain per line)
+    rtbl: tuple = ()                # policy.rtbl.RtblSource: [[filter.rtbl]]
+    rtbl_refresh: float = 3600.0    # seconds between two full syncs of each RTBL
 
 
 @dataclass(frozen=True)
@@ -231,8 +233,8 @@ def parse(data: dict[str, Any], base: Path, source: Path = Path("."),
     metrics = _table(data, "metrics", {"listen"})
     log = _table(data, "log", {"level", "format"})
     control = _table(data, "control", {"socket"})
-    filter_ = _filter(_table(data, "filter", {"mode", "allow", "deny", "deny_files"}),
-                      base)
+    filter_ = _filter(_table(data, "filter", {"mode", "allow", "deny", "deny_files",
+                                              "rtbl", "rtbl_refresh"}), base, domains)
     rl = _table(data, "ratelimit", {"bytes_per_second", "stanzas_per_second",
                                     "connection_bytes_per_second",
                                     "connection_stanzas_per_second", "burst_seconds",
@@ -443,7 +445,7 @@ def _policy(t: dict[str, Any]) -> PolicySettings:
     )
 
 
-def _filter(t: dict[str, Any], base: Path) -> FilterSettings:
+def _filter(t: dict[str, Any], base: Path, domains: dict[str, Domain]) -> FilterSettings:
     from s2sproxy.policy.domains import parse_entry
     mode = _str(t, "filter.mode", "deny")
     if mode not in ("deny", "allow"):
@@ -461,7 +463,52 @@ def _filter(t: dict[str, Any], base: Path) -> FilterSettings:
         raise ConfigError("filter.allow", "empty with filter.mode = \"allow\": no remote "
                                           "could federate")
     files = tuple(base / str(v) for v in _list(t, "filter.deny_files", []))
-    return FilterSettings(mode, lists["allow"], lists["deny"], files)
+    refresh = _number(t, "filter.rtbl_refresh", 3600.0)
+    if refresh < 10:
+        raise ConfigError("filter.rtbl_refresh", f"must be at least 10 seconds, not "
+                                                 f"{refresh:g}")
+    return FilterSettings(mode, lists["allow"], lists["deny"], files,
+                          _rtbl(t.get("rtbl", []), domains), refresh)
+
+
+def _rtbl(entries: Any, domains: dict[str, Domain]) -> tuple:
+    """``[[filter.rtbl]]``: service (required), node, ids, domain (the served domain
+    that subscribes; the first one by default)."""
+    from s2sproxy.policy.rtbl import DEFAULT_NODE, parse_source
+    if not isinstance(entries, list):
+        raise ConfigError("filter.rtbl", "must be an array of tables ([[filter.rtbl]])")
+    out = []
+    for i, t in enumerate(entries):
+        key = f"filter.rtbl[{i}]"
+        if not isinstance(t, dict):
+            raise ConfigError(key, "must be a table ([[filter.rtbl]])")
+        _no_unknown(key, t, {"service", "node", "ids", "domain"})
+        if "service" not in t:
+            raise ConfigError(f"{key}.service", "missing: the pubsub service's domain, "
+                                                "e.g. \"xmppbl.org\"")
+        domain = t.get("domain", next(iter(domains)))
+        if not isinstance(domain, str) or _canonical_or_none(domain) not in domains:
+            raise ConfigError(f"{key}.domain", f"must be a served domain ([[domain]]), "
+                                               f"not {domain!r}")
+        try:
+            src = parse_source(str(t["service"]), str(t.get("node", DEFAULT_NODE)),
+                               str(t.get("ids", "domain")), _canonical_or_none(domain))
+        except ValueError as e:
+            field, _, why = str(e).partition(": ")
+            raise ConfigError(f"{key}.{field}", why) from None
+        if src.service in domains:
+            raise ConfigError(f"{key}.service", f"{src.service} is a served domain")
+        if src in out:
+            raise ConfigError(key, f"{src.name} is listed twice")
+        out.append(src)
+    return tuple(out)
+
+
+def _canonical_or_none(domain: str) -> str | None:
+    try:
+        return nameprep_domain(domain)
+    except InvalidJid:
+        return None
 
 
 def _nonneg(t: dict[str, Any], key: str, default: float) -> float:

@@ -103,7 +103,9 @@ class Metrics:
 class ProxyState(Collector):
     """What is open and what waits: ``s2sproxy_streams{role,state}`` (state
     ``authenticated`` or ``negotiating``) and ``s2sproxy_queued_stanzas{toward}`` /
-    ``s2sproxy_queued_bytes{toward}`` (``toward`` ``ejabberd`` or ``remote``).  Counted
+    ``s2sproxy_queued_bytes{toward}`` (``toward`` ``ejabberd`` or ``remote``), and
+    ``s2sproxy_rtbl_entries{source}`` / ``s2sproxy_rtbl_subscribed{source}`` (one
+    ``source`` per ``[[filter.rtbl]]``, named "rtbl SERVICE/NODE").  Counted
     by ``update`` on the reactor (the proxy's tick, once a second), never on the
     per-stanza path, and read by ``collect`` in the thread that serves /metrics."""
 
@@ -113,6 +115,7 @@ class ProxyState(Collector):
         self.proxy = proxy
         self._streams: dict[tuple[str, str], int] = {}
         self._queued: dict[str, tuple[int, int]] = {}
+        self._rtbl: list[tuple[str, int, int]] = []
         self.update()
 
     def update(self, now: float = 0.0) -> None:
@@ -130,7 +133,11 @@ class ProxyState(Collector):
             links = router.links.values()
             queued[toward] = (sum(len(x.queue) for x in links),
                               sum(x.queued_bytes for x in links))
-        self._streams, self._queued = counts, queued     # swapped whole: no torn read
+        filtering = getattr(self.proxy, "filtering", None)
+        rtbl = [(r["source"], r["entries"], int(r["state"] == "subscribed"))
+                for r in filtering.rtbl.rows(now)] if filtering is not None else []
+        # swapped whole: no torn read
+        self._streams, self._queued, self._rtbl = counts, queued, rtbl
 
     def collect(self):
         g = GaugeMetricFamily("s2sproxy_streams", "Open streams, by role and state",
@@ -147,3 +154,12 @@ class ProxyState(Collector):
             size.add_metric([toward], b)
         yield stanzas
         yield size
+        entries = GaugeMetricFamily("s2sproxy_rtbl_entries", "Domains a real-time block "
+                                    "list ([[filter.rtbl]]) denies", labels=["source"])
+        up = GaugeMetricFamily("s2sproxy_rtbl_subscribed", "1 while the block list's "
+                               "service confirmed our subscription", labels=["source"])
+        for source, n, ok in self._rtbl:
+            entries.add_metric([source], n)
+            up.add_metric([source], ok)
+        yield entries
+        yield up

@@ -114,3 +114,11 @@ RATE_LIMITED_DOMAINS = 10000
 RATE_LIMIT_MAX_PAUSE = 30.0
 #: bytes of one blocklist file (``filter.deny_files``; JabberSPAM's list is ~20 KiB)
 MAX_BLOCKLIST_BYTES = 16 * 1024 * 1024
+#: ids one real-time block list may hold (``[[filter.rtbl]]``; xmppbl.org's
+#: spam_source_domains holds a few hundred); more are skipped, and counted in the log
+RTBL_MAX_ENTRIES = 100_000
+#: seconds an RTBL request (subscribe, items) may wait for its answer before it is
+#: tried again; and the first retry's delay, doubled at each failure in a row up to
+#: ``filter.rtbl_refresh`` (``policy.rtbl`` rule 4)
+RTBL_IQ_TIMEOUT = 60.0
+RTBL_RETRY_BASE = 5.0

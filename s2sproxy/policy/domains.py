@@ -1,9 +1,10 @@
 """Which remote domains may federate with the served ones (``[filter]``, issue 11).
 
 ``filter.mode = "deny"`` (the default): every remote domain except those denied, by
-``filter.deny`` or a blocklist file (``filter.deny_files``); ``"allow"``: only those
-in ``filter.allow``.  An entry is a domain (that domain only) or ``*.domain`` (the
-domain and every subdomain).  A denied remote is refused when it authenticates (the
+``filter.deny``, a blocklist file (``filter.deny_files``) or a real-time block list
+(``[[filter.rtbl]]``, ``policy.rtbl``); ``"allow"``: only those in ``filter.allow``.
+An entry is a domain (that domain only) or ``*.domain`` (the domain and every
+subdomain).  A denied remote is refused when it authenticates (the
 dialback result an error ``forbidden``, SASL ``not-authorized``, then the stream error
 ``policy-violation``), never reaches ejabberd, and ejabberd's stanzas to it bounce
 ``not-allowed`` without a connection being opened.  Each refusal is a flag with reason
@@ -15,6 +16,7 @@ time changes) and hands their lines to ``parse_blocklist``; this module decides.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from s2sproxy.core.jid import InvalidJid, nameprep_domain
@@ -94,6 +96,10 @@ class DomainFilter:
     def __init__(self, mode: str = "deny", allow: list[Pattern] | tuple = (),
                  deny: list[Pattern] | tuple = ()) -> None:
         self.files: dict[str, _Set] = {}
+        # real-time block lists (``policy.rtbl``): name -> patterns, or SHA-256 hashes
+        self.rtbl: dict[str, _Set] = {}
+        self.rtbl_hashed: dict[str, set[str]] = {}
+        self.rtbl_services: frozenset[str] = frozenset()    # never denied by an RTBL
         self.version = 0        # bumped at every change: what was allowed may not be
         self.set_lists(mode, allow, deny)
 
@@ -107,13 +113,29 @@ class DomainFilter:
             self.allow.add(p)
         for p in deny:
             self.deny.add(p)
-        self._changed()
+        self.changed()
 
-    def _changed(self) -> None:
+    def changed(self) -> None:
         self.version += 1
         # read on the per-read path: a flag, not a computation
         self.active = self.mode == "allow" or bool(len(self.deny) or any(
-            len(s) for s in self.files.values()))
+            len(s) for s in self.files.values()) or any(
+            len(s) for s in self.rtbl.values()) or any(self.rtbl_hashed.values()))
+
+    def set_rtbl(self, name: str, keys, hashed: bool = False) -> None:
+        """The entries of real-time block list ``name`` (``policy.rtbl``): patterns, or
+        with ``hashed`` SHA-256 hex digests of domains; None: no longer used."""
+        self.rtbl.pop(name, None)
+        self.rtbl_hashed.pop(name, None)
+        if keys is not None:
+            if hashed:
+                self.rtbl_hashed[name] = set(keys)
+            else:
+                s = _Set()
+                for p in keys:
+                    s.add(Pattern(p))
+                self.rtbl[name] = s
+        self.changed()
 
     def set_file(self, name: str, entries: list[Pattern] | None) -> None:
         """The entries of blocklist file ``name`` (None: the file is no longer used)."""
@@ -124,7 +146,7 @@ class DomainFilter:
             for p in entries:
                 s.add(p)
             self.files[name] = s
-        self._changed()
+        self.changed()
 
     def verdict(self, domain: str) -> str | None:
         """None: ``domain`` may federate.  Else why not, for the log and the flag
@@ -138,4 +160,14 @@ class DomainFilter:
             hit = s.match(domain)
             if hit is not None:
                 return f"{name}: {hit}"
+        if (self.rtbl or self.rtbl_hashed) and domain not in self.rtbl_services:
+            for name, s in self.rtbl.items():
+                hit = s.match(domain)
+                if hit is not None:
+                    return f"{name}: {hit}"
+            if self.rtbl_hashed:
+                digest = hashlib.sha256(domain.encode("utf-8")).hexdigest()
+                for name, hashes in self.rtbl_hashed.items():
+                    if digest in hashes:
+                        return f"{name}: sha256({domain})"
         return None

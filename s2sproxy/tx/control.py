@@ -113,6 +113,7 @@ def snapshot(p: "Proxy") -> dict[str, Any]:
                        for x in iqs.oldest(STATUS_MAX_IQS)],
         "flags_total": p.flags.count,
         "last_flags": list(p.flags.last),
+        "rtbl": p.filtering.rtbl.rows(now),
     }
 
 

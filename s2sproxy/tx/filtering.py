@@ -1,10 +1,12 @@
 """``[filter]`` on the tx side: the blocklist files (read at start and at each reload,
-and again when a file's modification time changes, checked every tick) and closing
-the streams of a remote that a change denies.  What is denied is decided by
-``policy.domains``."""
+and again when a file's modification time changes, checked every tick), the real-time
+block lists (``policy.rtbl``: its requests sent, its answers and notifications taken
+out of the stanzas that arrive, its facts logged), and closing the streams of a remote
+that a change denies.  What is denied is decided by ``policy.domains``."""
 
 from __future__ import annotations
 
+import secrets
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING
 from s2sproxy.core.inbound import InboundStream, Role
 from s2sproxy.core.limits import MAX_BLOCKLIST_BYTES, MAX_REPORTED_BAD_LINES
 from s2sproxy.logs import get_logger
+from s2sproxy.policy import rtbl as RT
 from s2sproxy.policy.domains import DomainFilter, parse_blocklist
 
 if TYPE_CHECKING:
@@ -26,14 +29,16 @@ class Filtering:
         self.domains = DomainFilter()       # changed in place: streams hold it
         # path -> (mtime_ns, size, inode) read, or ("failed", why)
         self.files: dict[Path, tuple] = {}
+        self.rtbl = RT.Rtbl(self.domains, new_rtbl_id)
 
-    def configure(self, lists, deny_files) -> None:
+    def configure(self, lists, deny_files, rtbl=(), rtbl_refresh: float = 3600.0) -> None:
         self.domains.set_lists(*lists)
         for path in set(self.files) - set(deny_files):
             self.domains.set_file(str(path), None)
             del self.files[path]
         for path in deny_files:
             self.read(path)
+        self.run(self.rtbl.configure(rtbl, rtbl_refresh, self.proxy.reactor.seconds()))
         self.enforce()
 
     def read(self, path: Path, force: bool = True) -> None:
@@ -71,13 +76,60 @@ class Filtering:
         log.info("filter.deny_files: {path}: {n} domains", path=str(path), n=len(entries))
 
     def tick(self, now: float) -> None:
-        if not self.files:
+        if not self.files and not self.rtbl.active:
             return
         version = self.domains.version
         for path in list(self.files):
             self.read(path, force=False)
+        if self.rtbl.active:
+            self.run(self.rtbl.poll(now))
         if self.domains.version != version:
             self.enforce()
+
+    # -- real-time block lists (``policy.rtbl``) ---------------------------------------
+
+    def take(self, stanzas: list) -> list:
+        """The stanzas that are not the RTBL's own (answers, notifications, what else
+        comes for its JID); a change of a list closes what it now denies."""
+        version = self.domains.version
+        rest, decisions = self.rtbl.take(stanzas, self.proxy.reactor.seconds())
+        if decisions:
+            self.run(decisions)
+        if self.domains.version != version:
+            self.enforce()
+        return rest
+
+    def run(self, decisions: list) -> None:
+        for d in decisions:
+            t = type(d)
+            if t is RT.Send:
+                self.proxy.send_generated([d.stanza])
+            elif t is RT.Synced:
+                log.info("{name}: {total} domains ({added} added, {removed} removed"
+                         "{skipped})", name=d.name, total=d.total, added=d.added,
+                         removed=d.removed, skipped=_skipped(d.skipped))
+            elif t is RT.Updated:
+                log.info("{name}: {what}{skipped}", name=d.name, skipped=_skipped(
+                    d.skipped), what="; ".join(x for x in (
+                        "purged" if d.purged else "",
+                        "added " + ", ".join(d.added) if d.added else "",
+                        "removed " + ", ".join(d.removed) if d.removed and not d.purged
+                        else "") if x) or "no change")
+            elif t is RT.Subscribed:
+                log.info("{name}: subscription {state}", name=d.name, state=d.state)
+            elif t is RT.Failed:
+                log.warn("{name}: {request} request failed: {condition}; trying again in "
+                         "{retry:g} s (what the list held stays in force)", name=d.name,
+                         request=d.request, condition=d.condition, retry=d.retry_in)
+            elif t is RT.Unexpected:
+                s = d.stanza
+                if s.bounceable:
+                    log.info("{stanza} for the RTBL subscriber: {why}; answered "
+                             "service-unavailable", stanza=repr(s), why=d.why)
+                    self.proxy.bounce(s, "service-unavailable", d.why)
+                else:
+                    log.debug("{stanza} for the RTBL subscriber: {why}; ignored",
+                              stanza=repr(s), why=d.why)
 
     def enforce(self) -> None:
         """After ``[filter]`` changed: streams of remotes now denied are closed with
@@ -102,3 +154,11 @@ class Filtering:
                          label=proto.label, peer=proto.peer, remotes=", ".join(denied))
                 proto.run(st.fail("policy-violation",
                                   f"{denied[0]} may not federate with this server"))
+
+
+def new_rtbl_id() -> str:
+    return "s2sproxy-rtbl-" + secrets.token_hex(10)
+
+
+def _skipped(n: int) -> str:
+    return f"; {n} bad or surplus item ids skipped" if n else ""

@@ -91,7 +91,7 @@ def configure(self: "Proxy", settings: Settings) -> None:
     self.flags.quarantine_max_bytes = f.quarantine_max_bytes
     self.keepalive.config = keepalive_config(settings)
     set_level(settings.log_level)
-    self.filtering.configure(lists, fs.deny_files)
+    self.filtering.configure(lists, fs.deny_files, fs.rtbl, fs.rtbl_refresh)
     self.limiter.configure(*rate_configs(settings))
 
 def reload(self: "Proxy") -> bool:

@@ -312,6 +312,8 @@ class Proxy(service.MultiService):
             # Answers to our keepalive pings are consumed, whichever stream they come
             # on, and are no traffic that keeps an idle link open.
             stanzas = self.keepalive.without_answers(a.stanzas)
+            if stanzas and self.filtering.rtbl.active:     # [[filter.rtbl]]'s own
+                stanzas = self.filtering.take(stanzas)
             if not stanzas:
                 return
             factory = getattr(proto, "factory", None)
@@ -431,6 +433,8 @@ class Proxy(service.MultiService):
     def send_generated(self, stanzas: list[Stanza]) -> None:
         """Stanzas s2sproxy wrote itself (answers, bounces): not classified, but an iq
         answer still settles the request it answers."""
+        if self.filtering.rtbl.active:      # a bounce of an RTBL request is its own
+            stanzas = self.filtering.take(stanzas)
         for s in stanzas:
             if s.kind == "iq" and s.type in ("result", "error"):
                 self.policy.iqs.response(s)

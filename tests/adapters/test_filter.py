@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from tests.adapters.helpers import LOCAL, REMOTE, proxy, public_stream
-from tests.adapters.test_connector import outgoing, proxy_with
+from tests.adapters.test_connector import logged, outgoing, proxy_with  # noqa: F401
 
 
 def test_denied_remote_is_refused_at_dialback(tmp_path):
@@ -185,3 +185,28 @@ def test_blocklist_that_is_no_regular_file_or_too_large_keeps_the_last_good_read
     p._tick()
     assert p.filtering.files[lst] == ("failed", "not a regular file")
     assert p.domains.verdict(REMOTE) is not None
+
+
+def test_rtbl_request_that_cannot_be_delivered_is_the_rtbl_s_own_bounce(tmp_path, logged):
+    """The service cannot be reached: the bounces of our subscribe and items requests
+    come back to the RTBL (a retry is planned), never to ejabberd."""
+    from twisted.internet.error import ConnectionRefusedError
+    from twisted.python.failure import Failure
+    p, reactor = proxy(tmp_path, filter={"rtbl": [{"service": "rtbl.example"}]},
+                       remote={"rtbl.example": {"starttls": ["192.0.2.9:5269"]}})
+    p._tick()
+    link = p.to_remote.links[(LOCAL, "rtbl.example")]
+    assert len(link.queue) == 2     # subscribe and items, waiting for the stream
+    for _ in range(8):      # every address attempt refused
+        if not reactor.tcpClients:
+            break
+        reactor.tcpClients.pop()[2].clientConnectionFailed(
+            None, Failure(ConnectionRefusedError()))
+        reactor.advance(0)
+    row = p.filtering.rtbl.rows(reactor.seconds())[0]
+    assert row["state"] == "failed", row
+    assert row["last_error"] == "items: remote-server-not-found", row
+    assert row["next_sync_in"] == 5.0       # one failed sync: the first retry delay
+    assert not p.to_backend.links, "a bounce of an RTBL request went toward ejabberd"
+    text = [e.get("log_format", "") for e in logged]
+    assert any("request failed" in t for t in text), text

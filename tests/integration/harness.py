@@ -693,12 +693,14 @@ class Prosody:
     127.0.0.30 (s2sproxy) or 127.0.0.10 (ejabberd, direct federation).
     ``bidi``: load mod_s2s_bidi.  ``trusts_ca``: ssl.cafile is the test CA, so
     peers' certificates verify and SASL EXTERNAL is possible; otherwise dialback.
-    ``version``: which Prosody runs it (versions.py, e.g. PROSODY_13)."""
+    ``version``: which Prosody runs it (versions.py, e.g. PROSODY_13).  ``pubsub``: also
+    serve a XEP-0060 service (a mod_pubsub component) of that domain, bob its admin."""
 
     def __init__(self, run: RunDir, *, local_test_address: str = PROXY_IP, bidi: bool = True,
                  trusts_ca: bool = True, ip: str = PROSODY_IP, leaf: Leaf | None = None,
                  extra_hosts: dict[str, str] | None = None,
-                 version: PeerVersion = PROSODY_012, debug_log: bool = True) -> None:
+                 version: PeerVersion = PROSODY_012, debug_log: bool = True,
+                 pubsub: str | None = None) -> None:
         if version.kind != "prosody":
             raise ValueError(f"version={version}: not a Prosody")
         self.version = version  # versions.py: which prosody/prosodyctl run it
@@ -723,6 +725,14 @@ class Prosody:
             "BIDI_LINE": '\t"s2s_bidi";' if bidi else "\t-- s2s_bidi off",
             "SSL_GLOBAL": ssl_global,
         })
+        if pubsub:
+            # A XEP-0060 service (mod_pubsub) as its own domain, bob its admin (who may
+            # create nodes and publish), with a certificate of its own for s2s.
+            run.ca.issue(pubsub).write(self.dir / f"{pubsub}.crt", self.dir / f"{pubsub}.key")
+            config += (f'\nComponent "{pubsub}" "pubsub"\n'
+                       f'\tadmins = {{ "{BOB.jid}" }}\n'
+                       f'\tssl = {{\n\t\tcertificate = "{self.dir}/{pubsub}.crt";\n'
+                       f'\t\tkey = "{self.dir}/{pubsub}.key";\n\t}}\n')
         if not debug_log:   # benchmarks: a debug line per stanza would be what they measure
             config = "\n".join(line for line in config.split("\n")
                                 if not line.lstrip().startswith("debug = "))
@@ -1423,6 +1433,7 @@ def start_federation(run: RunDir, *, via_proxy: bool = True, bidi: bool = True,
                      dns: DnsResponder | None = None, quiet: bool = False,
                      ejabberd_nameservers: Sequence[tuple[str, int]] = (),
                      prosody_version: PeerVersion = PROSODY_012,
+                     prosody_pubsub: str | None = None,
                      **proxy_kw) -> Federation:
     """Start ejabberd and Prosody (in parallel) and register alice and bob.
 
@@ -1432,7 +1443,8 @@ def start_federation(run: RunDir, *, via_proxy: bool = True, bidi: bool = True,
     ``via_proxy=False``: direct federation; ejabberd s2s on 127.0.0.10:5269,
     Prosody resolves local.test to 127.0.0.10, ``dns`` (a DnsResponder, started
     here) answers ejabberd's SRV queries.  ``quiet``: no per-stanza logging (ejabberd
-    at warning, no Prosody debug log), for benchmarks."""
+    at warning, no Prosody debug log), for benchmarks.  ``prosody_pubsub``: Prosody
+    also serves a pubsub component of that domain (``Prosody(pubsub=)``)."""
     require_tools()
     check_fixed_ports_free()
     dns_port = dns.port if dns is not None else free_port(udp_too=True)
@@ -1442,7 +1454,7 @@ def start_federation(run: RunDir, *, via_proxy: bool = True, bidi: bool = True,
                   loglevel="warning" if quiet else "info", nameservers=ejabberd_nameservers)
     pr = Prosody(run, local_test_address=PROXY_IP if via_proxy else EJABBERD_IP,
                  bidi=bidi, trusts_ca=prosody_trusts_ca, debug_log=not quiet,
-                 version=prosody_version)
+                 version=prosody_version, pubsub=prosody_pubsub)
     fed = Federation(run, ej, pr, dns_port, backend_port, dns=dns)
     try:
         if dns is not None:

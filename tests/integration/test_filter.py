@@ -159,3 +159,167 @@ def test_rate_limited_remote_is_slowed_not_dropped_and_others_are_not(federation
     assert other < 1.0, other
     assert "flag rate-limited action=throttle" in proxy.log_text()
     assert "Traceback" not in proxy.log_text()
+
+
+# -- real-time block list: Prosody's mod_pubsub as the RTBL service ---------------------
+
+RTBL = "rtbl.test"
+NODE = "spam_source_domains"
+
+
+class Publisher:
+    """bob, admin of Prosody's pubsub component, publishing and retracting on NODE as
+    an RTBL operator does (an item per domain, its id the domain, a report payload)."""
+
+    def __init__(self, fed) -> None:
+        self.fed = fed
+
+    async def _do(self, what):
+        c = await harness.Client.connected(BOB, self.fed.run.ca_file)
+        try:
+            c.xmpp.register_plugin("xep_0060")
+            return await what(c.xmpp.plugin["xep_0060"])
+        finally:
+            await c.close()
+
+    def run(self, what):
+        return harness.run_async(lambda: self._do(what), 60)
+
+    def create(self):
+        self.run(lambda ps: ps.create_node(RTBL, NODE, timeout=10))
+
+    def publish(self, domain: str):
+        from xml.etree import ElementTree as ET
+        report = ET.Element("{urn:xmpp:reporting:1}report",
+                            reason="urn:xmpp:reporting:spam")
+        self.run(lambda ps: ps.publish(RTBL, NODE, id=domain, payload=report, timeout=10))
+
+    def retract(self, domain: str):
+        self.run(lambda ps: ps.retract(RTBL, NODE, domain, notify=True, timeout=10))
+
+    def unsubscribe(self, jid: str):
+        """As the node's owner: the service forgets our subscription."""
+        self.run(lambda ps: ps.modify_subscriptions(RTBL, NODE, [(jid, "none")],
+                                                    timeout=10))
+
+    def subscribers(self) -> list[str]:
+        async def get(ps):
+            iq = await ps.get_node_subscriptions(RTBL, NODE, timeout=10)
+            return [str(s["jid"]) for s in iq["pubsub_owner"]["subscriptions"]
+                    if s["subscription"] == "subscribed"]
+        return self.run(get)
+
+
+def _wait_log(proxy, text: str, timeout: float, since: int = 0) -> float:
+    t0 = time.monotonic()
+    harness.wait_for(lambda: text in proxy.log_text()[since:], timeout,
+                     f"s2sproxy to log {text!r}",
+                     on_timeout=lambda: proxy.log_text()[-3000:])
+    return time.monotonic() - t0
+
+
+def test_rtbl_on_real_prosody_pubsub_denies_and_allows_again(federation):
+    """s2sproxy subscribes, as local.test/s2sproxy-rtbl, to spam_source_domains on
+    Prosody's pubsub service rtbl.test and fetches its items.  remote.test published
+    there is refused within seconds (both ways, denied-domain flags naming the list),
+    while raw.test still reaches alice; retracted, remote.test federates again.  A
+    subscription the service forgot is mended by the periodic sync
+    (filter.rtbl_refresh), and a restarted s2sproxy fetches the list again.  None of
+    the service's stanzas reaches ejabberd."""
+    fed = federation(via_proxy=True, bidi=True, prosody_pubsub=RTBL)
+    pub = Publisher(fed)
+    pub.create()
+    pub.publish("spam.invalid")
+    remotes = {harness.REMOTE_DOMAIN: [f"{harness.PROSODY_IP}:{harness.S2S_PORT}"],
+               RTBL: [f"{harness.PROSODY_IP}:{harness.S2S_PORT}"]}
+    port = harness.free_port()
+    toml = (f'[metrics]\nlisten = "tcp:{port}:interface=127.0.0.1"\n\n'
+            f'[filter]\nrtbl_refresh = 10\n\n[[filter.rtbl]]\nservice = "{RTBL}"\n'
+            f'node = "{NODE}"\n')
+    proxy = fed.start_proxy(remotes=remotes, extra_toml=toml)
+    name = f"rtbl {RTBL}/{NODE}"
+    _wait_log(proxy, f"{name}: subscription subscribed", 20)
+    _wait_log(proxy, f"{name}: 1 domains (1 added, 0 removed)", 20)
+    assert pub.subscribers() == ["local.test/s2sproxy-rtbl"]
+    out = harness.run_async(lambda: attempt(fed, ALICE, BOB, "before the listing"), 60)
+    assert out == "delivered", out
+
+    # the service's stanzas are s2sproxy's: a notification reaches no one in ejabberd
+    inbound = 's2sproxy_stanzas_total{direction="inbound"}'
+    before = harness.metrics(port)
+    mark = len(proxy.log_text())
+    pub.publish("other.invalid")
+    _wait_log(proxy, f"{name}: added other.invalid", 10, mark)
+    entries = f's2sproxy_rtbl_entries{{source="{name}"}}'
+    harness.wait_for(lambda: harness.metrics(port)[entries] == 2, 5,
+                     "the gauge (updated once a second)")
+    after = harness.metrics(port)
+    assert after[inbound] == before[inbound], (before[inbound], after[inbound])
+    assert after[f's2sproxy_rtbl_subscribed{{source="{name}"}}'] == 1
+
+    # listed: refused within seconds
+    mark = len(proxy.log_text())
+    t0 = time.monotonic()
+    pub.publish(harness.REMOTE_DOMAIN)
+    _wait_log(proxy, f"{name}: added {harness.REMOTE_DOMAIN}", 10, mark)
+    took = time.monotonic() - t0
+    print(f"\nRTBL: remote.test published -> denied by s2sproxy in {took * 1000:.0f} ms")
+    out = harness.run_async(lambda: attempt(fed, ALICE, BOB, "to a listed domain"), 60)
+    assert out == "not-allowed", out
+    out = harness.run_async(lambda: attempt(fed, BOB, ALICE, "from a listed domain", 10),
+                            60)
+    assert out != "delivered", out
+    log = proxy.log_text()[mark:]
+    assert f"detail={name}: {harness.REMOTE_DOMAIN}" in log, log[-3000:]
+    assert "flag denied-domain action=bounce" in log
+    assert "flag denied-domain action=refuse" in log or "now denied by [filter]" in log
+    got = harness.run_async(lambda: _raw_to_alice(fed), 60)
+    assert got == "delivered", got        # another remote is not affected
+
+    # retracted: federates again
+    mark = len(proxy.log_text())
+    pub.retract(harness.REMOTE_DOMAIN)
+    _wait_log(proxy, f"{name}: removed {harness.REMOTE_DOMAIN}", 10, mark)
+    out = harness.run_async(lambda: attempt(fed, ALICE, BOB, "allowed again", 30), 60)
+    assert out == "delivered", out
+    out = harness.run_async(lambda: attempt(fed, BOB, ALICE, "hello again", 30), 60)
+    assert out == "delivered", out
+
+    # the service forgets our subscription: the next sync (<= 10 s) mends it and
+    # fetches what was published meanwhile
+    pub.unsubscribe("local.test/s2sproxy-rtbl")
+    assert pub.subscribers() == []
+    mark = len(proxy.log_text())
+    pub.publish("missed.invalid")
+    _wait_log(proxy, f"{name}: 3 domains (1 added, 0 removed)", 25, mark)
+    assert pub.subscribers() == ["local.test/s2sproxy-rtbl"]
+
+    # a restart fetches the list again
+    pub.publish(harness.REMOTE_DOMAIN)
+    _wait_log(proxy, f"{name}: added {harness.REMOTE_DOMAIN}", 10, mark)
+    proxy.stop()
+    proxy = fed.start_proxy(remotes=remotes, extra_toml=toml)
+    _wait_log(proxy, f"{name}: 4 domains (4 added, 0 removed)", 20)
+    out = harness.run_async(lambda: attempt(fed, ALICE, BOB, "after the restart"), 60)
+    assert out == "not-allowed", out
+
+    assert "s2sproxy-rtbl" not in fed.ejabberd.log_text()
+    assert "Traceback" not in proxy.log_text()
+    st = json.loads(harness.s2sproxy_cli("status", proxy.config_path, "--json").stdout)
+    assert [(r["source"], r["state"], r["entries"]) for r in st["rtbl"]] == \
+        [(name, "subscribed", 4)]
+
+
+async def _raw_to_alice(fed) -> str:
+    alice = await harness.Client.connected(ALICE, fed.run.ca_file)
+    try:
+        raw = harness.RawPeer(fed.run).open(bidi=True)
+        try:
+            raw.send("<message from='eve@raw.test/r' to='alice@local.test' type='chat' "
+                     "id='r2'><body>raw.test is not listed</body></message>")
+            await alice.wait_message(10, match=lambda m: m.body == "raw.test is not listed")
+            return "delivered"
+        finally:
+            raw.close()
+    finally:
+        await alice.close()

@@ -248,3 +248,41 @@ def test_config_outgoing_multiplex_defaults_to_true(conf):
         "outgoing.multiplex: must be true or false, not 1"
     assert error_of(conf("[outgoing]\nmultiplexing = true\n")).startswith(
         "outgoing.multiplexing: unknown key")
+
+
+def test_config_rtbl_entries(conf):
+    s = load(conf("""
+        [filter]
+        rtbl_refresh = 600
+        [[filter.rtbl]]
+        service = "XMPPBL.org"
+        [[filter.rtbl]]
+        service = "rtbl.example"
+        node = "spam_source_jids_sha256"
+        ids = "sha256"
+        domain = "local.example"
+        """))
+    assert s.filter.rtbl_refresh == 600
+    assert [(r.service, r.node, r.ids, r.subscriber) for r in s.filter.rtbl] == [
+        ("xmppbl.org", "spam_source_domains", "domain", "local.example/s2sproxy-rtbl"),
+        ("rtbl.example", "spam_source_jids_sha256", "sha256",
+         "local.example/s2sproxy-rtbl")]
+    assert load(conf()).filter.rtbl == ()
+
+
+@pytest.mark.parametrize("entry, key", [
+    ('node = "n"', "filter.rtbl[0].service: missing"),
+    ('service = "a b"', "filter.rtbl[0].service: not a domain"),
+    ('service = "x.org"\nids = "md5"', "filter.rtbl[0].ids: must be domain or sha256"),
+    ('service = "x.org"\ndomain = "other.example"', "filter.rtbl[0].domain: must be a "
+                                                    "served domain"),
+    ('service = "local.example"', "filter.rtbl[0].service: local.example is a served"),
+    ('service = "x.org"\ncolour = 1', "filter.rtbl[0].colour: unknown key"),
+])
+def test_config_rtbl_mistakes(conf, entry, key):
+    assert error_of(conf("[[filter.rtbl]]\n" + entry + "\n")).startswith(key)
+
+
+def test_config_rtbl_refresh_floor(conf):
+    assert error_of(conf("[filter]\nrtbl_refresh = 1\n")).startswith(
+        "filter.rtbl_refresh: must be at least 10")
