@@ -170,7 +170,9 @@ class InboundStream(StreamBase):
                                       self.stream_id))
         self._send_features()
         if self.sasl_domain and (self.sasl_domain, to) not in self.authenticated:
-            self._authenticate(self.sasl_domain, to, "external")
+            # [filter] changed between our SASL success and this restart: refused now
+            if not self._denied(self.sasl_domain, to, "late"):
+                self._authenticate(self.sasl_domain, to, "external")
 
     def _error_header(self) -> bytes:
         return self._header_bytes(self.local_domain or None, None,
@@ -332,7 +334,10 @@ class InboundStream(StreamBase):
         """A remote domain ``[filter]`` refuses (``policy.domains``): the dialback
         result an error ``forbidden`` or SASL ``not-authorized``, a ``denied-domain``
         flag, then the stream error ``policy-violation``, as Prosody's
-        mod_s2s_blacklist does.  True when refused."""
+        mod_s2s_blacklist does.  True when refused.  Asked again when the
+        authentication completes (``method`` "late": a SASL success already sent, or
+        a dialback verdict that came back), so a change of ``[filter]`` meanwhile is
+        not missed."""
         domains = self.config.domains
         if domains is None or not domains.active or self.role is not Role.PUBLIC:
             return False
@@ -342,8 +347,10 @@ class InboundStream(StreamBase):
         text = f"{remote} may not federate with this server"
         if method == "dialback":
             self._db_result_reply(local, remote, "error", "forbidden", text)
-        else:
+        elif method == "external":
             self._send(f"<failure xmlns='{NS_SASL}'><not-authorized/></failure>".encode())
+            self._emit(A.AuthFailed("external", "denied-domain"))
+        else:
             self._emit(A.AuthFailed("external", "denied-domain"))
         self._emit(A.Flag("denied-domain", "refuse", why, from_=remote, to=local))
         self._stream_error("policy-violation", text)
@@ -405,6 +412,8 @@ class InboundStream(StreamBase):
             if self.pending_dialback.pop(pair, None) is None:
                 return
             if ev.valid:
+                if self._denied(ev.originating, ev.receiving, "dialback"):
+                    return      # [filter] changed while the key was being verified
                 # 'valid' first: see _authenticate.
                 self._db_result_reply(ev.receiving, ev.originating, "valid")
                 self._authenticate(ev.originating, ev.receiving, "dialback")

@@ -50,6 +50,10 @@ Rules:
    them are, is never drained for a borrowed bidi stream of one of them (the others
    would lose it), and when it retires (``retire``) its pairs drain as in rule 2.
    A stream a pair drains into takes further pairs only once that drain completed.
+8. XEP-0478: a stream whose peer announced a ``max-bytes`` (``stream_ready``'s
+   ``peer_max_bytes``) is written no larger stanza, whether it comes while the link
+   is ready or waited in its queue: it is bounced ``policy-violation`` instead of
+   getting the stream closed by the peer.
 """
 
 from __future__ import annotations
@@ -175,6 +179,7 @@ class Router:
         self.carriers: dict[Any, Carrier] = {}
         self._carriers_to: dict[str, dict[Any, Carrier]] = {}    # by remote domain
         self.held_off: dict[str, float] = {}     # remote -> no multiplexing until
+        self.peer_max: dict[Any, int] = {}       # rule 8: stream -> its peer's max-bytes
 
     def configure(self, queue_limit: int, max_age: float, idle_timeout: float,
                   backoff_after: int, backoff_base: float, backoff_max: float,
@@ -198,6 +203,10 @@ class Router:
             link = self.links[pair] = Link(pair)
         if link.state is LinkState.READY:
             link.last_used = now
+            if self.peer_max:
+                limit = self.peer_max.get(link.handle)
+                if limit is not None:
+                    return self._write_fitting(link.handle, stanzas, limit, pair)
             if len(stanzas) == 1:
                 return [Write(link.handle, stanzas[0].raw)]
             return [Write(link.handle, b"".join([s.raw for s in stanzas]), len(stanzas))]
@@ -229,6 +238,22 @@ class Router:
             ops.append(self._open(link, now))
         return ops
 
+    @staticmethod
+    def _write_fitting(handle: Hashable, stanzas: list[Stanza], limit: int,
+                       pair: Pair) -> list[Op]:
+        """Rule 8: what the peer accepts is written (one write), the rest bounced."""
+        ops: list[Op] = []
+        fit = []
+        for s in stanzas:
+            if len(s.raw) > limit:
+                ops.append(Bounce(s, "policy-violation", f"{len(s.raw)} bytes, more than "
+                                  f"the {limit} {pair[1]} accepts (XEP-0478)"))
+            else:
+                fit.append(s)
+        if fit:
+            ops.insert(0, Write(handle, b"".join([s.raw for s in fit]), len(fit)))
+        return ops
+
     def _open(self, link: Link, now: float) -> Open | Multiplex:
         """Rule 7, else a new stream: ``link`` is connecting from now on."""
         link.state = LinkState.CONNECTING
@@ -240,6 +265,16 @@ class Router:
                     link.via = c.handle
                     return Multiplex(link.pair, c.handle)
         return Open(link.pair)
+
+    def refuse(self, pair: Pair, condition: str, text: str) -> list[Op]:
+        """What waits for ``pair`` may not go (its remote was denied meanwhile):
+        bounced with ``condition``; the link keeps its state."""
+        link = self.links.get(pair)
+        if link is None or not link.queue:
+            return []
+        ops: list[Op] = [Bounce(s, condition, text) for s, _ in link.queue]
+        self._clear(link)
+        return ops
 
     def shutdown(self) -> list[Op]:
         """s2sproxy is stopping: bounce everything waiting (rule 6).  Ready links
@@ -266,10 +301,14 @@ class Router:
     # -- streams -------------------------------------------------------------------------
 
     def stream_ready(self, pair: Pair, handle: Hashable, now: float,
-                     borrowed: bool = False, shareable: bool = False) -> list[Op]:
+                     borrowed: bool = False, shareable: bool = False,
+                     peer_max_bytes: int | None = None) -> list[Op]:
         """A stream for ``pair`` is authenticated (ours) or a bidi stream of the remote
         covers it (``borrowed``).  ``shareable``: that stream of ours may take further
-        pairs (rule 7) -- once it carries ``pair``, not while ``pair`` drains into it."""
+        pairs (rule 7) -- once it carries ``pair``, not while ``pair`` drains into it.
+        ``peer_max_bytes``: the largest stanza the peer accepts on it (rule 8)."""
+        if peer_max_bytes is not None:
+            self.peer_max[handle] = peer_max_bytes
         link = self.links.get(pair)
         if link is None:
             link = self.links[pair] = Link(pair)
@@ -312,8 +351,12 @@ class Router:
             carrier.pending.pop(pair, None)
             carrier.pairs[pair] = None
         if link.queue:
-            ops.append(Write(handle, b"".join(s.raw for s, _ in link.queue),
-                             len(link.queue)))
+            limit = self.peer_max.get(handle) if self.peer_max else None
+            if limit is not None:
+                ops += self._write_fitting(handle, [s for s, _ in link.queue], limit, pair)
+            else:
+                ops.append(Write(handle, b"".join(s.raw for s, _ in link.queue),
+                                 len(link.queue)))
             self._clear(link)
         return ops
 
@@ -451,6 +494,7 @@ class Router:
     def stream_closed(self, handle: Hashable, now: float) -> list[Op]:
         """A ready stream went away (closed by the peer, dead, or closed by us)."""
         ops: list[Op] = []
+        self.peer_max.pop(handle, None)
         c = self._forget_carrier(handle)
         if c is not None and c.pending:
             # Rule 7: the remote may have ended the stream over our db:result.

@@ -90,9 +90,27 @@ class Limiter:
         self.connection = connection
         self._remotes: OrderedDict[str, _Remote] = OrderedDict()
 
-    def configure(self, domain: RateConfig, connection: RateConfig) -> None:
+    def configure(self, domain: RateConfig, connection: RateConfig) -> bool:
+        """New limits (a reload).  Unchanged: nothing changes.  Changed: each remote's
+        buckets are made anew at the new rates, keeping what they owed (a reload is
+        no way out of a debt).  True when the connection limits changed (the shell
+        then gives each stream new connection buckets)."""
+        if (domain, connection) == (self.domain, self.connection):
+            return False
+        changed = connection != self.connection
         self.domain, self.connection = domain, connection
-        self._remotes.clear()
+        for name, old in list(self._remotes.items()):
+            if not domain.active:
+                del self._remotes[name]
+                continue
+            new = self._remotes[name] = _Remote(domain, old.bytes.at if old.bytes else
+                                                old.stanzas.at if old.stanzas else 0.0)
+            for attr in ("bytes", "stanzas"):
+                a, b = getattr(old, attr), getattr(new, attr)
+                if a is not None and b is not None:
+                    b.tokens = min(b.capacity, a.tokens)
+            new.over_since, new.flagged = old.over_since, old.flagged
+        return changed
 
     @property
     def active(self) -> bool:

@@ -138,6 +138,10 @@ class Filtering:
         if not self.domains.active:
             return
         verdict = self.domains.verdict
+        router = self.proxy.to_remote
+        for pair in [p for p, link in router.links.items() if link.queue]:
+            if pair[1] not in self.proxy.served and verdict(pair[1]) is not None:
+                self.proxy.refuse_queued(pair)
         for proto in list(self.proxy.streams):
             st = proto.stream
             if proto.closing:

@@ -92,7 +92,10 @@ def configure(self: "Proxy", settings: Settings) -> None:
     self.keepalive.config = keepalive_config(settings)
     set_level(settings.log_level)
     self.filtering.configure(lists, fs.deny_files, fs.rtbl, fs.rtbl_refresh)
-    self.limiter.configure(*rate_configs(settings))
+    renew = self.limiter.configure(*rate_configs(settings))
+    for proto in list(self.streams):    # streams authenticated before limits were on
+        if not proto.closing:
+            self.track_rate(proto, renew=renew)
 
 def reload(self: "Proxy") -> bool:
     """SIGHUP: re-read the configuration file.  A file with an error, or one that

@@ -280,6 +280,24 @@ class Proxy(service.MultiService):
             return 0.0
         return min(d.pause, RATE_LIMIT_MAX_PAUSE)
 
+    def track_rate(self, proto: StreamProtocol, renew: bool = False) -> None:
+        """[ratelimit]: an authenticated remote's stream (a public one, or our own
+        bidi stream, for what the remote sends back on it; ejabberd's are never
+        limited) gets its connection bucket, once, for its first domain (a further
+        pair gets none); ``renew``: a reload changed the connection limits."""
+        if not self.limiter.active or (proto.rate is not None and not renew):
+            return
+        st = proto.stream
+        if proto.label == "public":
+            remote = next(iter(st.authenticated_from), None) if proto.rate is None \
+                else proto.rate[0]
+        else:
+            f = getattr(proto, "factory", None)
+            remote = f.pair[1] if f is not None and f.label == "remote" and st.bidi \
+                and getattr(st.state, "value", "") == "ready" else None
+        if remote is not None:
+            proto.rate = (remote, self.limiter.new_connection(self.reactor.seconds()))
+
     def tls_failed(self, proto: StreamProtocol) -> None:
         """The connection went before its TLS handshake completed."""
         self.metrics.tls_failures.labels(proto.label).inc()
@@ -331,11 +349,7 @@ class Proxy(service.MultiService):
             self.metrics.authentications.labels(proto.label, a.method, a.condition).inc()
         elif t is A.Authenticated:
             self._release(proto)
-            if proto.label == "public" and self.limiter.active and proto.rate is None:
-                # [ratelimit]: a remote's stream (ejabberd's are never limited), its
-                # buckets made once, for its first domain (a further pair gets none)
-                proto.rate = (a.originating, self.limiter.new_connection(
-                    self.reactor.seconds()))
+            self.track_rate(proto)
             self.metrics.authentications.labels(proto.label, a.method, "success").inc()
             st = proto.stream
             log.info("{label} stream authenticated: {originating} -> {receiving} "
@@ -375,18 +389,26 @@ class Proxy(service.MultiService):
             return
         pair = (receiving, originating)
         self._run_ops(self.to_remote, self.to_remote.stream_ready(
-            pair, proto, self.reactor.seconds(), borrowed=True))
+            pair, proto, self.reactor.seconds(), borrowed=True,
+            peer_max_bytes=proto.stream.peer_max_bytes))
 
     def link_ready(self, proto: StreamProtocol) -> None:
         if proto.closing:
             return
         f = proto.factory
         st = proto.stream
+        if f.label == "remote" and self.domains.active:
+            why = self.domains.verdict(f.pair[1])
+            if why is not None:     # [filter] changed while the stream was set up
+                log.info("remote stream {peer}: {remote} now denied by [filter]: closed",
+                         peer=proto.peer, remote=f.pair[1])
+                self.refuse_queued(f.pair)
+                proto.run(st.fail("policy-violation",
+                                  f"{f.pair[1]} may not federate with this server"))
+                return
         self.metrics.authentications.labels(f.label, st.auth_method or "dialback",
                                             "success").inc()
-        if f.label == "remote" and st.bidi and self.limiter.active and proto.rate is None:
-            # [ratelimit]: what the remote sends back on our bidi stream counts too
-            proto.rate = (f.pair[1], self.limiter.new_connection(self.reactor.seconds()))
+        self.track_rate(proto)
         if f.label == "backend":
             log.info("backend stream ready for {remote} -> {local} (dialback accepted by "
                      "ejabberd, tls={tls})", remote=f.pair[0], local=f.pair[1],
@@ -403,8 +425,9 @@ class Proxy(service.MultiService):
                          "(<bidi xmlns='urn:xmpp:bidi'/>, ejabberd 24.10 to 25.02): not "
                          "negotiated; its stanzas to {local} come on its own connection",
                          remote=f.pair[1], local=f.pair[0])
-        self._run_ops(f.router, f.router.stream_ready(f.pair, proto, self.reactor.seconds(),
-                                                      shareable=st.shareable))
+        self._run_ops(f.router, f.router.stream_ready(
+            f.pair, proto, self.reactor.seconds(), shareable=st.shareable,
+            peer_max_bytes=st.peer_max_bytes if f.label == "remote" else None))
 
     def link_failed(self, factory: _OutboundFactory, condition: str, text: str) -> None:
         """Opening the stream of ``factory.pair`` failed: bounce what waits for it."""
@@ -476,34 +499,50 @@ class Proxy(service.MultiService):
         no stream opened (``policy.domains``)."""
         for pair in [p for p in batches if p[1] not in self.served]:
             why = self.domains.verdict(pair[1])
-            if why is None:
-                continue
-            for s in batches.pop(pair):
-                self._flag(A.Flag(REASON_DENIED, "bounce", why, s.kind, s.type, s.id,
-                                  s.from_, s.to), None, s)
-                self.bounce(s, "not-allowed", f"{pair[1]} may not federate with this "
-                                              "server")
+            if why is not None:
+                self._deny(batches.pop(pair), why)
 
+    def refuse_queued(self, pair: R.Pair) -> None:
+        """Stanzas waiting for a remote ``[filter]`` denied meanwhile: bounced and
+        flagged as a new one would be (``_refuse_denied``)."""
+        why = self.domains.verdict(pair[1])
+        if why is not None:
+            self._deny([op.stanza for op in self.to_remote.refuse(pair, "", "")], why)
+
+    def _deny(self, stanzas: list[Stanza], why: str) -> None:
+        for s in stanzas:
+            self._flag(A.Flag(REASON_DENIED, "bounce", why, s.kind, s.type, s.id,
+                              s.from_, s.to), None, s)
+            self.bounce(s, "not-allowed", f"{s.to_domain} may not federate with this "
+                                          "server")
+
+    def _refuse_denied(self, batches: dict) -> None:
+        """Stanzas to a remote ``[filter]`` denies: bounced ``not-allowed`` and flagged,
+        no stream opened (``policy.domains``)."""
+        for pair in [p for p in batches if p[1] not in self.served]:
+            why = self.domains.verdict(pair[1])
+            if why is not None:
+                self._deny(batches.pop(pair), why)
+
+    def refuse_queued(self, pair: R.Pair) -> None:
+        """Stanzas waiting for a remote ``[filter]`` denied meanwhile: bounced and
+        flagged as a new one would be (``_refuse_denied``)."""
+        why = self.domains.verdict(pair[1])
+        if why is not None:
+            self._deny([op.stanza for op in self.to_remote.refuse(pair, "", "")], why)
+
+    def _deny(self, stanzas: list[Stanza], why: str) -> None:
+        for s in stanzas:
+            self._flag(A.Flag(REASON_DENIED, "bounce", why, s.kind, s.type, s.id,
+                              s.from_, s.to), None, s)
+            self.bounce(s, "not-allowed", f"{s.to_domain} may not federate with this "
+                                          "server")
     def _count(self, pair: R.Pair, batch: list[Stanza]) -> R.Router:
-        inbound = pair[1] in self.served
-        if inbound:
+        if pair[1] in self.served:
             self.metrics.stanzas.inbound += len(batch)
             return self.to_backend
-        handle = self.to_remote.ready_handle(pair)
-        limit = getattr(getattr(handle, "stream", None), "peer_max_bytes", None)
-        if limit is not None:
-            self._too_large(batch, limit)
         self.metrics.stanzas.outbound += len(batch)
         return self.to_remote
-
-    def _too_large(self, batch: list[Stanza], limit: int) -> None:
-        """XEP-0478: a stanza larger than the remote said it accepts is bounced
-        ``policy-violation`` here, rather than written and our stream closed by it."""
-        big = [s for s in batch if len(s.raw) > limit]
-        for s in big:
-            batch.remove(s)
-            self.bounce(s, "policy-violation", f"{len(s.raw)} bytes, more than the "
-                                               f"{limit} {s.to_domain} accepts (XEP-0478)")
 
     @staticmethod
     def _write_all(writes: dict[Any, list[R.Write]]) -> None:

@@ -210,3 +210,35 @@ def test_rtbl_request_that_cannot_be_delivered_is_the_rtbl_s_own_bounce(tmp_path
     assert not p.to_backend.links, "a bounce of an RTBL request went toward ejabberd"
     text = [e.get("log_format", "") for e in logged]
     assert any("request failed" in t for t in text), text
+
+
+def test_filter_change_bounces_what_waits_and_refuses_a_stream_that_comes_up(tmp_path):
+    """remote.example is denied while a stanza waits for its stream, the TCP connect
+    still pending: the stanza bounces not-allowed at once (flagged), and the stream,
+    once dialback makes it ready, is closed with policy-violation, nothing written."""
+    from s2sproxy.core import events as E
+    from s2sproxy.policy.domains import parse_entry
+    from tests.adapters.test_connector import FakeDns, REMOTE_SRV, connect, header
+    fake = FakeDns(REMOTE_SRV, a={b"xmpp.remote.example": ["192.0.2.1"]})
+    p, reactor, bounced = proxy_with(tmp_path, fake)
+    p.start_tls = lambda proto, server_name: None
+    p.route([outgoing(1)])
+    assert bounced == [] and len(reactor.tcpClients) == 1
+    p.filtering.configure(("deny", [], [parse_entry("remote.example")]), [])
+    assert bounced == [("m1", "not-allowed",
+                        "remote.example may not federate with this server")]
+    assert p.flags.last[-1]["reason"] == "denied-domain"
+    proto, t = connect(reactor)
+    ns_tls = "urn:ietf:params:xml:ns:xmpp-tls"
+    proto.dataReceived(header("remote.example") + f"<stream:features><starttls "
+                       f"xmlns='{ns_tls}'/></stream:features><proceed xmlns='{ns_tls}'/>"
+                       .encode())
+    proto.handle(E.TlsEstablished(False, None))
+    t.clear()
+    proto.dataReceived(header("remote.example", "r2") + b"<stream:features><dialback "
+                       b"xmlns='urn:xmpp:features:dialback'/></stream:features>")
+    proto.dataReceived(b"<db:result from='remote.example' to='local.example' "
+                       b"type='valid'/>")
+    out = t.value()
+    assert b"<policy-violation " in out, out
+    assert p.to_remote.ready_handle((LOCAL, "remote.example")) is None

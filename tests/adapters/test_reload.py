@@ -165,3 +165,22 @@ def test_proxy_header_only_from_proxy_sources(tmp_path):
     t2 = Transport("10.0.0.9", 4000)
     ok.makeConnection(t2)
     assert not t2.aborted
+
+
+def test_reload_enabling_rate_limits_reaches_streams_already_authenticated(tmp_path):
+    """A stream authenticated while [ratelimit] was off is limited once a reload turns
+    it on; a reload that changes nothing keeps a remote's debt."""
+    new_leaf(tmp_path)
+    path = write_conf(tmp_path)
+    p = Proxy(load(path), MemoryReactorClock(), config_path=path)
+    proto, _ = public_stream(p, p.reactor)
+    assert proto.rate is None
+    write_conf(tmp_path, "[ratelimit]\nbytes_per_second = 1000\nburst_seconds = 1\n")
+    assert p.reload() is True
+    assert proto.rate is not None and proto.rate[0] == REMOTE
+    assert p.account_read(proto, 3000, 0) == 2.0        # 2000 bytes owed at 1000/s
+    assert p.reload() is True                           # the same file again
+    assert p.account_read(proto, 1000, 0) == 3.0        # the debt was kept
+    write_conf(tmp_path, "[ratelimit]\nbytes_per_second = 2000\nburst_seconds = 1\n")
+    assert p.reload() is True                           # new rate, the debt carried
+    assert p.account_read(proto, 1, 0) == pytest.approx(3001 / 2000)

@@ -80,6 +80,27 @@ def test_blocklist_file_denies_then_allows_again(federation):
     assert "Traceback" not in proxy.log_text()
 
 
+@pytest.mark.parametrize("deny", ["remote.test", "*.remote.test"])
+def test_filter_deny_list_exact_and_wildcard(federation, deny):
+    """filter.deny names remote.test (exactly, or as *.remote.test: the domain and its
+    subdomains): Prosody cannot reach alice nor alice bob, with denied-domain flags;
+    raw.test, not denied, reaches alice on the same run."""
+    fed = federation(via_proxy=True, bidi=True)
+    proxy = fed.start_proxy(extra_toml=f'[filter]\ndeny = ["{deny}"]\n')
+    out = harness.run_async(lambda: attempt(fed, ALICE, BOB, "to a denied domain"), 60)
+    assert out == "not-allowed", out
+    out = harness.run_async(lambda: attempt(fed, BOB, ALICE, "from a denied domain", 10),
+                            60)
+    assert out != "delivered", out
+    log = proxy.log_text()
+    assert "flag denied-domain action=bounce" in log
+    assert "flag denied-domain action=refuse" in log
+    assert f"detail=filter.deny: {deny}" in log
+    got = harness.run_async(lambda: _raw_to_alice(fed), 60)
+    assert got == "delivered", got
+    assert "Traceback" not in proxy.log_text()
+
+
 def test_prosody_13_honours_our_xep0478_max_bytes(federation):
     """With limits.max_stanza_size = 10000, Prosody 13 reads our advertised max-bytes
     and does not send bob's larger message (its log says so; it bounces nothing to

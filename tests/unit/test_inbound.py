@@ -624,3 +624,47 @@ def test_inbound_stream_language_kept_on_stanzas_without_their_own():
                                 own])]
     actions, _s = run(DIALBACK_OK, MESSAGE)
     assert actions == [("deliver", [MESSAGE])]
+
+
+def _with_filter():
+    from dataclasses import replace
+
+    from s2sproxy.policy.domains import DomainFilter
+    f = DomainFilter()
+    s = inbound()
+    s.config = replace(s.config, domains=f)
+    return s, f
+
+
+def test_filter_change_while_a_dialback_key_is_verified_refuses_at_the_verdict():
+    """[filter] denies the remote after its db:result was sent off for verification:
+    the 'valid' verdict is answered forbidden, and the stream closed."""
+    from s2sproxy.policy.domains import parse_entry
+    s, f = _with_filter()
+    for ev in SECURE + [E.DataReceived(DB_RESULT)]:
+        s.handle(ev)
+    assert (REMOTE, LOCAL) in s.pending_dialback
+    f.set_lists("deny", [], [parse_entry(REMOTE)])
+    out = merge(s.handle(E.DialbackVerdict(REMOTE, LOCAL, True)))
+    data = b"".join(a.data for a in out if isinstance(a, A.SendBytes))
+    assert b"type='error'" in data and b"<forbidden " in data, data
+    assert b"<policy-violation " in data
+    assert not s.authenticated
+    assert any(isinstance(a, A.Flag) and a.reason == "denied-domain" for a in out)
+
+
+def test_filter_change_between_sasl_success_and_the_restart_refuses_at_the_restart():
+    from s2sproxy.policy.domains import parse_entry
+    s, f = _with_filter()
+    _ca, _ck, leaf, _key = certificate(REMOTE)
+    for ev in PRE_TLS + [E.TlsEstablished(True, leaf), E.DataReceived(HEADER),
+                         E.DataReceived(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' "
+                                        b"mechanism='EXTERNAL'>=</auth>")]:
+        out = s.handle(ev)
+    assert any(isinstance(a, A.SendBytes) and b"<success " in a.data for a in out)
+    f.set_lists("deny", [], [parse_entry(REMOTE)])
+    out = merge(s.handle(E.DataReceived(HEADER)))
+    data = b"".join(a.data for a in out if isinstance(a, A.SendBytes))
+    assert b"<policy-violation " in data and not s.authenticated
+    assert not any(isinstance(a, A.Authenticated) for a in out)
+    assert A.AuthFailed("external", "denied-domain") in out

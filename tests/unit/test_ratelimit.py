@@ -42,3 +42,17 @@ def test_flag_after_and_close_after():
     assert closes > 0
     # back under: the flag may come again next time
     assert lim.account("spam.example", None, 0, 0, 1000.0).pause == 0.0
+
+
+def test_configure_unchanged_keeps_state_and_changed_carries_the_debt():
+    cfg = RateConfig(bytes_per_second=100, burst_seconds=1)
+    lim = Limiter(cfg, RateConfig())
+    assert lim.account("r.example", None, 300, 0, 0.0).pause == 2.0
+    assert lim.configure(cfg, RateConfig()) is False
+    assert lim.account("r.example", None, 100, 0, 0.0).pause == 3.0
+    assert lim.configure(RateConfig(bytes_per_second=300, burst_seconds=1),
+                         RateConfig()) is False     # the connection limits did not change
+    assert lim.account("r.example", None, 0, 0, 0.0).pause == 0.0   # nothing counted
+    assert lim.account("r.example", None, 300, 0, 0.0).pause == 2.0  # 600 owed at 300/s
+    assert lim.configure(RateConfig(), RateConfig(stanzas_per_second=1)) is True
+    assert not lim._remotes

@@ -228,3 +228,30 @@ def test_router_bidi_replacing_a_lost_one_while_draining_stays_borrowed():
     r.stream_closed("ours", 4)
     assert r.ready_handle(PAIR) == "C" and r.links[PAIR].borrowed
     assert r.tick(1000) == []
+
+
+def sized(n: int, size: int) -> Stanza:
+    return Stanza("message", f"<m{n}>{'x' * size}</m{n}>".encode(), "romeo@local.example",
+                  "juliet@remote.example", "chat", str(n), None, *PAIR)
+
+
+def test_router_peer_max_bytes_bounces_larger_stanzas_queued_or_not():
+    """Rule 8 (XEP-0478): what waited while the stream was set up is held to the
+    peer's max-bytes too, and so is what comes later; what fits goes in one write."""
+    r = router(queue_limit=10)
+    small, large = st(1), sized(2, 200)
+    r.send(PAIR, [small, large, st(3)], 0)
+    ops = r.stream_ready(PAIR, "s1", 1, peer_max_bytes=100)
+    assert ops[0] == Write("s1", b"<m1/><m3/>") and ops[0].stanzas == 2
+    assert ops[1:] == [Bounce(large, "policy-violation",
+                              "209 bytes, more than the 100 remote.example accepts "
+                              "(XEP-0478)")]
+    later = sized(4, 300)
+    assert r.send(PAIR, [later], 2) == [Bounce(later, "policy-violation",
+                                               "309 bytes, more than the 100 "
+                                               "remote.example accepts (XEP-0478)")]
+    assert r.send(PAIR, [st(5)], 3) == [Write("s1", b"<m5/>")]
+    r.stream_closed("s1", 4)
+    assert r.peer_max == {}
+    r.stream_ready(PAIR, "s2", 5)           # a new stream without limits
+    assert r.send(PAIR, [later], 6) == [Write("s2", later.raw)]
