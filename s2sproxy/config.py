@@ -9,6 +9,7 @@ at start, rather than at the first connection.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import secrets
 import tomllib
@@ -467,8 +468,11 @@ def _filter(t: dict[str, Any], base: Path, domains: dict[str, Domain]) -> Filter
     if refresh < 10:
         raise ConfigError("filter.rtbl_refresh", f"must be at least 10 seconds, not "
                                                  f"{refresh:g}")
-    return FilterSettings(mode, lists["allow"], lists["deny"], files,
-                          _rtbl(t.get("rtbl", []), domains), refresh)
+    rtbl = _rtbl(t.get("rtbl", []), domains)
+    if rtbl and mode == "allow":
+        raise ConfigError("filter.rtbl", "denies nothing with filter.mode = \"allow\" "
+                                         "(only filter.allow may federate): remove it")
+    return FilterSettings(mode, lists["allow"], lists["deny"], files, rtbl, refresh)
 
 
 def _rtbl(entries: Any, domains: dict[str, Domain]) -> tuple:
@@ -498,7 +502,7 @@ def _rtbl(entries: Any, domains: dict[str, Domain]) -> tuple:
             raise ConfigError(f"{key}.{field}", why) from None
         if src.service in domains:
             raise ConfigError(f"{key}.service", f"{src.service} is a served domain")
-        if src in out:
+        if any((o.service, o.node) == (src.service, src.node) for o in out):
             raise ConfigError(key, f"{src.name} is listed twice")
         out.append(src)
     return tuple(out)
@@ -513,7 +517,8 @@ def _canonical_or_none(domain: str) -> str | None:
 
 def _nonneg(t: dict[str, Any], key: str, default: float) -> float:
     v = t.get(key.rsplit(".", 1)[-1], default)
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 \
+            or not math.isfinite(v):
         raise ConfigError(key, f"must be a number >= 0, not {v!r}")
     return float(v)
 
@@ -626,7 +631,8 @@ def _int(t: dict[str, Any], key: str, default: int, minimum: int) -> int:
 
 def _number(t: dict[str, Any], key: str, default: float) -> float:
     v = t.get(key.rsplit(".", 1)[-1], default)
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 \
+            or not math.isfinite(v):
         raise ConfigError(key, f"must be a number of seconds > 0, not {v!r}")
     return float(v)
 

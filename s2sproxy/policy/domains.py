@@ -70,6 +70,12 @@ class _Set:
         else:
             self.exact.add(p)
 
+    def discard(self, p: str) -> None:
+        if p.startswith("*."):
+            self.suffixes.discard(p[2:])
+        else:
+            self.exact.discard(p)
+
     def match(self, domain: str) -> str | None:
         """The entry that covers ``domain``, or None."""
         if domain in self.exact:
@@ -121,6 +127,21 @@ class DomainFilter:
         self.active = self.mode == "allow" or bool(len(self.deny) or any(
             len(s) for s in self.files.values()) or any(
             len(s) for s in self.rtbl.values()) or any(self.rtbl_hashed.values()))
+
+    def update_rtbl(self, name: str, added, removed) -> None:
+        """Real-time block list ``name`` gained ``added`` and lost ``removed`` (its
+        distinct entries, ``policy.rtbl`` counts duplicates): changed in place."""
+        hashes = self.rtbl_hashed.get(name)
+        if hashes is not None:
+            hashes.update(added)
+            hashes.difference_update(removed)
+        else:
+            s = self.rtbl.setdefault(name, _Set())
+            for p in added:
+                s.add(Pattern(p))
+            for p in removed:
+                s.discard(p)
+        self.changed()
 
     def set_rtbl(self, name: str, keys, hashed: bool = False) -> None:
         """The entries of real-time block list ``name`` (``policy.rtbl``): patterns, or

@@ -18,16 +18,19 @@ Rules:
    Subscribing again while subscribed is harmless (XEP-0060 section 6.1.6: the
    service answers with the existing subscription), so the periodic sync also mends
    a subscription the service lost (its restart, an owner removing it).
-2. What comes for the subscriber JID is consumed here and never reaches ejabberd:
-   answers to our requests (matched by id and by ``from`` being the service, a bare
-   domain whose stream authenticated it), and the service's notifications.  Anything
-   else sent to the subscriber JID is ``Unexpected``: the shell answers it
-   ``service-unavailable`` (never an error for an error).
+2. What comes for the subscriber JID (its domain compared canonically, its resource
+   exactly) is consumed here and never reaches ejabberd: answers to our requests
+   (matched by id and by ``from`` being the service, a bare domain whose stream
+   authenticated it), and the service's messages (notifications; one without a
+   pubsub event is ignored).  Anything else sent to the subscriber JID is
+   ``Unexpected``: the shell answers it ``service-unavailable`` (never an error for
+   an error).
 3. A notification (``<event xmlns='...pubsub#event'>`` in a message) for our node:
    ``<items>`` with ``<item id>`` adds, with ``<retract id>`` removes; ``<purge>``
    empties the list; ``<delete>`` empties it and syncs again after ``RTBL_RETRY_BASE``
-   (the node may come back); ``<subscription subscription='none'>`` syncs at once.
-   Notifications for other nodes of the service are ignored.
+   (the node may come back); ``<subscription subscription='none'>`` (in the event,
+   as ejabberd sends it, or in a ``pubsub`` element) syncs at once.  Notifications
+   for other nodes of the service are ignored.
 4. A request that fails (an error answer, a bounce on the way, or no answer within
    ``RTBL_IQ_TIMEOUT``) is tried again, with its pair, after ``RTBL_RETRY_BASE *
    2 ** (n - 1)`` seconds (n syncs in a row with a failure), at most ``refresh``.  What the source held stays in
@@ -40,6 +43,16 @@ Rules:
    source holds at most ``RTBL_MAX_ENTRIES`` ids; more are skipped and reported.
 6. The services themselves are never denied by an RTBL (``policy.domains``): a list
    that named its own service would cut us off from its retractions.
+7. A source removed from the configuration is retired: its entries stop denying at
+   once, and it sends an unsubscribe request, tried again as in rule 4 until the
+   service answers it.  Until then what comes for its subscriber JID is still
+   consumed (rule 2), and a notification from its service asks for the unsubscribe
+   again.
+8. Cost: a notification changes the filter by its own items only; a sync parses only
+   the ids it did not hold (a list of 100,000 that did not change costs a pass over
+   a dict, not 100,000 domain checks).  The whole list comes in one answer (neither
+   Prosody's mod_pubsub nor ejabberd's mod_antispam pages with RSM), so it must fit
+   ``limits.max_stanza_size``.
 """
 
 from __future__ import annotations
@@ -134,12 +147,26 @@ class Failed:
 
 
 @dataclass(frozen=True, slots=True)
+class Unsubscribed:
+    """A retired source's unsubscribe was answered (rule 7)."""
+    name: str
+    answer: str             # "result" or the error condition
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    """A message from the service that is no notification we act on (debug)."""
+    stanza: Stanza
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
 class Unexpected:
     stanza: Stanza
     why: str
 
 
-Decision = Send | Subscribed | Synced | Updated | Failed | Unexpected
+Decision = Send | Subscribed | Synced | Updated | Failed | Unsubscribed | Ignored | Unexpected
 
 
 class Subscription:
@@ -149,6 +176,8 @@ class Subscription:
         self.source = source
         self.refresh = refresh
         self.entries: dict[str, str] = {}   # item id -> what it denies (pattern or hash)
+        self.counts: dict[str, int] = {}    # what it denies -> how many ids say so
+        self.retired = False                # rule 7: being unsubscribed
         self.pending: dict[str, tuple[str, float]] = {}    # our iq id -> (request, sent)
         self.next_sync = 0.0                # at once
         self.failures = 0                   # syncs in a row with a failed request
@@ -156,6 +185,29 @@ class Subscription:
         self.state = "starting"             # starting, subscribed, pending, failed
         self.synced_at: float | None = None
         self.last_error = ""
+
+    def add(self, item_id: str, key: str, added: list[str]) -> None:
+        old = self.entries.get(item_id)
+        if old == key:
+            return
+        if old is not None:
+            self.remove(item_id, [])
+        self.entries[item_id] = key
+        n = self.counts.get(key, 0)
+        self.counts[key] = n + 1
+        if not n:
+            added.append(key)
+
+    def remove(self, item_id: str, removed: list[str]) -> None:
+        key = self.entries.pop(item_id, None)
+        if key is None:
+            return
+        n = self.counts[key] - 1
+        if n:
+            self.counts[key] = n
+        else:
+            del self.counts[key]
+            removed.append(key)
 
     def key_of(self, item_id: str) -> str | None:
         """What ``item_id`` denies, or None for a bad id (rule 5)."""
@@ -175,10 +227,10 @@ class Rtbl:
         self.domains = domains
         self.new_id = new_id
         self.subs: dict[RtblSource, Subscription] = {}
+        self.retired: dict[RtblSource, Subscription] = {}      # rule 7
         self.refresh = 3600.0
         self._by_id: dict[str, Subscription] = {}
-        self._jids: set[str] = set()        # subscriber JIDs
-        self._domains: set[str] = set()     # their domains (a fast first test)
+        self._domains: set[str] = set()     # subscriber JIDs' domains (canonical)
         self.active = False
 
     def configure(self, sources: Iterable[RtblSource], refresh: float,
@@ -189,14 +241,20 @@ class Rtbl:
         out: list[Decision] = []
         for src in [s for s in self.subs if s not in wanted]:
             sub = self.subs.pop(src)
-            for i in list(sub.pending):
-                self._by_id.pop(i, None)
             self.domains.set_rtbl(src.name, None)
-            out.append(Send(self._request(sub, "unsubscribe", now, track=False)))
+            sub.retired, sub.entries, sub.counts = True, {}, {}
+            sub.failures, sub.round_failed = 0, False
+            self.retired[src] = sub
+            if not sub.pending:
+                out.append(Send(self._request(sub, "unsubscribe", now)))
+            else:
+                sub.next_sync = now     # once what is pending is answered or expires
         self.refresh = refresh
         for src in wanted:
-            sub = self.subs.get(src)
-            if sub is None:
+            sub = self.subs.get(src) or self.retired.pop(src, None)
+            if sub is None or sub.retired:
+                if sub is not None:     # back before its unsubscribe was answered
+                    self._forget(sub)
                 self.subs[src] = Subscription(src, refresh)
                 self.domains.set_rtbl(src.name, {}, hashed=src.ids == "sha256")
             else:
@@ -205,22 +263,34 @@ class Rtbl:
                     sub.next_sync = min(sub.next_sync, sub.synced_at + refresh)
         self.domains.rtbl_services = frozenset(s.service for s in self.subs)
         self.domains.changed()
-        self._jids = {s.subscriber for s in self.subs}
-        self._domains = {s.domain for s in self.subs}
-        self.active = bool(self.subs)
+        self._changed_sources()
         return out
+
+    def _changed_sources(self) -> None:
+        self._domains = {s.domain for s in (*self.subs, *self.retired)}
+        self.active = bool(self.subs or self.retired)
+
+    def _forget(self, sub: Subscription) -> None:
+        for i in sub.pending:
+            self._by_id.pop(i, None)
+        sub.pending.clear()
 
     # -- time ----------------------------------------------------------------------------
 
     def poll(self, now: float) -> list[Decision]:
         out: list[Decision] = []
-        for sub in self.subs.values():
+        for sub in (*self.subs.values(), *self.retired.values()):
             for iq_id, (request, sent) in list(sub.pending.items()):
                 if now - sent >= RTBL_IQ_TIMEOUT:
                     out.append(self._failed(sub, iq_id, request, "no answer within "
                                             f"{RTBL_IQ_TIMEOUT:g} s", now))
             if not sub.pending and now >= sub.next_sync:
-                out += self._sync(sub, now)
+                if sub.retired:
+                    sub.next_sync = now + sub.refresh
+                    sub.round_failed = False
+                    out.append(Send(self._request(sub, "unsubscribe", now)))
+                else:
+                    out += self._sync(sub, now)
         return out
 
     def _sync(self, sub: Subscription, now: float) -> list[Decision]:
@@ -229,8 +299,7 @@ class Rtbl:
         return [Send(self._request(sub, "subscribe", now)),
                 Send(self._request(sub, "items", now))]
 
-    def _request(self, sub: Subscription, request: str, now: float,
-                 track: bool = True) -> Stanza:
+    def _request(self, sub: Subscription, request: str, now: float) -> Stanza:
         src = sub.source
         iq_id = self.new_id()
         jid, node = xml_escape(src.subscriber), xml_escape(src.node)
@@ -241,9 +310,8 @@ class Rtbl:
         raw = (f"<iq type='{iq_type}' id='{xml_escape(iq_id)}' from='{jid}' "
                f"to='{xml_escape(src.service)}'><pubsub xmlns='{NS_PUBSUB}'>{payload}"
                f"</pubsub></iq>").encode()
-        if track:
-            sub.pending[iq_id] = (request, now)
-            self._by_id[iq_id] = sub
+        sub.pending[iq_id] = (request, now)
+        self._by_id[iq_id] = sub
         return Stanza("iq", raw, src.subscriber, src.service, iq_type, iq_id, NS_PUBSUB,
                       src.domain, src.service)
 
@@ -262,6 +330,14 @@ class Rtbl:
         # the other request of the pair is still answered; the retry sends both again
         return Failed(sub.source.name, request, condition, delay)
 
+    def _unsubscribed(self, sub: Subscription, s: Stanza) -> list[Decision]:
+        self._forget(sub)
+        if self.retired.get(sub.source) is sub:
+            del self.retired[sub.source]
+            self._changed_sources()
+        return [Unsubscribed(sub.source.name,
+                             "result" if s.type == "result" else _condition(s))]
+
     # -- stanzas -------------------------------------------------------------------------
 
     def take(self, stanzas: list[Stanza], now: float) -> tuple[list[Stanza], list[Decision]]:
@@ -270,7 +346,7 @@ class Rtbl:
         rest: list[Stanza] | None = None
         out: list[Decision] = []
         for i, s in enumerate(stanzas):
-            if s.to_domain in doms and s.to in self._jids:
+            if s.to_domain in doms and _resource(s.to) == RESOURCE:
                 if rest is None:
                     rest = stanzas[:i]
                 out += self._handle(s, now)
@@ -280,14 +356,24 @@ class Rtbl:
 
     def _handle(self, s: Stanza, now: float) -> list[Decision]:
         sub = self._by_id.get(s.id) if s.kind == "iq" and s.id is not None else None
-        if sub is not None and s.type in ("result", "error") and self._from_service(s, sub):
+        if sub is not None and s.type in ("result", "error") and self._from_service(s, sub) \
+                and sub.source.domain == s.to_domain:
             request = sub.pending.get(s.id, ("", 0.0))[0]
+            if request == "unsubscribe":
+                return self._unsubscribed(sub, s)
             return self._answer(sub, s, request, now)
         if s.kind == "message":
             subs = [x for x in self.subs.values()
-                    if x.source.subscriber == s.to and self._from_service(s, x)]
+                    if x.source.domain == s.to_domain and self._from_service(s, x)]
             if subs:
                 return self._event(subs, s, now)
+            gone = [x for x in self.retired.values()
+                    if x.source.domain == s.to_domain and self._from_service(s, x)]
+            if gone:
+                for x in gone:      # rule 7: ask again, at the next poll
+                    if not x.pending:
+                        x.next_sync = min(x.next_sync, now)
+                return [Ignored(s, "from a block list service we unsubscribe from")]
         return [Unexpected(s, "not from a block list service we subscribe to")]
 
     @staticmethod
@@ -318,24 +404,33 @@ class Rtbl:
         if items is None or items.get("node") != sub.source.node:
             return [self._failed(sub, s.id, request, "answer without the node's items",
                                  now)]
-        ids = [it.get("id") for it in items.iter(f"{{{NS_PUBSUB}}}item")]
-        new: dict[str, str] = {}
+        held = sub.entries
+        seen: set[str] = set()
+        added: list[str] = []
+        removed: list[str] = []
         skipped = 0
-        for item_id in ids:
-            key = sub.key_of(item_id) if item_id else None
-            if key is None or len(new) >= RTBL_MAX_ENTRIES:
+        for it in items.iter(f"{{{NS_PUBSUB}}}item"):
+            item_id = it.get("id")
+            if not item_id or item_id in seen:
+                continue
+            if item_id in held:         # rule 8: what we hold is not parsed again
+                seen.add(item_id)
+                continue
+            key = sub.key_of(item_id)
+            if key is None or len(held) >= RTBL_MAX_ENTRIES:
                 skipped += 1
-            else:
-                new[item_id] = key
-        old = set(sub.entries.values())
-        keys = set(new.values())
-        sub.entries = new
-        self.domains.set_rtbl(sub.source.name, keys, hashed=sub.source.ids == "sha256")
+                continue
+            seen.add(item_id)
+            sub.add(item_id, key, added)
+        for item_id in [i for i in held if i not in seen]:
+            sub.remove(item_id, removed)
+        if added or removed:
+            self.domains.update_rtbl(sub.source.name, added, removed)
         sub.synced_at = now
         if sub.state != "failed":     # both answered: the back-off starts over
             sub.failures = 0
             sub.last_error = ""
-        return [Synced(sub.source.name, len(keys), len(keys - old), len(old - keys),
+        return [Synced(sub.source.name, len(sub.counts), len(added), len(removed),
                        skipped)]
 
     def _event(self, subs: list[Subscription], s: Stanza, now: float) -> list[Decision]:
@@ -345,7 +440,9 @@ class Rtbl:
             return []
         event = tree.find(f"{{{NS_EVENT}}}event")
         if event is None:
-            return [Unexpected(s, "a message from the service without a pubsub event")]
+            event = tree.find(f"{{{NS_PUBSUB}}}pubsub")    # a subscription state
+        if event is None:
+            return [Ignored(s, "a message from the service without a pubsub event")]
         out: list[Decision] = []
         for sub in subs:
             node = sub.source.node
@@ -367,26 +464,23 @@ class Rtbl:
                             if key is None or (item_id not in sub.entries and
                                                len(sub.entries) >= RTBL_MAX_ENTRIES):
                                 skipped += 1
-                            elif sub.entries.get(item_id) != key:
-                                sub.entries[item_id] = key
-                                added.append(key)
+                            else:
+                                sub.add(item_id, key, added)
                         elif child.tag == f"{{{NS_EVENT}}}retract":
-                            key = sub.entries.pop(item_id, None)
-                            if key is not None:
-                                removed.append(key)
+                            sub.remove(item_id, removed)
                 elif tag in (f"{{{NS_EVENT}}}purge", f"{{{NS_EVENT}}}delete"):
-                    removed += sub.entries.values()
-                    sub.entries = {}
+                    removed += sub.counts
+                    sub.entries, sub.counts = {}, {}
                     purged = True
                     if tag == f"{{{NS_EVENT}}}delete":
                         sub.next_sync = min(sub.next_sync, now + RTBL_RETRY_BASE)
-                elif tag == f"{{{NS_EVENT}}}subscription":
+                elif tag in (f"{{{NS_EVENT}}}subscription", f"{{{NS_PUBSUB}}}subscription"):
                     if el.get("subscription") == "none":
                         sub.state = "starting"
                         sub.next_sync = now
+            if added or removed:
+                self.domains.update_rtbl(sub.source.name, added, removed)
             if added or removed or purged or skipped:
-                self.domains.set_rtbl(sub.source.name, set(sub.entries.values()),
-                                      hashed=sub.source.ids == "sha256")
                 out.append(Updated(sub.source.name, tuple(added), tuple(removed), purged,
                                    skipped))
         return out
@@ -394,7 +488,7 @@ class Rtbl:
     def rows(self, now: float) -> list[dict]:
         """For ``s2sproxy status``."""
         return [{"source": sub.source.name, "subscriber": sub.source.subscriber,
-                 "state": sub.state, "entries": len(set(sub.entries.values())),
+                 "state": sub.state, "entries": len(sub.counts),
                  "synced_ago": None if sub.synced_at is None
                  else round(now - sub.synced_at, 1),
                  "next_sync_in": round(max(sub.next_sync - now, 0.0), 1),
@@ -412,3 +506,9 @@ def _condition(s: Stanza) -> str:
                     and not child.tag.endswith("}text"):
                 return child.tag.split("}", 1)[1]
     return "undefined-condition"
+
+
+def _resource(jid: str) -> str:
+    """The resourcepart of a domain JID (none with a localpart)."""
+    bare, slash, resource = jid.partition("/")
+    return resource if slash and "@" not in bare else ""

@@ -121,15 +121,17 @@ class Filtering:
                 log.warn("{name}: {request} request failed: {condition}; trying again in "
                          "{retry:g} s (what the list held stays in force)", name=d.name,
                          request=d.request, condition=d.condition, retry=d.retry_in)
+            elif t is RT.Unsubscribed:
+                log.info("{name}: unsubscribed ({answer}): no longer configured",
+                         name=d.name, answer=d.answer)
+            elif t is RT.Ignored:
+                log.debug("{stanza} for the RTBL subscriber: {why}; ignored",
+                          stanza=repr(d.stanza), why=d.why)
             elif t is RT.Unexpected:
-                s = d.stanza
-                if s.bounceable:
-                    log.info("{stanza} for the RTBL subscriber: {why}; answered "
-                             "service-unavailable", stanza=repr(s), why=d.why)
-                    self.proxy.bounce(s, "service-unavailable", d.why)
-                else:
-                    log.debug("{stanza} for the RTBL subscriber: {why}; ignored",
-                              stanza=repr(s), why=d.why)
+                # one line per stanza: bounce's "bouncing ..." (info) says what it was
+                log.debug("{stanza} for the RTBL subscriber: {why}", stanza=repr(d.stanza),
+                          why=d.why)
+                self.proxy.bounce(d.stanza, "service-unavailable", d.why)
 
     def enforce(self) -> None:
         """After ``[filter]`` changed: streams of remotes now denied are closed with

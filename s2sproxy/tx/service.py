@@ -516,27 +516,6 @@ class Proxy(service.MultiService):
             self.bounce(s, "not-allowed", f"{s.to_domain} may not federate with this "
                                           "server")
 
-    def _refuse_denied(self, batches: dict) -> None:
-        """Stanzas to a remote ``[filter]`` denies: bounced ``not-allowed`` and flagged,
-        no stream opened (``policy.domains``)."""
-        for pair in [p for p in batches if p[1] not in self.served]:
-            why = self.domains.verdict(pair[1])
-            if why is not None:
-                self._deny(batches.pop(pair), why)
-
-    def refuse_queued(self, pair: R.Pair) -> None:
-        """Stanzas waiting for a remote ``[filter]`` denied meanwhile: bounced and
-        flagged as a new one would be (``_refuse_denied``)."""
-        why = self.domains.verdict(pair[1])
-        if why is not None:
-            self._deny([op.stanza for op in self.to_remote.refuse(pair, "", "")], why)
-
-    def _deny(self, stanzas: list[Stanza], why: str) -> None:
-        for s in stanzas:
-            self._flag(A.Flag(REASON_DENIED, "bounce", why, s.kind, s.type, s.id,
-                              s.from_, s.to), None, s)
-            self.bounce(s, "not-allowed", f"{s.to_domain} may not federate with this "
-                                          "server")
     def _count(self, pair: R.Pair, batch: list[Stanza]) -> R.Router:
         if pair[1] in self.served:
             self.metrics.stanzas.inbound += len(batch)

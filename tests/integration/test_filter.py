@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 
 import pytest
@@ -329,6 +330,17 @@ def test_rtbl_on_real_prosody_pubsub_denies_and_allows_again(federation):
     st = json.loads(harness.s2sproxy_cli("status", proxy.config_path, "--json").stdout)
     assert [(r["source"], r["state"], r["entries"]) for r in st["rtbl"]] == \
         [(name, "subscribed", 4)]
+
+    # the list taken out of the configuration (SIGHUP): unsubscribed, nothing denied
+    text = proxy.config_path.read_text()
+    proxy.config_path.write_text(text[:text.index("[[filter.rtbl]]")])
+    mark = len(proxy.log_text())
+    os.kill(proxy.pid, signal.SIGHUP)
+    _wait_log(proxy, f"{name}: unsubscribed (result): no longer configured", 10, mark)
+    assert pub.subscribers() == []
+    out = harness.run_async(lambda: attempt(fed, ALICE, BOB, "list removed", 30), 60)
+    assert out == "delivered", out
+    assert "Traceback" not in proxy.log_text()
 
 
 async def _raw_to_alice(fed) -> str:

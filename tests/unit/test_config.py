@@ -286,3 +286,17 @@ def test_config_rtbl_mistakes(conf, entry, key):
 def test_config_rtbl_refresh_floor(conf):
     assert error_of(conf("[filter]\nrtbl_refresh = 1\n")).startswith(
         "filter.rtbl_refresh: must be at least 10")
+
+
+@pytest.mark.parametrize("extra, key", [
+    ("[timeouts]\nidle = nan\n", "timeouts.idle: must be a number of seconds > 0"),
+    ("[timeouts]\nconnect = inf\n", "timeouts.connect: must be a number of seconds > 0"),
+    ("[filter]\nrtbl_refresh = nan\n", "filter.rtbl_refresh: must be a number"),
+    ("[ratelimit]\nclose_after = nan\n", "ratelimit.close_after: must be a number >= 0"),
+    ('[filter]\nmode = "allow"\nallow = ["a.example"]\n[[filter.rtbl]]\n'
+     'service = "x.org"\n', "filter.rtbl: denies nothing with filter.mode"),
+    ('[[filter.rtbl]]\nservice = "x.org"\n[[filter.rtbl]]\nservice = "x.org"\n'
+     'ids = "sha256"\n', "filter.rtbl[1]: rtbl x.org/spam_source_domains is listed twice"),
+])
+def test_config_numbers_must_be_finite_and_rtbl_consistent(conf, extra, key):
+    assert error_of(conf(extra)).startswith(key)

@@ -211,4 +211,55 @@ def test_reconfigure_keeps_entries_and_unsubscribes_removed_sources():
     assert f.verdict("spam.example") is not None
     out = r.configure([], 1800.0, 6.0)
     assert [b"<unsubscribe node='spam_source_domains'" in x for x in sends(out)] == [True]
-    assert f.verdict("spam.example") is None and not r.active and not f.active
+    assert f.verdict("spam.example") is None and not f.active
+    unsub_id = out[0].stanza.id
+    # rule 7: until the service answers, what comes for the JID is still ours
+    assert r.active
+    note = event("<items node='spam_source_domains'><item id='late.example'/></items>")
+    rest, got = r.take([note], 7.0)
+    assert rest == [] and [type(d) for d in got] == [RT.Ignored]
+    assert f.verdict("late.example") is None
+    # no answer in time: asked again
+    got = r.poll(6.0 + RTBL_IQ_TIMEOUT)
+    assert [type(d) for d in got] == [RT.Failed]
+    again = sends(r.poll(6.0 + RTBL_IQ_TIMEOUT + RTBL_RETRY_BASE))
+    assert len(again) == 1 and b"<unsubscribe " in again[0]
+    answer = stanza(f"<iq xmlns='jabber:server' type='result' id='q4' from='{SERVICE}' "
+                    f"to='{JID}'/>")
+    assert unsub_id == "q3"
+    _, got = r.take([answer], 100.0)
+    assert got == [RT.Unsubscribed(SRC.name, "result")] and not r.active
+    rest, _ = r.take([note], 101.0)
+    assert rest == [note]       # no longer ours: an ordinary stanza again
+
+
+def test_subscriber_jid_matched_canonically():
+    r, f = make()
+    synced(r)
+    upper = stanza(f"<message xmlns='jabber:server' from='{SERVICE}' "
+                   f"to='LOCAL.Example/{RT.RESOURCE}'><event xmlns='{RT.NS_EVENT}'><items "
+                   f"node='spam_source_domains'><item id='up.example'/></items></event>"
+                   f"</message>")
+    upper.to_domain = LOCAL         # as the framer canonicalises it
+    rest, got = r.take([upper], 2.0)
+    assert rest == [] and f.verdict("up.example") is not None
+    other = stanza(f"<message xmlns='jabber:server' from='{SERVICE}' "
+                   f"to='user@{LOCAL}/{RT.RESOURCE}'/>")
+    assert r.take([other], 2.0) == ([other], [])
+
+
+def test_subscription_none_in_the_pubsub_namespace_and_duplicate_ids():
+    r, f = make()
+    synced(r, ids=("dup.example", "DUP.example"))
+    assert r.rows(1.0)[0]["entries"] == 1
+    _, got = r.take([event("<items node='spam_source_domains'><retract id='DUP.example'/>"
+                           "</items>")], 2.0)
+    assert f.verdict("dup.example") is not None     # the other id still lists it
+    msg = stanza(f"<message xmlns='jabber:server' from='{SERVICE}' to='{JID}'><pubsub "
+                 f"xmlns='{RT.NS_PUBSUB}'><subscription node='spam_source_domains' "
+                 f"jid='{JID}' subscription='none'/></pubsub></message>")
+    r.take([msg], 3.0)
+    assert len(sends(r.poll(3.0))) == 2
+    plain = stanza(f"<message xmlns='jabber:server' from='{SERVICE}' to='{JID}'><body>hi"
+                   f"</body></message>")
+    assert [type(d) for d in r.take([plain], 4.0)[1]] == [RT.Ignored]
