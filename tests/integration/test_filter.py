@@ -65,6 +65,8 @@ def test_blocklist_file_denies_then_allows_again(federation):
     r = harness.s2sproxy_cli("status", proxy.config_path, "--json")
     reasons = {f["reason"] for f in json.loads(r.stdout)["last_flags"]}
     assert reasons == {"denied-domain"}, reasons
+    got = harness.run_async(lambda: _raw_to_alice(fed), 60)
+    assert got == "delivered", got        # raw.test, not listed, on the same run
 
     # off the list: no reload, the file's change is noticed within a tick
     lst.write_text("spam.invalid\n")
