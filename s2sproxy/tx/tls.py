@@ -21,6 +21,7 @@ from typing import Callable
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.internet.interfaces import (IOpenSSLClientConnectionCreator,
                                          IOpenSSLContextFactory)
 from s2sproxy.logs import get_logger
@@ -200,4 +201,15 @@ def tls_connection_of(transport: object) -> SSL.Connection | None:
         conn = getattr(obj, "_tlsConnection", None)
         if conn is not None:
             return conn
+    return None
+
+
+def tls_layer(transport: object, proto: object) -> TLSMemoryBIOProtocol | None:
+    """The TLSMemoryBIOProtocol that decrypts for ``proto`` directly: ``transport``
+    itself (Direct TLS) or, after STARTTLS, the TCP transport's ``protocol``.  None
+    when TLS is not there, or wraps something else (a PROXY-protocol wrapper between
+    them): then nothing is changed."""
+    for obj in (transport, getattr(transport, "protocol", None)):
+        if isinstance(obj, TLSMemoryBIOProtocol) and obj.wrappedProtocol is proto:
+            return obj
     return None

@@ -240,3 +240,56 @@ def test_no_delay_reaches_the_tcp_transport_under_a_tls_wrapper(tmp_path):
     wrapper.makeConnection(Tcp())
     assert isinstance(wrapper.wrappedProtocol.transport, TLSMemoryBIOProtocol)
     assert asked == [True]
+
+
+# -- TLS: one read per TCP read, writes out at once (issue 9) --------------------------
+
+def test_tls_records_of_one_tcp_read_are_one_read_and_writes_leave_at_once(tmp_path):
+    """Twisted's TLS layer hands each TLS record to the protocol on its own and holds
+    writes for the next reactor iteration.  On a Direct TLS stream (in memory, a
+    real TLS handshake): three records arriving in one TCP read reach the core as one
+    DataReceived, and what the stream writes is on the TCP transport before any
+    reactor iteration."""
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.ssl import CertificateOptions
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+    from twisted.test.iosim import FakeTransport, connect
+
+    from s2sproxy.core import events as E
+
+    p, _reactor = memory_proxy(tmp_path)
+    server = p.services[1].factory.buildProtocol(None)   # the Direct TLS listener's
+
+    class App(Protocol):
+        received = b""
+
+        def dataReceived(self, data):  # noqa: N802
+            self.received += data
+
+    app = App()
+    client_factory = TLSMemoryBIOFactory(CertificateOptions(),
+                                         True, Factory.forProtocol(lambda: app))
+    client_factory.protocol = TLSMemoryBIOProtocol       # unbuffered: a record a write
+    client = client_factory.buildProtocol(None)
+    pump = connect(server, FakeTransport(server, True), client,
+                   FakeTransport(client, False))
+    pump.flush()
+    ours = server.wrappedProtocol
+    assert ours.tls_done
+    seen = []
+    real = ours.stream.handle
+    ours.stream.handle = lambda ev: (seen.append(ev), real(ev))[1]
+    for part in (b"<?xml version='1.0'?>", b"<stream:stream xmlns='jabber:server' ",
+                 b"xmlns:stream='http://etherx.jabber.org/streams' to='local.example' "
+                 b"version='1.0'>"):
+        client.write(part)
+    pump.pump()         # the three records, in one dataReceived
+    reads = [ev for ev in seen if isinstance(ev, E.DataReceived)]
+    assert len(reads) == 1 and reads[0].data.endswith(b"version='1.0'>"), reads
+    # our answer (header, features), written within that read, is already on the TCP
+    # transport: nothing waits in the TLS layer for a later reactor iteration
+    assert not server._aggregator._buffer and server.transport.stream
+    pump.pump()
+    assert b"<stream:features>" in app.received, app.received
+    ours.write(b" ")
+    assert server.transport.stream and not server._aggregator._buffer
