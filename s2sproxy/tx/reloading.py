@@ -67,6 +67,7 @@ def configure(self: "Proxy", settings: Settings) -> None:
              [parse_entry(x) for x in fs.deny])
     # -- from here on nothing raises ---------------------------------------------
     self.settings = settings
+    self._inbound_configs = {}      # new streams get configs of the new settings
     for name, value in made.items():
         setattr(self, name, value)
     self.certificates.ends = ends

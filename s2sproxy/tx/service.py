@@ -93,6 +93,7 @@ class Proxy(service.MultiService):
         self.limiter = Limiter(*reloading.rate_configs(settings))   # [ratelimit]
         self.filtering = Filtering(self)    # [filter] (tx.filtering)
         self.domains = self.filtering.domains
+        self._inbound_configs: dict = {}    # inbound_config's, emptied by a reload
         self._configure(settings)
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = reactor
@@ -114,6 +115,15 @@ class Proxy(service.MultiService):
 
 
     def inbound_config(self, role: Role, direct_tls: bool) -> InboundConfig:
+        """One per listener kind, shared by its streams (an idle stream holds no copy);
+        made anew after a reload (``tx.reloading``), open streams keeping theirs."""
+        key = (role, direct_tls)
+        made = self._inbound_configs.get(key)
+        if made is None:
+            made = self._inbound_configs[key] = self._new_inbound_config(role, direct_tls)
+        return made
+
+    def _new_inbound_config(self, role: Role, direct_tls: bool) -> InboundConfig:
         s = self.settings
         return InboundConfig(role=role, served=self.served, keys=self.keys,
                              new_stream_id=new_stream_id, max_size=s.max_stanza_size,

@@ -21,7 +21,7 @@ from typing import Callable
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
-from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.internet.interfaces import (IOpenSSLClientConnectionCreator,
                                          IOpenSSLContextFactory)
 from s2sproxy.logs import get_logger
@@ -213,3 +213,43 @@ def tls_layer(transport: object, proto: object) -> TLSMemoryBIOProtocol | None:
         if isinstance(obj, TLSMemoryBIOProtocol) and obj.wrappedProtocol is proto:
             return obj
     return None
+
+
+class BatchingTLS(BufferingTLSTransport):
+    """Twisted's TLS layer hands each TLS record of a TCP read to the protocol on its
+    own, and holds each write for its next reactor iteration (to merge small
+    writes).  A StreamProtocol's TLS layer becomes this (``batch_tls``): the records
+    of one TCP read are handled as one read (``StreamProtocol._batch``), so what
+    they carry leaves in one write per stream, and that write goes out at once: no
+    reactor iteration of added CPU and latency (issue 9: 0.33 -> 0.22 ms added at
+    p50 at 10k stanzas/s), and no more TLS records than reads.  A class, not
+    per-stream closures: an idle stream holds nothing more for it."""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        proto = self.wrappedProtocol
+        proto._batch = []
+        try:
+            super().dataReceived(data)
+        except BaseException:
+            proto._batch = None
+            raise
+        batch, proto._batch = proto._batch, None
+        if batch:
+            proto._receive(batch[0] if len(batch) == 1 else b"".join(batch))
+
+    def _write_now(self, data: bytes) -> None:
+        aggregator = self._aggregator
+        aggregator.write(data)
+        aggregator.flush()
+
+
+def batch_tls(transport: object, proto: object) -> bool:
+    """Make ``proto``'s TLS layer a ``BatchingTLS`` (Twisted's own
+    BufferingTLSTransport, from a Direct TLS listener or from STARTTLS); anything else
+    is left as it is."""
+    tls = tls_layer(transport, proto)
+    if tls is None or type(tls) is not BufferingTLSTransport:
+        return False
+    tls.__class__ = BatchingTLS
+    tls.write = tls._write_now      # replaces BufferingTLSTransport's instance attribute
+    return True
