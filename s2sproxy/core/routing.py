@@ -266,15 +266,15 @@ class Router:
                     return Multiplex(link.pair, c.handle)
         return Open(link.pair)
 
-    def refuse(self, pair: Pair, condition: str, text: str) -> list[Op]:
-        """What waits for ``pair`` may not go (its remote was denied meanwhile):
-        bounced with ``condition``; the link keeps its state."""
+    def take_queued(self, pair: Pair) -> list[Stanza]:
+        """What waits for ``pair``, taken out (it may not go: its remote was denied
+        meanwhile, and the caller bounces it); the link keeps its state."""
         link = self.links.get(pair)
         if link is None or not link.queue:
             return []
-        ops: list[Op] = [Bounce(s, condition, text) for s, _ in link.queue]
+        stanzas = [s for s, _ in link.queue]
         self._clear(link)
-        return ops
+        return stanzas
 
     def shutdown(self) -> list[Op]:
         """s2sproxy is stopping: bounce everything waiting (rule 6).  Ready links

@@ -517,7 +517,7 @@ class Proxy(service.MultiService):
         flagged as a new one would be (``_refuse_denied``)."""
         why = self.domains.verdict(pair[1])
         if why is not None:
-            self._deny([op.stanza for op in self.to_remote.refuse(pair, "", "")], why)
+            self._deny(self.to_remote.take_queued(pair), why)
 
     def _deny(self, stanzas: list[Stanza], why: str) -> None:
         for s in stanzas:

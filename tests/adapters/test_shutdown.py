@@ -15,6 +15,14 @@ def _outgoing(n: int) -> Stanza:
                   "chat", f"o{n}", None, LOCAL, REMOTE)
 
 
+
+def _peer_closes(proto, reactor) -> None:
+    """The peer answers our close with its own, and the connection goes."""
+    proto.dataReceived(b"</stream:stream>")
+    proto.connectionLost(None)
+    for _ in range(3):
+        reactor.advance(0.05)
+
 def test_shutdown_bounces_queued_and_delivers_what_arrives_while_closing(tmp_path):
     p, reactor = proxy(tmp_path, remote={REMOTE: {"starttls": ["192.0.2.9:5269"]}})
     backend, backend_t = _ready_backend_stream(p, reactor)
@@ -40,10 +48,7 @@ def test_shutdown_bounces_queued_and_delivers_what_arrives_while_closing(tmp_pat
         reactor.advance(0.05)
     # phase 2: now ours to ejabberd is closed
     assert backend_t.value().endswith(b"</stream:stream>")
-    backend.dataReceived(b"</stream:stream>")
-    backend.connectionLost(None)
-    for _ in range(3):
-        reactor.advance(0.05)
+    _peer_closes(backend, reactor)
     assert done.called and not p.streams
     # nothing opened during shutdown
     p.route([_outgoing(2)])
@@ -90,13 +95,7 @@ def test_shutdown_closes_ejabberds_stream_once_it_is_quiet(tmp_path):
         reactor.advance(0.05)
     assert ej_t.value().endswith(b"</stream:stream>")
     assert not backend_t.value().endswith(b"</stream:stream>")
-    ej.dataReceived(b"</stream:stream>")
-    ej.connectionLost(None)
-    for _ in range(3):
-        reactor.advance(0.05)
+    _peer_closes(ej, reactor)
     assert backend_t.value().endswith(b"</stream:stream>")
-    backend.dataReceived(b"</stream:stream>")
-    backend.connectionLost(None)
-    for _ in range(3):
-        reactor.advance(0.05)
+    _peer_closes(backend, reactor)
     assert done.called

@@ -1332,6 +1332,25 @@ class Client:
             self.xmpp.abort()
 
 
+async def delivered_or_bounced(a: "Client", b: "Client", recipient: Account, body: str,
+                               timeout: float) -> tuple[str, str]:
+    """``a`` sends ``body`` to ``recipient`` (``b``'s account): ("delivered", ""),
+    ("bounced", the error stanza's XML) or ("nothing", ""), whichever comes first."""
+    a.send_message(recipient.bare, body)
+    got = asyncio.ensure_future(b.wait_message(timeout, match=lambda m: m.body == body))
+    err = asyncio.ensure_future(a.wait_message(timeout, match=lambda m: m.type == "error"))
+    done, pending = await asyncio.wait({got, err}, return_when=asyncio.FIRST_COMPLETED)
+    for f in pending:
+        f.cancel()
+    for f in done:
+        f.exception()
+    if got in done and got.exception() is None:
+        return "delivered", ""
+    if err in done and err.exception() is None:
+        return "bounced", err.result().xml
+    return "nothing", ""
+
+
 async def exchange(sender: Account, recipient: Account, body: str, *,
                    ca_file: Path | None, timeout: float = 20.0) -> Received:
     """Coroutine: connect both, send ``body`` sender -> recipient, wait until the

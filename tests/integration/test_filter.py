@@ -24,24 +24,14 @@ async def attempt(fed, sender, recipient, body: str, timeout: float = 20.0) -> s
     a, b = await asyncio.gather(harness.Client.connected(sender, fed.run.ca_file),
                                 harness.Client.connected(recipient, fed.run.ca_file))
     try:
-        a.send_message(recipient.bare, body)
-        got = asyncio.ensure_future(b.wait_message(timeout, match=lambda m: m.body == body))
-        err = asyncio.ensure_future(a.wait_message(timeout, match=lambda m: m.type == "error"))
-        done, pending = await asyncio.wait({got, err}, return_when=asyncio.FIRST_COMPLETED)
-        for f in pending:
-            f.cancel()
-        for f in done:
-            f.exception()
-        if got in done and got.exception() is None:
-            return "delivered"
-        if err in done and err.exception() is None:
-            xml = err.result().xml
-            for cond in ("not-allowed", "remote-server-not-found", "remote-server-timeout",
-                         "policy-violation", "forbidden", "not-authorized"):
-                if cond in xml:
-                    return cond
-            return xml
-        return "nothing"
+        out, xml = await harness.delivered_or_bounced(a, b, recipient, body, timeout)
+        if out != "bounced":
+            return out
+        for cond in ("not-allowed", "remote-server-not-found", "remote-server-timeout",
+                     "policy-violation", "forbidden", "not-authorized"):
+            if cond in xml:
+                return cond
+        return xml
     finally:
         await asyncio.gather(a.close(), b.close())
 

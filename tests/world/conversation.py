@@ -112,18 +112,11 @@ async def deliver_one(sender: Account, recipient: Account, ca_file: Path,
                                     harness.Client.connected(recipient, ca_file))
         body = f"{sender.bare} -> {recipient.bare} {time.monotonic()}"
         t0 = time.monotonic()
-        a.send_message(recipient.bare, body)
-        got = asyncio.ensure_future(b.wait_message(timeout, match=lambda m: m.body == body))
-        err = asyncio.ensure_future(a.wait_message(timeout, match=lambda m: m.type == "error"))
-        done, pending = await asyncio.wait({got, err}, return_when=asyncio.FIRST_COMPLETED)
-        for f in pending:
-            f.cancel()
-        for f in done:
-            f.exception()
-        if got in done and got.exception() is None:
+        out, xml = await harness.delivered_or_bounced(a, b, recipient, body, timeout)
+        if out == "delivered":
             return time.monotonic() - t0, ""
-        if err in done and err.exception() is None:
-            return None, f"bounced: {err.result().xml}"
+        if out == "bounced":
+            return None, f"bounced: {xml}"
         return None, f"not delivered within {timeout:g} s"
     except Exception as e:  # noqa: BLE001
         return None, f"{type(e).__name__}: {e}"[:500]
