@@ -2,7 +2,7 @@
 
     python bench/bench_e2e.py [--count N] [--rounds R] [--relays byte,lxml,s2sproxy]
     python bench/bench_e2e.py --latency [--rate 10000] [--seconds 10]
-    python bench/bench_e2e.py --idle 1000
+    python bench/bench_e2e.py --idle 1000 [--burst 16384]
 
 Every relay is a process of its own, pinned to core 0 (where ``os.sched_setaffinity``
 exists and there are two cores or more); the sender and the sink are two more
@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
-from s2sproxy.core.limits import PARSER_RELEASE_IDLE  # noqa: E402
+from s2sproxy.core.limits import MEMORY_TRIM_INTERVAL, PARSER_RELEASE_IDLE  # noqa: E402
 
 HOST = "127.0.3.1"
 LOCAL, REMOTE = "local.bench", "remote.bench"
@@ -496,7 +496,12 @@ def run_sender(a) -> None:
         emit(warm=len(socks))
         wait_cmd("go")
         for i in range(a.idle):
-            socks.append(open_stream(a, cctx, a.port))
+            sock = open_stream(a, cctx, a.port)
+            if a.burst:
+                # a busy moment before the silence: whitespace keepalives (RFC 6120
+                # section 4.6.1), read by the relay but forwarded nowhere
+                sock.sendall(b" " * a.burst)
+            socks.append(sock)
         emit(opened=len(socks))
         wait_cmd("quit")
         os._exit(0)
@@ -880,7 +885,9 @@ def latency(a, mat: Material, cores_) -> None:
 
 def idle(a, mat: Material, cores_) -> None:
     rc, oc = cores_
-    print(f"memory: {a.idle} idle streams (after 10 warm-up streams); RSS of the relay")
+    burst = f", each after a {a.burst}-byte burst" if a.burst else ""
+    print(f"memory: {a.idle} idle streams{burst} (after 10 warm-up streams); RSS of the "
+          f"relay")
     relays = ["s2sproxy", "byte"]
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if 2 * a.idle + 64 > hard:
@@ -898,7 +905,7 @@ def idle(a, mat: Material, cores_) -> None:
             started.append(relay_proc)
             mode = "s2s" if relay == "s2sproxy" else "tls"
             sender = child("sender", "sender", mat, oc, "--mode", mode, "--port", port,
-                           "--idle", a.idle)
+                           "--idle", a.idle, "--burst", a.burst)
             started.append(sender)
             sender.expect("warm", 120)
             time.sleep(1.0)
@@ -912,11 +919,14 @@ def idle(a, mat: Material, cores_) -> None:
             print(f"{relay:<9} RSS {r0 / 1024:7.1f} -> {r1 / 1024:7.1f} MiB: "
                   f"{(r1 - r0) / a.idle:6.1f} KiB per idle {what}", flush=True)
             if relay == "s2sproxy":
-                # Idle streams drop their expat parser after PARSER_RELEASE_IDLE seconds
-                # of silence (policy.keepalive rule 7), at the next keepalive tick.
-                time.sleep(PARSER_RELEASE_IDLE + 2.0)
+                # Idle streams drop their expat parser and renew their TLS buffers
+                # after PARSER_RELEASE_IDLE seconds of silence, and the freed memory
+                # is handed back at most every MEMORY_TRIM_INTERVAL seconds
+                # (policy.keepalive rule 7), at keepalive ticks.
+                wait = PARSER_RELEASE_IDLE + MEMORY_TRIM_INTERVAL + 4.0
+                time.sleep(wait)
                 r2 = rss_kib(relay_proc.pid)
-                print(f"{'':<9} after {PARSER_RELEASE_IDLE + 4:.0f} s idle: RSS "
+                print(f"{'':<9} after {wait + 2:.0f} s idle: RSS "
                       f"{r2 / 1024:7.1f} MiB: {(r2 - r0) / a.idle:6.1f} KiB per stream",
                       flush=True)
         finally:
@@ -939,6 +949,8 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=10000.0, help="stanzas/s (latency mode)")
     p.add_argument("--seconds", type=float, default=10.0, help="seconds per latency run")
     p.add_argument("--idle", type=int, default=0, help="memory mode: N idle streams")
+    p.add_argument("--burst", type=int, default=0,
+                   help="memory mode: each stream first sends this many bytes")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     # internal: the roles of the child processes
     p.add_argument("--role", choices=("sink", "sender", "relay"), help=argparse.SUPPRESS)

@@ -45,6 +45,17 @@ SHUTDOWN_QUIET = 0.25
 #: long enough that a busy stream never pays for a new parser.
 PARSER_RELEASE_IDLE = 10.0
 
+#: seconds between two hand-backs of freed memory to the system (glibc
+#: ``malloc_trim``, ``tx.memory``; ``policy.keepalive`` rule 7), done only after a tick
+#: that released parsers or TLS buffers.  It costs the reactor about 1 ms per 30 MiB
+#: of heap (30 ms at 1 GiB, measured here), hence at most once a minute.
+MEMORY_TRIM_INTERVAL = 60.0
+
+#: bytes a TLS stream must have carried (both ways, since the handshake or the last
+#: renewal) before its idle TLS memory buffers are renewed (``policy.keepalive`` rule
+#: 7): a buffer holds at most what one read or write carried.
+TLS_RENEW_MIN_BYTES = 8192
+
 #: domain pairs one outgoing stream of ours to a remote may carry, its first pair
 #: included, by XEP-0220 sender multiplexing (``core.outbound``, ``core.routing``);
 #: beyond: the next pair opens a connection of its own.  Each pair waiting for its

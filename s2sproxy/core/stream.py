@@ -200,8 +200,9 @@ class StreamBase:
 
     def release_parser(self) -> bool:
         """Drop the framer's expat parser while nothing is half-parsed (an idle
-        stream; ``policy.keepalive`` rule 7).  True if it holds none now."""
-        return self.parser.release()
+        stream; ``policy.keepalive`` rule 7).  True if one was dropped now."""
+        held = self.parser.holds_parser
+        return self.parser.release() and held
 
     def _restart(self, tls: bool = False) -> None:
         """The stream restarts after the element being handled: new parser, new

@@ -33,7 +33,16 @@ Rules:
 
 7. Idle parser: a stream silent for ``PARSER_RELEASE_IDLE`` seconds may drop its
    framer's expat parser (``parser_idle``); the framer itself refuses while anything
-   is half-parsed, and makes a new parser at the next read.
+   is half-parsed, and makes a new parser at the next read.  A TLS stream that has
+   neither read nor written for as long, and has carried ``TLS_RENEW_MIN_BYTES``
+   since its buffers were last renewed (or since the handshake), gets new empty TLS
+   memory buffers (``buffers_idle``): OpenSSL's
+   memory BIOs keep the largest size they ever held (a 16 KiB burst leaves 24 KiB
+   per stream behind, measured), so an idle stream would hold its busiest moment.
+   Once any of these were released, the freed memory is handed back to the system
+   at a tick, at most every ``MEMORY_TRIM_INTERVAL`` seconds (``trim_due``): the C
+   allocator keeps freed blocks amid live ones in the process's resident memory
+   otherwise.
 
 Rule 1 is Prosody's (plugins/mod_s2s.lua, ``keepalive`` on ``s2s-read-timeout``:
 one space).  Neither Prosody nor ejabberd pings s2s peers (ejabberd's ``s2s_timeout``
@@ -49,7 +58,8 @@ from typing import Callable, Hashable
 
 from s2sproxy.core.inbound import InboundState, InboundStream, Role
 from s2sproxy.core.jid import nameprep_domain
-from s2sproxy.core.limits import PARSER_RELEASE_IDLE
+from s2sproxy.core.limits import (MEMORY_TRIM_INTERVAL, PARSER_RELEASE_IDLE,
+                                  TLS_RENEW_MIN_BYTES)
 from s2sproxy.core.outbound import OutboundState, OutboundStream
 from s2sproxy.core.serialize import escape as xml_escape
 from s2sproxy.core.stanza import Stanza
@@ -203,6 +213,22 @@ class Keepalive:
 def parser_idle(now: float, last_rx: float, after: float = PARSER_RELEASE_IDLE) -> bool:
     """Rule 7: the stream has been silent long enough to hold no parser."""
     return now - last_rx >= after
+
+
+def buffers_idle(now: float, last_rx: float, last_tx: float, moved: int,
+                 after: float = PARSER_RELEASE_IDLE) -> bool:
+    """Rule 7: neither read nor written for ``after`` seconds, and at least
+    ``TLS_RENEW_MIN_BYTES`` moved either way since the buffers were last renewed
+    (``moved``): less cannot have grown them much, and a keepalive's byte a minute
+    never makes a stream renew its buffers again and again."""
+    last = last_rx if last_rx > last_tx else last_tx
+    return now - last >= after and moved >= TLS_RENEW_MIN_BYTES
+
+
+def trim_due(now: float, trimmed_at: float, every: float = MEMORY_TRIM_INTERVAL) -> bool:
+    """Rule 7: memory was released since ``trimmed_at``; hand it back unless that
+    was done lately."""
+    return now - trimmed_at >= every
 
 
 def established(st: object) -> bool:

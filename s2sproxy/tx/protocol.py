@@ -22,7 +22,7 @@ from zope.interface import implementer
 from s2sproxy.core import actions as A
 from s2sproxy.core import events as E
 from s2sproxy.core.limits import CLOSE_GRACE
-from s2sproxy.tx.tls import batch_tls, tls_connection_of
+from s2sproxy.tx.tls import batch_tls, renew_buffers, tls_connection_of
 
 log = get_logger(__name__)
 
@@ -89,6 +89,7 @@ class StreamProtocol(Protocol):
         self.tls_done = False
         # TLS: the records one TCP read brings, handled as one read (tls.BatchingTLS)
         self._batch: list[bytes] | None = None
+        self.renewed_bytes = 0      # rx + tx bytes at the last TLS buffer renewal
 
     # -- Twisted callbacks -----------------------------------------------------------
 
@@ -211,6 +212,14 @@ class StreamProtocol(Protocol):
         if not self.closing:
             self.tx_stanzas += n
             self.write(data)
+
+    def renew_buffers(self) -> bool:
+        """New, empty TLS memory buffers for an idle stream (``tls.renew_buffers``).
+        True if renewed."""
+        if renew_buffers(self.transport, self):
+            self.renewed_bytes = self.rx_bytes + self.tx_bytes
+            return True
+        return False
 
     def handshakeCompleted(self) -> None:  # noqa: N802
         self.tls_done = True

@@ -42,13 +42,13 @@ from s2sproxy.policy import keepalive as K
 from s2sproxy.policy.classify import BOUNCE, CLOSE, FORWARD, NS_PING, Policy
 from s2sproxy.policy.domains import REASON as REASON_DENIED
 from s2sproxy.policy.ratelimit import REASON as REASON_RATE, Limiter
-from s2sproxy.tx import control, listeners, reloading, shutdown
+from s2sproxy.tx import control, listeners, memory, reloading, shutdown
 from s2sproxy.tx.certificates import Certificates
 from s2sproxy.tx.connector import Connector, OutboundFactory as _OutboundFactory
 from s2sproxy.tx.filtering import Filtering
 from s2sproxy.tx.flags import FlagRecorder
 from s2sproxy.tx.protocol import StreamProtocol
-from s2sproxy.tx.tls import ContextFactory
+from s2sproxy.tx.tls import ContextFactory, tls_connection_of
 from s2sproxy.tx.verify import Verifier
 
 log = get_logger(__name__)
@@ -96,6 +96,7 @@ class Proxy(service.MultiService):
         self._inbound_configs: dict = {}    # inbound_config's, emptied by a reload
         self._configure(settings)
         self._ticker = LoopingCall(self._tick)
+        self.idle_memory = memory.IdleMemory()     # policy.keepalive rule 7
         self._ticker.clock = reactor
         self._control_port = None
         self._build_listeners()
@@ -224,8 +225,7 @@ class Proxy(service.MultiService):
             st = proto.stream
             if proto.closing or not K.established(st):
                 continue
-            if K.parser_idle(now, proto.last_rx):
-                st.release_parser()
+            self.idle_memory.release(proto, now)
             for d in poll(proto, now, proto.last_tx, proto.last_rx, K.ping_ends(st)):
                 if type(d) is K.StreamDead:
                     log.warn("{label} stream {peer} to {remote} dead: no answer to a "
@@ -235,6 +235,7 @@ class Proxy(service.MultiService):
                     proto.run(st.fail(d.condition, d.text))
                 else:
                     proto.write(d.data)
+        self.idle_memory.tick_done(now)
 
     # -- what StreamProtocol asks of its owner ------------------------------------------
 
@@ -311,9 +312,13 @@ class Proxy(service.MultiService):
     def tls_failed(self, proto: StreamProtocol) -> None:
         """The connection went before its TLS handshake completed."""
         self.metrics.tls_failures.labels(proto.label).inc()
-        # debug: a scan of the Direct TLS port would log a line per connection
-        log.debug("{label} stream {peer}: TLS handshake not completed", label=proto.label,
-                  peer=proto.peer)
+        # debug: a scan of the Direct TLS port would log a line per connection.  How
+        # far it got: a cipher is chosen once the peer's hello is read.
+        conn = tls_connection_of(proto.transport)
+        cipher = conn.get_cipher_name() if conn is not None else None
+        log.debug("{label} stream {peer}: TLS handshake not completed ({how})",
+                  label=proto.label, peer=proto.peer,
+                  how=f"hello exchanged, {cipher}" if cipher else "no hello from the peer")
 
     def check_peer(self, proto: StreamProtocol) -> E.TlsEstablished:
         ok, cert = self.trust.check(proto.tls_connection())

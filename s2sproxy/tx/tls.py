@@ -27,6 +27,11 @@ from twisted.internet.interfaces import (IOpenSSLClientConnectionCreator,
 from s2sproxy.logs import get_logger
 from zope.interface import implementer
 
+try:    # pyOpenSSL's cffi binding, for renew_buffers (a memory BIO cannot shrink)
+    from OpenSSL._util import ffi as _ffi, lib as _lib
+except ImportError:     # pragma: no cover - another pyOpenSSL layout: buffers kept
+    _ffi = _lib = None
+
 from s2sproxy.config import Domain, Trust
 from s2sproxy.core.jid import InvalidJid, dns_name, nameprep_domain
 
@@ -252,4 +257,37 @@ def batch_tls(transport: object, proto: object) -> bool:
         return False
     tls.__class__ = BatchingTLS
     tls.write = tls._write_now      # replaces BufferingTLSTransport's instance attribute
+    return True
+
+
+def renew_buffers(transport: object, proto: object) -> bool:
+    """Give ``proto``'s TLS connection new, empty memory BIOs (``policy.keepalive``
+    rule 7, an idle stream).  Twisted's TLS layer moves bytes through two OpenSSL
+    memory BIOs, and a memory BIO never gives back the largest size it once held: a
+    stream that carried one 16 KiB burst holds 24 KiB more for the rest of its life
+    (measured with OpenSSL 4.0, idle TLS 1.3 server connections).  Done only when
+    nothing waits in either BIO, nor in Twisted's own buffer of writes; the SSL
+    object keeps its state and reads and writes through the new BIOs as pyOpenSSL
+    set them up (``Connection(ctx, None)``).  True if renewed."""
+    tls = tls_layer(transport, proto)
+    if (_lib is None or tls is None or not tls._handshakeDone or tls._lostTLSConnection
+            or tls._appSendBuffer):
+        return False
+    conn = tls._tlsConnection
+    ssl_, into, out = (getattr(conn, "_ssl", None), getattr(conn, "_into_ssl", None),
+                       getattr(conn, "_from_ssl", None))
+    if ssl_ is None or into is None or out is None:
+        return False
+    if _lib.BIO_get_mem_data(into, _ffi.NULL) or _lib.BIO_get_mem_data(out, _ffi.NULL):
+        return False
+    new_into = _lib.BIO_new(_lib.BIO_s_mem())
+    new_out = _lib.BIO_new(_lib.BIO_s_mem())
+    if new_into == _ffi.NULL or new_out == _ffi.NULL:
+        for bio in (new_into, new_out):
+            if bio != _ffi.NULL:
+                _lib.BIO_free(bio)
+        return False
+    # Both BIOs new: SSL_set_bio frees the old pair and owns the new one.
+    _lib.SSL_set_bio(ssl_, new_into, new_out)
+    conn._into_ssl, conn._from_ssl = new_into, new_out
     return True

@@ -85,3 +85,42 @@ def message(frm: str, to: str, id_: str, type_: str = "chat", body: str = "hi") 
 
 __all__ = ["LOCAL", "REMOTE", "Proxy", "StreamProtocol", "InboundStream", "settings",
            "proxy", "public_stream", "message", "Transport"]
+
+
+class TlsApp:
+    """The application on the client end of ``direct_tls_pair``: what it received."""
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def makeConnection(self, transport) -> None:  # noqa: N802
+        self.transport = transport
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received += data
+
+    def connectionLost(self, reason=None) -> None:  # noqa: N802
+        pass
+
+
+def direct_tls_pair(tmp_path, **tables):
+    """A Proxy's Direct TLS listener protocol and a TLS client in memory, handshake
+    done (real TLS, twisted.test.iosim): (proxy, its reactor, server TLS layer, client
+    TLS layer, client app, pump).  The client writes one TLS record per write."""
+    from twisted.internet.protocol import Factory
+    from twisted.internet.ssl import CertificateOptions
+    from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+    from twisted.test.iosim import FakeTransport, connect
+
+    p, reactor = proxy(tmp_path, **tables)
+    server = p.services[1].factory.buildProtocol(None)   # the Direct TLS listener's
+    app = TlsApp()
+    client_factory = TLSMemoryBIOFactory(CertificateOptions(), True,
+                                         Factory.forProtocol(lambda: app))
+    client_factory.protocol = TLSMemoryBIOProtocol       # unbuffered: a record a write
+    client = client_factory.buildProtocol(None)
+    pump = connect(server, FakeTransport(server, True), client,
+                   FakeTransport(client, False))
+    pump.flush()
+    assert server.wrappedProtocol.tls_done
+    return p, reactor, server, client, app, pump

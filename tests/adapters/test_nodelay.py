@@ -16,7 +16,8 @@ from s2sproxy.core import actions as A
 from s2sproxy.core.stanza import Stanza
 from s2sproxy.tx.protocol import no_delay
 from s2sproxy.tx.service import Proxy
-from tests.adapters.helpers import proxy as memory_proxy, public_stream, settings
+from tests.adapters.helpers import (direct_tls_pair, proxy as memory_proxy, public_stream,
+                                    settings)
 
 LOOPBACK = "127.0.0.1"
 
@@ -250,32 +251,10 @@ def test_tls_records_of_one_tcp_read_are_one_read_and_writes_leave_at_once(tmp_p
     real TLS handshake): three records arriving in one TCP read reach the core as one
     DataReceived, and what the stream writes is on the TCP transport before any
     reactor iteration."""
-    from twisted.internet.protocol import Factory, Protocol
-    from twisted.internet.ssl import CertificateOptions
-    from twisted.protocols.tls import TLSMemoryBIOFactory
-    from twisted.test.iosim import FakeTransport, connect
-
     from s2sproxy.core import events as E
 
-    p, _reactor = memory_proxy(tmp_path)
-    server = p.services[1].factory.buildProtocol(None)   # the Direct TLS listener's
-
-    class App(Protocol):
-        received = b""
-
-        def dataReceived(self, data):  # noqa: N802
-            self.received += data
-
-    app = App()
-    client_factory = TLSMemoryBIOFactory(CertificateOptions(),
-                                         True, Factory.forProtocol(lambda: app))
-    client_factory.protocol = TLSMemoryBIOProtocol       # unbuffered: a record a write
-    client = client_factory.buildProtocol(None)
-    pump = connect(server, FakeTransport(server, True), client,
-                   FakeTransport(client, False))
-    pump.flush()
+    _p, _r, server, client, app, pump = direct_tls_pair(tmp_path)
     ours = server.wrappedProtocol
-    assert ours.tls_done
     seen = []
     real = ours.stream.handle
     ours.stream.handle = lambda ev: (seen.append(ev), real(ev))[1]

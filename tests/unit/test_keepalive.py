@@ -300,3 +300,23 @@ def test_parser_idle_after_the_release_delay():
     from s2sproxy.policy.keepalive import parser_idle
     assert not parser_idle(100 + PARSER_RELEASE_IDLE - 0.1, 100)
     assert parser_idle(100 + PARSER_RELEASE_IDLE, 100)
+
+
+def test_buffers_idle_needs_silence_both_ways_and_enough_bytes_since_the_renewal():
+    """Rule 7: TLS buffers are renewed after PARSER_RELEASE_IDLE seconds with neither a
+    read nor a write, once TLS_RENEW_MIN_BYTES moved since the last renewal."""
+    from s2sproxy.core.limits import PARSER_RELEASE_IDLE as IDLE, TLS_RENEW_MIN_BYTES as N
+    from s2sproxy.policy.keepalive import buffers_idle
+    assert buffers_idle(100 + IDLE, 100, 90, N)
+    assert not buffers_idle(100 + IDLE - 0.1, 100, 90, N)     # read lately
+    assert not buffers_idle(100 + IDLE - 0.1, 90, 100, N)     # written lately
+    assert not buffers_idle(100 + IDLE, 100, 90, N - 1)       # too little moved
+    assert not buffers_idle(100 + IDLE, 100, 90, 0)
+
+
+def test_trim_due_at_most_once_per_interval():
+    from s2sproxy.core.limits import MEMORY_TRIM_INTERVAL as EVERY
+    from s2sproxy.policy.keepalive import trim_due
+    assert trim_due(5.0, float("-inf"))
+    assert not trim_due(100 + EVERY - 0.1, 100)
+    assert trim_due(100 + EVERY, 100)
