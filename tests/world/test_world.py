@@ -32,6 +32,21 @@ def _log(backend) -> str:
     return backend.proxy.log_text()
 
 
+_TELLING = re.compile(r"\bflag |not completed|Traceback|\[error\]|\[warning\]|#warn\]|#error\]")
+
+
+def evidence(log: str, names: set[str], world) -> str:
+    """For a failure message: the s2sproxy lines that name a failing cell's remote,
+    every flag, handshake and error line, and the remote ejabberd's lines about those
+    domains (the log's tail alone misses what happened at the start)."""
+    def pick(text: str, most: int) -> str:
+        lines = [ln for ln in text.splitlines()
+                 if _TELLING.search(ln) or any(n in ln for n in names)]
+        return "\n".join(ln[:400] for ln in lines[-most:])
+    return (f"-- s2sproxy, lines about {sorted(names)}:\n{pick(log, 120)}\n"
+            f"-- remote ejabberd:\n{pick(world.ejr.log_text(), 40)}")
+
+
 def inbound(log: str, remote: str, local: str) -> list[dict]:
     """The public streams authenticated remote -> local, as dicts of their fields."""
     pat = (rf"public stream authenticated: {re.escape(remote)} -> {re.escape(local)} "
@@ -86,6 +101,7 @@ def test_every_remote_and_auth_method_at_once(world, backend):
     log = _log(backend)
     m = W.metrics(backend.metrics_port)
     failures = []
+    failing: set[str] = set()
     for (key, label, auth, served, remote, bidi), seen in zip(cells, results):
         problems = []
         if seen.error:
@@ -126,6 +142,7 @@ def test_every_remote_and_auth_method_at_once(world, backend):
         MATRIX.put(f"ejabberd {backend.version.version}", label, auth, Cell(ok, summary, problems))
         if problems:
             failures.append(f"{label} {auth} ({served.name} <-> {remote.name}): {problems}")
+            failing.add(remote.name)
     flags = {k: v for k, v in m.items() if k.startswith("s2sproxy_flags_total")}
     if flags:
         failures.append(f"flags raised: {flags}")
@@ -148,7 +165,8 @@ def test_every_remote_and_auth_method_at_once(world, backend):
     # s2sproxy followed it to verify p13db's dialback key.
     if not re.search(r"verify connection to s2s\.p13db\.example \[127\.0\.1\.21\]:5269", log):
         failures.append("p13db.example: the CNAME chain was not followed")
-    assert not failures, "\n".join(failures) + "\n" + log[-3000:]
+    assert not failures, ("\n".join(failures) + "\n" + evidence(log, failing, world)
+                          + "\n-- s2sproxy, the tail:\n" + log[-1500:])
 
 
 FALLBACK_CASES = {
