@@ -51,9 +51,9 @@ PARSER_RELEASE_IDLE = 10.0
 #: of heap (30 ms at 1 GiB, measured here), hence at most once a minute.
 MEMORY_TRIM_INTERVAL = 60.0
 
-#: bytes a TLS stream must have carried (both ways, since the handshake or the last
-#: renewal) before its idle TLS memory buffers are renewed (``policy.keepalive`` rule
-#: 7): a buffer holds at most what one read or write carried.
+#: bytes a TLS stream must have carried (both ways) since its last renewal before its
+#: idle TLS memory buffers are renewed again (``policy.keepalive`` rule 7; the first
+#: renewal is due after the handshake, whose certificates leave about 6 KiB there).
 TLS_RENEW_MIN_BYTES = 8192
 
 #: domain pairs one outgoing stream of ours to a remote may carry, its first pair

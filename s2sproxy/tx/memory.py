@@ -10,7 +10,6 @@ glibc's ``malloc_trim(0)``; on another C library it does nothing."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import time
 
 from s2sproxy.logs import get_logger
@@ -21,8 +20,7 @@ log = get_logger(__name__)
 
 def _malloc_trim():
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
+        return ctypes.CDLL(None).malloc_trim     # the C library s2sproxy runs on
     except (OSError, AttributeError):
         return None
 

@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from s2sproxy.core import actions as A
 from s2sproxy.core import events as E
-from s2sproxy.core.limits import CLOSE_GRACE
+from s2sproxy.core.limits import CLOSE_GRACE, TLS_RENEW_MIN_BYTES
 from s2sproxy.tx.tls import batch_tls, renew_buffers, tls_connection_of
 
 log = get_logger(__name__)
@@ -89,7 +89,9 @@ class StreamProtocol(Protocol):
         self.tls_done = False
         # TLS: the records one TCP read brings, handled as one read (tls.BatchingTLS)
         self._batch: list[bytes] | None = None
-        self.renewed_bytes = 0      # rx + tx bytes at the last TLS buffer renewal
+        # rx + tx bytes at the last TLS buffer renewal: none yet, and the handshake
+        # (not counted in rx_bytes, tx_bytes) filled the buffers: due once idle
+        self.renewed_bytes = -TLS_RENEW_MIN_BYTES
 
     # -- Twisted callbacks -----------------------------------------------------------
 

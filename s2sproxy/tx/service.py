@@ -313,12 +313,16 @@ class Proxy(service.MultiService):
         """The connection went before its TLS handshake completed."""
         self.metrics.tls_failures.labels(proto.label).inc()
         # debug: a scan of the Direct TLS port would log a line per connection.  How
-        # far it got: a cipher is chosen once the peer's hello is read.
+        # far it got: the peer's random is known once its hello was read.
         conn = tls_connection_of(proto.transport)
-        cipher = conn.get_cipher_name() if conn is not None else None
+        heard = None
+        if conn is not None:
+            heard = (conn.client_random() if proto.label in ("public", "backend-in")
+                     else conn.server_random())
         log.debug("{label} stream {peer}: TLS handshake not completed ({how})",
                   label=proto.label, peer=proto.peer,
-                  how=f"hello exchanged, {cipher}" if cipher else "no hello from the peer")
+                  how="the peer's hello came" if heard and heard.strip(b"\0")
+                  else "no hello from the peer")
 
     def check_peer(self, proto: StreamProtocol) -> E.TlsEstablished:
         ok, cert = self.trust.check(proto.tls_connection())

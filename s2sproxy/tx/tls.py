@@ -21,15 +21,21 @@ from typing import Callable
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from twisted.internet.interfaces import (IOpenSSLClientConnectionCreator,
                                          IOpenSSLContextFactory)
 from s2sproxy.logs import get_logger
 from zope.interface import implementer
 
-try:    # pyOpenSSL's cffi binding, for renew_buffers (a memory BIO cannot shrink)
+try:    # pyOpenSSL's cffi binding: BatchingTLS's flushes and renew_buffers read and
+    # replace the memory BIOs (another layout: Twisted's TLS layer as it is)
     from OpenSSL._util import ffi as _ffi, lib as _lib
-except ImportError:     # pragma: no cover - another pyOpenSSL layout: buffers kept
+    if not all(hasattr(_lib, f) for f in ("BIO_get_mem_data", "BIO_new", "BIO_s_mem",
+                                          "BIO_free", "SSL_set_bio")):
+        raise ImportError("pyOpenSSL's binding lacks a BIO function")
+except ImportError:     # pragma: no cover
     _ffi = _lib = None
 
 from s2sproxy.config import Domain, Trust
@@ -247,13 +253,58 @@ class BatchingTLS(BufferingTLSTransport):
         aggregator.write(data)
         aggregator.flush()
 
+    # Twisted's loops end on an exception: a recv that finds no more records raises
+    # WantReadError, and so does reading an empty send BIO, each after allocating a
+    # 32 KiB buffer.  These two ask the BIOs what they hold instead (the same
+    # exceptions are still handled as Twisted does).
+
+    def _flushSendBIO(self) -> None:  # noqa: N802 (Twisted's name)
+        conn = self._tlsConnection
+        out = conn._from_ssl
+        n = _lib.BIO_get_mem_data(out, _ffi.NULL)
+        while n > 0:
+            self.transport.write(conn.bio_read(n))
+            n = _lib.BIO_get_mem_data(out, _ffi.NULL)
+
+    def _flushReceiveBIO(self) -> None:  # noqa: N802 (Twisted's name)
+        conn = self._tlsConnection
+        into = conn._into_ssl
+        while not self._lostTLSConnection:
+            try:
+                data = conn.recv(32768)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+            else:
+                if not self._aborted:
+                    ProtocolWrapper.dataReceived(self, data)
+                # nothing decrypted waits, no record is in the read BIO: a recv
+                # now could only raise WantReadError (at the end of the connection,
+                # Twisted's recv that finds the EOF is kept: it sets the reason)
+                if (not self._lostTLSConnection and not self._tcp_gone
+                        and not conn.pending()
+                        and not _lib.BIO_get_mem_data(into, _ffi.NULL)):
+                    break
+        self._flushSendBIO()
+
+    _tcp_gone = False
+
+    def connectionLost(self, reason: Failure) -> None:  # noqa: N802 (Twisted's name)
+        self._tcp_gone = True
+        super().connectionLost(reason)
+
 
 def batch_tls(transport: object, proto: object) -> bool:
     """Make ``proto``'s TLS layer a ``BatchingTLS`` (Twisted's own
     BufferingTLSTransport, from a Direct TLS listener or from STARTTLS); anything else
     is left as it is."""
     tls = tls_layer(transport, proto)
-    if tls is None or type(tls) is not BufferingTLSTransport:
+    if tls is None or type(tls) is not BufferingTLSTransport or _lib is None \
+            or getattr(tls._tlsConnection, "_from_ssl", None) is None:
         return False
     tls.__class__ = BatchingTLS
     tls.write = tls._write_now      # replaces BufferingTLSTransport's instance attribute
@@ -270,8 +321,8 @@ def renew_buffers(transport: object, proto: object) -> bool:
     object keeps its state and reads and writes through the new BIOs as pyOpenSSL
     set them up (``Connection(ctx, None)``).  True if renewed."""
     tls = tls_layer(transport, proto)
-    if (_lib is None or tls is None or not tls._handshakeDone or tls._lostTLSConnection
-            or tls._appSendBuffer):
+    if (_lib is None or type(tls) is not BatchingTLS or not tls._handshakeDone
+            or tls._lostTLSConnection or tls._appSendBuffer):
         return False
     conn = tls._tlsConnection
     ssl_, into, out = (getattr(conn, "_ssl", None), getattr(conn, "_into_ssl", None),

@@ -272,3 +272,26 @@ def test_tls_records_of_one_tcp_read_are_one_read_and_writes_leave_at_once(tmp_p
     assert b"<stream:features>" in app.received, app.received
     ours.write(b" ")
     assert server.transport.stream and not server._aggregator._buffer
+
+
+def test_tls_end_of_connection_and_large_writes_with_the_bio_reading_flushes(tmp_path):
+    """BatchingTLS reads its BIOs by their fill level instead of Twisted's read until
+    WantReadError: a 100 KB write is all on the TCP transport at once and reaches the
+    client whole; TCP gone without a TLS close_notify still ends the stream with
+    ConnectionLost (the EOF read that tells it is kept)."""
+    from twisted.internet.error import ConnectionDone, ConnectionLost
+    from twisted.python.failure import Failure
+
+    _p, _r, server, client, app, pump = direct_tls_pair(tmp_path)
+    ours = server.wrappedProtocol
+    reasons = []
+    real_lost = ours.connectionLost
+    ours.connectionLost = lambda reason=None: (reasons.append(reason), real_lost(reason))
+    big = b"<x>" + b"y" * 100_000 + b"</x>"
+    before = len(app.received)
+    ours.write(big)
+    assert sum(map(len, server.transport.stream)) > len(big)    # all of it, now
+    pump.flush()
+    assert app.received[before:] == big
+    server.connectionLost(Failure(ConnectionDone()))             # TCP closed, no alert
+    assert len(reasons) == 1 and reasons[0].check(ConnectionLost), reasons

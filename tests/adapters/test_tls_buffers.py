@@ -59,8 +59,9 @@ def test_renewed_buffers_carry_the_stream_both_ways_and_a_record_split_across(tm
 
 
 def test_buffers_are_kept_while_bytes_wait_in_them(tmp_path):
-    """Bytes in the read BIO not yet taken by OpenSSL, or TLS output not yet taken by
-    Twisted: nothing is renewed (they would be lost)."""
+    """Bytes in the read BIO not yet taken by OpenSSL, TLS output not yet taken by
+    Twisted, or a write Twisted still holds: nothing is renewed (they would be lost
+    or reordered)."""
     _p, _r, server, client, _app, pump, _seen = opened(tmp_path)
     conn = server._tlsConnection
     ours = server.wrappedProtocol
@@ -74,6 +75,11 @@ def test_buffers_are_kept_while_bytes_wait_in_them(tmp_path):
     before2 = bios(server2)
     assert not renew_buffers(server2, server2.wrappedProtocol)
     assert bios(server2) == before2
+    server3 = opened(tmp_path)[2]
+    server3._appSendBuffer.append(b"<x/>")    # a write Twisted holds for OpenSSL
+    assert not renew_buffers(server3, server3.wrappedProtocol)
+    server3._appSendBuffer.clear()
+    assert renew_buffers(server3, server3.wrappedProtocol)
 
 
 def burst(client, pump, n: int = TLS_RENEW_MIN_BYTES) -> None:
@@ -90,7 +96,12 @@ def test_the_keepalive_tick_renews_an_idle_stream_once_it_carried_enough(tmp_pat
     first = bios(server)
     reactor.advance(PARSER_RELEASE_IDLE + 1)
     p._keepalive(reactor.seconds())
-    assert bios(server) == first                # a stream header each way: too little
+    after_handshake = bios(server)
+    assert after_handshake != first             # the handshake filled them: once
+    reactor.advance(PARSER_RELEASE_IDLE + 1)
+    p._keepalive(reactor.seconds())
+    assert bios(server) == after_handshake      # a stream header each way: too little
+    first = after_handshake
     burst(client, pump)
     reactor.advance(PARSER_RELEASE_IDLE / 2)
     p._keepalive(reactor.seconds())
@@ -150,12 +161,12 @@ def test_malloc_trim_is_found_on_this_system():
     assert memory.trim() in (True, False)
 
 
-def test_a_tls_handshake_that_never_began_is_logged_with_openssl_state(tmp_path):
-    """A Direct TLS connection that goes before any ClientHello: the debug line says
-    how far the handshake got, so a stall can be told from a peer that sent nothing."""
+def handshake_lines(tmp_path, hello: bytes | None) -> list[str]:
+    """The debug line of a Direct TLS connection that goes after ``hello`` (the bytes
+    a client sent, or nothing)."""
+    from twisted.internet.error import ConnectionDone
     from twisted.logger import formatEvent, globalLogPublisher
     from twisted.python.failure import Failure
-    from twisted.internet.error import ConnectionLost
     from s2sproxy import logs
     from tests.adapters.helpers import Transport, proxy
     events: list[dict] = []
@@ -165,10 +176,32 @@ def test_a_tls_handshake_that_never_began_is_logged_with_openssl_state(tmp_path)
         logs.set_level("debug")
         server = p.services[1].factory.buildProtocol(None)   # the Direct TLS listener's
         server.makeConnection(Transport())
-        server.connectionLost(Failure(ConnectionLost()))
+        if hello:
+            server.dataReceived(hello)
+        server.connectionLost(Failure(ConnectionDone()))
     finally:
         logs.set_level("info")
         globalLogPublisher.removeObserver(events.append)
-    lines = [formatEvent(e) for e in events if "handshake" in e.get("log_format", "")]
-    assert lines == ["public stream 192.0.2.7:40000: TLS handshake not completed "
-                     "(no hello from the peer)"], lines
+    return [formatEvent(e) for e in events if "handshake" in e.get("log_format", "")]
+
+
+def test_a_tls_handshake_that_never_completed_says_whether_the_peer_spoke(tmp_path):
+    """A Direct TLS connection that goes before any ClientHello, and one whose
+    ClientHello we refused (TLS 1.2, no cipher we accept): the debug line tells them
+    apart, so a stalled peer can be told from a handshake that failed."""
+    from OpenSSL import SSL
+    assert handshake_lines(tmp_path, None) == [
+        "public stream 192.0.2.7:40000: TLS handshake not completed "
+        "(no hello from the peer)"]
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_cipher_list(b"AES128-SHA")
+    old = SSL.Connection(ctx, None)
+    old.set_connect_state()
+    try:
+        old.do_handshake()
+    except SSL.Error:
+        pass
+    assert handshake_lines(tmp_path, old.bio_read(65536)) == [
+        "public stream 192.0.2.7:40000: TLS handshake not completed "
+        "(the peer's hello came)"]
