@@ -35,8 +35,9 @@ Rules:
    framer's expat parser (``parser_idle``); the framer itself refuses while anything
    is half-parsed, and makes a new parser at the next read.  A TLS stream that has
    neither read nor written for as long, and has carried ``TLS_RENEW_MIN_BYTES``
-   since its buffers were last renewed (the handshake counts as that much: its
-   certificates filled them), gets new empty TLS memory buffers (``buffers_idle``):
+   since its buffers were last renewed (the shell renews them once at its first read
+   after the handshake, whose certificates filled them), gets new empty TLS memory
+   buffers (``buffers_idle``):
    OpenSSL's
    memory BIOs keep the largest size they ever held (a 16 KiB burst leaves 24 KiB
    per stream behind, measured), so an idle stream would hold its busiest moment.
@@ -220,9 +221,8 @@ def buffers_idle(now: float, last_rx: float, last_tx: float, moved: int,
                  after: float = PARSER_RELEASE_IDLE) -> bool:
     """Rule 7: neither read nor written for ``after`` seconds, and at least
     ``TLS_RENEW_MIN_BYTES`` moved either way since the buffers were last renewed
-    (``moved``; the shell counts the handshake, which its byte counts miss, as that
-    much): a keepalive's byte a minute never makes a stream renew its buffers again
-    and again."""
+    (``moved``): a keepalive's byte a minute never makes a stream renew its buffers
+    again and again."""
     last = last_rx if last_rx > last_tx else last_tx
     return now - last >= after and moved >= TLS_RENEW_MIN_BYTES
 

@@ -89,8 +89,9 @@ class StreamProtocol(Protocol):
         self.tls_done = False
         # TLS: the records one TCP read brings, handled as one read (tls.BatchingTLS)
         self._batch: list[bytes] | None = None
-        # rx + tx bytes at the last TLS buffer renewal: none yet, and the handshake
-        # (not counted in rx_bytes, tx_bytes) filled the buffers: due once idle
+        # rx + tx bytes at the last TLS buffer renewal; below 0 until the first, due
+        # at the first read after the handshake (BatchingTLS.dataReceived): its
+        # certificates filled the buffers, uncounted in rx_bytes and tx_bytes
         self.renewed_bytes = -TLS_RENEW_MIN_BYTES
 
     # -- Twisted callbacks -----------------------------------------------------------

@@ -247,6 +247,11 @@ class BatchingTLS(BufferingTLSTransport):
         batch, proto._batch = proto._batch, None
         if batch:
             proto._receive(batch[0] if len(batch) == 1 else b"".join(batch))
+        if proto.renewed_bytes < 0:
+            # The handshake's certificates are still in the BIOs: new ones as soon
+            # as nothing waits in them (``renew_buffers``), so that the next
+            # connections' handshakes reuse that memory.
+            proto.renew_buffers()
 
     def _write_now(self, data: bytes) -> None:
         aggregator = self._aggregator
@@ -268,7 +273,6 @@ class BatchingTLS(BufferingTLSTransport):
 
     def _flushReceiveBIO(self) -> None:  # noqa: N802 (Twisted's name)
         conn = self._tlsConnection
-        into = conn._into_ssl
         while not self._lostTLSConnection:
             try:
                 data = conn.recv(32768)
@@ -284,10 +288,12 @@ class BatchingTLS(BufferingTLSTransport):
                     ProtocolWrapper.dataReceived(self, data)
                 # nothing decrypted waits, no record is in the read BIO: a recv
                 # now could only raise WantReadError (at the end of the connection,
-                # Twisted's recv that finds the EOF is kept: it sets the reason)
+                # Twisted's recv that finds the EOF is kept: it sets the reason).
+                # Sound with OpenSSL's read_ahead off, its default (pyOpenSSL has no
+                # setter): it takes exactly one record's bytes from the BIO per read.
                 if (not self._lostTLSConnection and not self._tcp_gone
                         and not conn.pending()
-                        and not _lib.BIO_get_mem_data(into, _ffi.NULL)):
+                        and not _lib.BIO_get_mem_data(conn._into_ssl, _ffi.NULL)):
                     break
         self._flushSendBIO()
 
