@@ -46,9 +46,9 @@ SHUTDOWN_QUIET = 0.25
 PARSER_RELEASE_IDLE = 10.0
 
 #: seconds between two hand-backs of freed memory to the system (glibc
-#: ``malloc_trim``, ``tx.memory``; ``policy.keepalive`` rule 7), done only after a tick
-#: that released parsers or TLS buffers.  It costs the reactor about 1 ms per 30 MiB
-#: of heap (30 ms at 1 GiB, measured here), hence at most once a minute.
+#: ``malloc_trim``, ``tx.memory``; ``policy.keepalive`` rule 7), done only when parsers
+#: or TLS buffers were released since the last one.  It costs the reactor about 1 ms
+#: per 30 MiB of heap (30 ms at 1 GiB, measured here), hence at most once a minute.
 MEMORY_TRIM_INTERVAL = 60.0
 
 #: bytes a TLS stream must have carried (both ways) since its last renewal before its

@@ -37,10 +37,9 @@ Rules:
    neither read nor written for as long, and has carried ``TLS_RENEW_MIN_BYTES``
    since its buffers were last renewed (the shell renews them once at its first read
    after the handshake, whose certificates filled them), gets new empty TLS memory
-   buffers (``buffers_idle``):
-   OpenSSL's
-   memory BIOs keep the largest size they ever held (a 16 KiB burst leaves 24 KiB
-   per stream behind, measured), so an idle stream would hold its busiest moment.
+   buffers (``buffers_idle``): OpenSSL's memory BIOs keep the largest size they ever
+   held (a 16 KiB burst leaves 24 KiB per stream behind, measured), so an idle
+   stream would hold its busiest moment.
    Once any of these were released, the freed memory is handed back to the system
    at a tick, at most every ``MEMORY_TRIM_INTERVAL`` seconds (``trim_due``): the C
    allocator keeps freed blocks amid live ones in the process's resident memory

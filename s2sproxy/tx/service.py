@@ -317,7 +317,8 @@ class Proxy(service.MultiService):
         conn = tls_connection_of(proto.transport)
         heard = None
         if conn is not None:
-            heard = (conn.client_random() if proto.label in ("public", "backend-in")
+            # a connection we accepted: we are the TLS server, the peer the client
+            heard = (conn.client_random() if proto.factory_label() is None
                      else conn.server_random())
         log.debug("{label} stream {peer}: TLS handshake not completed ({how})",
                   label=proto.label, peer=proto.peer,
