@@ -22,6 +22,7 @@ from zope.interface import implementer
 from s2sproxy.core import actions as A
 from s2sproxy.core import events as E
 from s2sproxy.core.limits import CLOSE_GRACE, TLS_RENEW_MIN_BYTES
+from s2sproxy.tx.sockets import write_now
 from s2sproxy.tx.tls import batch_tls, renew_buffers, tls_connection_of
 
 log = get_logger(__name__)
@@ -208,7 +209,7 @@ class StreamProtocol(Protocol):
         if not self.closing:
             self.last_tx = self.clock.seconds()
             self.tx_bytes += len(data)
-            self.transport.write(data)
+            write_now(self.transport, data)
 
     def write_stanzas(self, data: bytes, n: int) -> None:
         """``n`` stanzas' bytes, from a router."""

@@ -40,6 +40,7 @@ except ImportError:     # pragma: no cover
 
 from s2sproxy.config import Domain, Trust
 from s2sproxy.core.jid import InvalidJid, dns_name, nameprep_domain
+from s2sproxy.tx.sockets import write_now
 
 log = get_logger(__name__)
 
@@ -268,7 +269,7 @@ class BatchingTLS(BufferingTLSTransport):
         out = conn._from_ssl
         n = _lib.BIO_get_mem_data(out, _ffi.NULL)
         while n > 0:
-            self.transport.write(conn.bio_read(n))
+            write_now(self.transport, conn.bio_read(n))
             n = _lib.BIO_get_mem_data(out, _ffi.NULL)
 
     def _flushReceiveBIO(self) -> None:  # noqa: N802 (Twisted's name)

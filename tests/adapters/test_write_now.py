@@ -1,0 +1,189 @@
+"""``tx.sockets.write_now``: a write that leaves at once instead of at the reactor's
+next iteration (issue 9), on real loopback sockets.  The other end is a plain blocking
+socket read without giving the reactor a turn, so bytes it finds were sent inside
+the call."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import pytest_twisted
+from twisted.internet import defer, protocol, task, threads
+
+from s2sproxy.tx.sockets import tcp_connection, write_now
+from s2sproxy.tx.tls import BatchingTLS, batch_tls
+
+LOOPBACK = "127.0.0.1"
+
+
+class Server(protocol.Protocol):
+    def connectionMade(self):  # noqa: N802
+        self.lost = None
+        self.factory.accepted.callback(self)
+
+    def connectionLost(self, reason=None):  # noqa: N802
+        self.lost = reason
+
+
+async def pair():
+    """(Twisted's accepted protocol, a blocking client socket, the listening port)."""
+    from twisted.internet import reactor
+    f = protocol.Factory.forProtocol(Server)
+    f.accepted = defer.Deferred()
+    port = reactor.listenTCP(0, f, interface=LOOPBACK)
+    client = socket.create_connection((LOOPBACK, port.getHost().port), timeout=5)
+    server = await f.accepted
+    return server, client, port
+
+
+def recv_exactly(sock, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        assert chunk, f"closed after {len(out)} of {n} bytes"
+        out += chunk
+    return out
+
+
+async def until(found, timeout: float = 10.0):
+    from twisted.internet import reactor
+    deadline = reactor.seconds() + timeout
+    while not found():
+        assert reactor.seconds() < deadline, "timed out"
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_to_a_plain_tcp_transport_is_sent_within_the_call():
+    server, client, port = await pair()
+    try:
+        tcp = server.transport
+        assert tcp_connection(tcp) is tcp
+        write_now(tcp, b"<presence/>")
+        assert tcp._tempDataLen == 0 and not tcp.dataBuffer   # Twisted holds nothing
+        assert recv_exactly(client, 11) == b"<presence/>"      # no reactor turn taken
+    finally:
+        client.close()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_the_socket_does_not_take_waits_in_twisted_and_order_is_kept():
+    """A peer that does not read: the kernel's buffers fill, the rest goes to
+    Twisted's buffer, and later writes queue behind it (none jumps ahead); loseConnection
+    afterwards still writes everything before closing."""
+    server, client, port = await pair()
+    try:
+        tcp = server.transport
+        chunk = bytes(range(256)) * 1024                     # 256 KiB, numbered
+        sent = []
+        for i in range(64):                                  # far more than buffers hold
+            data = bytes([i]) + chunk
+            write_now(tcp, data)
+            sent.append(data)
+            if tcp._tempDataLen:
+                break
+        assert tcp._tempDataLen, "the socket took 16 MiB without blocking"
+        for i in range(3):
+            data = b"after %d" % i
+            write_now(tcp, data)
+            sent.append(data)
+        tcp.loseConnection()
+        want = b"".join(sent)
+        got = await threads.deferToThread(lambda: recv_all(client))
+        assert got == want
+    finally:
+        client.close()
+        await port.stopListening()
+
+
+def recv_all(sock) -> bytes:
+    out = []
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            return b"".join(out)
+        out.append(chunk)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_to_a_reset_connection_is_left_to_twisted_to_report():
+    """The peer is gone (RST): the send fails, nothing is raised here, and the reactor
+    reports the loss to the protocol as for any write."""
+    from twisted.internet import reactor
+    server, client, port = await pair()
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00"
+                          b"\x00\x00\x00\x00")
+        client.close()                                       # RST
+        for _ in range(20):
+            write_now(server.transport, b"x" * 1000)
+            if server.lost is not None:
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        await until(lambda: server.lost is not None)
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_starttls_batching_tls_sends_its_records_within_the_write(tmp_path):
+    """STARTTLS on the Twisted side (the TLS layer's transport is Twisted's bypass),
+    the layer made a BatchingTLS: a write is encrypted and on the socket before the
+    call returns, read by a blocking TLS client without a reactor turn."""
+    from s2sproxy.tx.tls import ContextFactory, _base_context, _load_identity
+    from tests.unit.helpers import certificate
+    from tests.unit.test_config import pem
+
+    _ca, _ck, leaf, key = certificate("local.example")
+    (tmp_path / "l.crt").write_bytes(pem(leaf))
+    (tmp_path / "l.key").write_bytes(pem(key))
+    ctx = _base_context()
+    _load_identity(ctx, tmp_path / "l.crt", tmp_path / "l.key")
+    server, client, port = await pair()
+    try:
+        server.transport.startTLS(ContextFactory(ctx))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        tls_client = await threads.deferToThread(ctx.wrap_socket, client)
+        tls = server.transport.protocol
+        # the handshake's last flight (TLS 1.3 tickets) was written the Twisted way
+        await until(lambda: tls._handshakeDone and not server.transport._tempDataLen)
+        assert batch_tls(server.transport, server) and type(tls) is BatchingTLS
+        assert tcp_connection(tls.transport) is server.transport
+        server.transport.write(b"<message/>")
+        assert server.transport._tempDataLen == 0 and not server.transport.dataBuffer
+        assert recv_exactly(tls_client, 10) == b"<message/>"
+        tls_client.close()
+    finally:
+        client.close()
+        await port.stopListening()
+
+
+def test_anything_that_is_not_a_plain_tcp_connection_is_written_to_as_it_is():
+    from twisted.internet.testing import StringTransport
+    t = StringTransport()
+    assert tcp_connection(t) is None
+    write_now(t, b"abc")
+    assert t.value() == b"abc"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_of_ours_writes_within_the_call(tmp_path):
+    """StreamProtocol.write on the socket the backend listener accepted (plain TCP):
+    the bytes are on the wire before the reactor has a turn."""
+    from twisted.internet import reactor
+    from tests.adapters.test_nodelay import started, stopped, stream, until as poll
+
+    p, ports = await started(tmp_path)
+    client = socket.create_connection((LOOPBACK, ports["backend"]), timeout=5)
+    try:
+        proto = await poll(reactor, stream(p, "backend-in"))
+        proto.write(b"<!-- -->")
+        assert proto.transport._tempDataLen == 0
+        assert recv_exactly(client, 8) == b"<!-- -->"
+    finally:
+        client.close()
+        await stopped(p)
