@@ -868,19 +868,28 @@ def latency(a, mat: Material, cores_) -> None:
     print(f"\nmedians of {a.rounds} rounds (ms); +direct, +byte: the median of per-round "
           "differences from that relay's figure in the same round")
     print(f"{'relay':<13} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}  {'p50+direct':>10} "
-          f"{'p99+direct':>10} {'p50+byte':>8} {'p99+byte':>8}  {'CPU µs/stanza':>13}")
+          f"{'p99+direct':>10} {'p50+byte':>8} {'p99+byte':>8}  {'CPU µs/stanza':>13}  "
+          f"{'CPU xbyte':>9}")
 
     def added(relay: str, base: str, q: str) -> float:
         if base not in rows:
             return float("nan")
         return median([x[q] - y[q] for x, y in zip(rows[relay], rows[base])])
+    def cpu_ratio(relay: str) -> float:
+        if "byte" not in rows or relay == "direct":
+            return float("nan")
+        return median([x["cpu_us"] / y["cpu_us"] for x, y in zip(rows[relay], rows["byte"])
+                       if y["cpu_us"] > 0])
     for relay in relays:
         m = {q: median([x[q] for x in rows[relay]]) for q in ("p50", "p90", "p99", "max",
                                                              "cpu_us")}
         print(f"{relay:<13} {m['p50']:>7.3f} {m['p90']:>7.3f} {m['p99']:>7.3f} "
               f"{m['max']:>7.3f}  {added(relay, 'direct', 'p50'):>10.3f} "
               f"{added(relay, 'direct', 'p99'):>10.3f} {added(relay, 'byte', 'p50'):>8.3f} "
-              f"{added(relay, 'byte', 'p99'):>8.3f}  {m['cpu_us']:>13.1f}")
+              f"{added(relay, 'byte', 'p99'):>8.3f}  {m['cpu_us']:>13.1f}  "
+              f"{cpu_ratio(relay):>9.2f}")
+    print("CPU xbyte: the median of per-round ratios to the byte relay's CPU per stanza "
+          "(how many stanzas one wake-up finds moves both, so rounds vary together)")
 
 
 def idle(a, mat: Material, cores_) -> None:

@@ -255,9 +255,13 @@ class BatchingTLS(BufferingTLSTransport):
             proto.renew_buffers()
 
     def _write_now(self, data: bytes) -> None:
+        # Around Twisted's aggregator, which would schedule a reactor call per write
+        # (a callLater(0) for a flush that finds nothing left): what it holds from
+        # before this layer batched (the handshake's writes) goes first.
         aggregator = self._aggregator
-        aggregator.write(data)
-        aggregator.flush()
+        if aggregator._buffer:
+            aggregator.flush()
+        TLSMemoryBIOProtocol.write(self, data)
 
     # Twisted's loops end on an exception: a recv that finds no more records raises
     # WantReadError, and so does reading an empty send BIO, each after allocating a

@@ -270,8 +270,15 @@ def test_tls_records_of_one_tcp_read_are_one_read_and_writes_leave_at_once(tmp_p
     assert not server._aggregator._buffer and server.transport.stream
     pump.pump()
     assert b"<stream:features>" in app.received, app.received
+    if server._aggregator._scheduled is not None:     # the handshake's, if any
+        server._aggregator._scheduled.cancel()
+        server._aggregator._scheduled = None
+    server.transport.stream.clear()
     ours.write(b" ")
     assert server.transport.stream and not server._aggregator._buffer
+    # and nothing was left for a later reactor iteration either (Twisted's aggregator
+    # schedules a flush per write)
+    assert server._aggregator._scheduled is None
 
 
 def test_tls_end_of_connection_and_large_writes_with_the_bio_reading_flushes(tmp_path):
