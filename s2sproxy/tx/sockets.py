@@ -15,6 +15,7 @@ kept (a lost one is left to ``doWrite`` to find and report, as before).
 from __future__ import annotations
 
 from twisted.internet.tcp import Connection
+from twisted.protocols.policies import ProtocolWrapper
 
 try:    # the transport of Twisted's TLS layer after ``startTLS``
     from twisted.internet._newtls import _BypassTLS
@@ -24,9 +25,14 @@ except ImportError:     # pragma: no cover
 
 def tcp_connection(transport: object) -> Connection | None:
     """The TCP connection that bytes written to ``transport`` go to unchanged: a
-    plain TCP transport, or the one under a TLS layer's bypass (``startTLS``).  None
-    for anything else (a TCP transport that encrypts after STARTTLS, a wrapper, a
-    test's memory transport): those are written to as they are."""
+    plain TCP transport, the one under a TLS layer's bypass (``startTLS``), or the
+    one under a protocol wrapper that passes writes through as they are (the PROXY
+    protocol's, ``tx.proxyprotocol``).  None for anything else (a TCP transport that
+    encrypts after STARTTLS, a wrapper that counts or changes writes, a test's memory
+    transport): those are written to as they are."""
+    while (type(transport).write is ProtocolWrapper.write
+           and not transport.disconnecting):
+        transport = transport.transport
     if _BypassTLS is not None and type(transport) is _BypassTLS:
         transport = transport._connection
         return transport if isinstance(transport, Connection) else None

@@ -187,3 +187,35 @@ async def test_a_stream_of_ours_writes_within_the_call(tmp_path):
     finally:
         client.close()
         await stopped(p)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pass_through_wrapper_is_seen_through_and_one_that_counts_is_not():
+    """The PROXY protocol's wrapper passes writes through: write_now reaches the TCP
+    connection under it.  A wrapper with its own ``write`` (here Twisted's
+    throttling one, which counts bytes) is written to as it is."""
+    from twisted.internet import reactor
+    from twisted.protocols.policies import ProtocolWrapper, ThrottlingFactory, WrappingFactory
+
+    from s2sproxy.tx.proxyprotocol import ProxyHeaderWrapper
+
+    assert ProxyHeaderWrapper.write is ProtocolWrapper.write
+    for wrapping, seen_through in ((WrappingFactory, True), (ThrottlingFactory, False)):
+        f = protocol.Factory.forProtocol(Server)
+        f.accepted = defer.Deferred()
+        port = reactor.listenTCP(0, wrapping(f), interface=LOOPBACK)
+        client = socket.create_connection((LOOPBACK, port.getHost().port), timeout=5)
+        try:
+            server = await f.accepted
+            wrapper = server.transport
+            assert (tcp_connection(wrapper) is wrapper.transport) is seen_through
+            write_now(wrapper, b"<iq/>")
+            if seen_through:
+                assert recv_exactly(client, 5) == b"<iq/>"      # no reactor turn
+            else:
+                assert wrapper.factory.writtenThisSecond == 5   # its write counted it
+                await until(lambda: not wrapper.transport._tempDataLen)
+                assert recv_exactly(client, 5) == b"<iq/>"
+        finally:
+            client.close()
+            await port.stopListening()
