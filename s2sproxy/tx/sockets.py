@@ -8,8 +8,8 @@ writable, so that costs two system calls, one more ``epoll_wait`` and a reactor
 iteration per read: about a tenth of s2sproxy's CPU per stanza at 10k stanzas/s
 (issue 9).  ``write_now`` sends at once when nothing waits in Twisted's buffer, and
 hands Twisted whatever the socket did not take; Twisted's own ``writeSomeData``
-does the sending, so its handling of a full buffer and of a lost connection is
-kept (a lost one is left to ``doWrite`` to find and report, as before).
+does the sending, so its handling of a full buffer is kept, and a lost connection
+is left to ``doWrite`` to find and report as before.
 """
 
 from __future__ import annotations
@@ -44,15 +44,22 @@ def tcp_connection(transport: object) -> Connection | None:
 def write_now(transport: object, data: bytes) -> None:
     """``transport.write(data)``, sent now when it can be (see the module's text).
     Order is kept: only when Twisted holds nothing, and only on a connection that is
-    not closing, is anything sent here."""
+    not closing (nor aborted: Twisted drops what is written after
+    ``abortConnection``), is anything sent here.  A pull producer on the connection
+    is asked for more only by ``doWrite``: then Twisted writes, as it would."""
     tcp = tcp_connection(transport)
     if (tcp is None or not tcp.connected or tcp.disconnecting or tcp._tempDataLen
             or tcp.offset != len(tcp.dataBuffer) or tcp._writeDisconnecting
-            or tcp._writeDisconnected or not data):
+            or tcp._writeDisconnected or getattr(tcp, "_aborting", False)
+            or (tcp.producer is not None and not tcp.streamingProducer) or not data):
         transport.write(data)
         return
     sent = tcp.writeSomeData(data)
-    if not isinstance(sent, int) or sent < 0:   # lost: doWrite finds it again
+    if not isinstance(sent, int) or sent < 0:
+        # Lost.  The send took the socket's pending error (ECONNRESET), so a read
+        # now would find a clean end of file: reading stops, and the write below
+        # lets doWrite meet the error and report the connection lost, as it was.
+        tcp.stopReading()
         sent = 0
     if sent < len(data):
         transport.write(data[sent:] if sent else data)

@@ -45,6 +45,7 @@ from s2sproxy.tx.sockets import write_now
 log = get_logger(__name__)
 
 ALPN_XMPP_SERVER = b"xmpp-server"   # XEP-0368
+_TLS_RECORD = 2 ** 14               # the most plaintext per record, Twisted's write unit
 
 
 def _accept_any(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
@@ -259,9 +260,30 @@ class BatchingTLS(BufferingTLSTransport):
         # (a callLater(0) for a flush that finds nothing left): what it holds from
         # before this layer batched (the handshake's writes) goes first.
         aggregator = self._aggregator
-        if aggregator._buffer:
+        if getattr(aggregator, "_buffer", None):
             aggregator.flush()
-        TLSMemoryBIOProtocol.write(self, data)
+        if len(data) <= _TLS_RECORD:
+            TLSMemoryBIOProtocol.write(self, data)
+            return
+        # Twisted encrypts a long write 16 KiB at a time and flushes after each
+        # record: the records are sent together instead (one send, as doWrite did).
+        self._holding = True
+        try:
+            TLSMemoryBIOProtocol.write(self, data)
+        finally:
+            self._holding = False
+        self._flushSendBIO()
+
+    _holding = False
+
+    def abortConnection(self) -> None:  # noqa: N802 (Twisted's name)
+        # Twisted's abort writes a close_notify, then aborts the TCP connection,
+        # which drops what is still in its buffer: that alert must wait there (an
+        # abort tells the peer nothing was closed cleanly).
+        self._aborting = True
+        super().abortConnection()
+
+    _aborting = False
 
     # Twisted's loops end on an exception: a recv that finds no more records raises
     # WantReadError, and so does reading an empty send BIO, each after allocating a
@@ -269,11 +291,17 @@ class BatchingTLS(BufferingTLSTransport):
     # exceptions are still handled as Twisted does).
 
     def _flushSendBIO(self) -> None:  # noqa: N802 (Twisted's name)
+        if self._holding:
+            return
         conn = self._tlsConnection
         out = conn._from_ssl
+        write = self.transport.write if self._aborting else None
         n = _lib.BIO_get_mem_data(out, _ffi.NULL)
         while n > 0:
-            write_now(self.transport, conn.bio_read(n))
+            if write is None:
+                write_now(self.transport, conn.bio_read(n))
+            else:
+                write(conn.bio_read(n))
             n = _lib.BIO_get_mem_data(out, _ffi.NULL)
 
     def _flushReceiveBIO(self) -> None:  # noqa: N802 (Twisted's name)

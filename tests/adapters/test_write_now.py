@@ -10,6 +10,9 @@ import ssl
 
 import pytest_twisted
 from twisted.internet import defer, protocol, task, threads
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHandshakeListener, IPullProducer
+from zope.interface import implementer
 
 from s2sproxy.tx.sockets import tcp_connection, write_now
 from s2sproxy.tx.tls import BatchingTLS, batch_tls
@@ -123,7 +126,58 @@ async def test_a_write_to_a_reset_connection_is_left_to_twisted_to_report():
                 break
             await task.deferLater(reactor, 0.05, lambda: None)
         await until(lambda: server.lost is not None)
+        # the send took the socket's error: a read after it would have found a clean
+        # end of file and reported the reset as a clean close
+        assert server.lost.check(ConnectionLost) and not server.lost.check(ConnectionDone), \
+            server.lost
     finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_written_after_abort_connection_reaches_the_peer():
+    """Twisted's abortConnection closes at the next reactor turn and drops what is
+    written meanwhile: so does write_now."""
+    server, client, port = await pair()
+    try:
+        server.transport.abortConnection()
+        write_now(server.transport, b"after the abort")
+        got = await threads.deferToThread(recv_until_closed, client)
+        assert got == b""
+    finally:
+        client.close()
+        await port.stopListening()
+
+
+def recv_until_closed(sock) -> bytes:
+    out = b""
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except ConnectionResetError:
+        pass
+    return out
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pull_producer_leaves_writes_to_twisted():
+    """A non-streaming producer is asked for more only by doWrite."""
+    @implementer(IPullProducer)
+    class Pull:
+        def resumeProducing(self):  # noqa: N802
+            pass
+
+        def stopProducing(self):  # noqa: N802
+            pass
+
+    server, client, port = await pair()
+    try:
+        server.transport.registerProducer(Pull(), False)
+        write_now(server.transport, b"<r/>")
+        assert server.transport._tempDataLen == 4
+        assert await threads.deferToThread(recv_exactly, client, 4) == b"<r/>"
+    finally:
+        client.close()
         await port.stopListening()
 
 
@@ -219,3 +273,124 @@ async def test_a_pass_through_wrapper_is_seen_through_and_one_that_counts_is_not
         finally:
             client.close()
             await port.stopListening()
+
+
+# -- Direct TLS (BatchingTLS over the TCP transport) ------------------------------------
+
+@implementer(IHandshakeListener)
+class TlsServer(Server):
+    def connectionMade(self):  # noqa: N802
+        self.lost = None
+
+    def handshakeCompleted(self):  # noqa: N802
+        assert batch_tls(self.transport, self)
+        self.factory.accepted.callback(self)
+
+
+class MemoryTlsClient:
+    """A TLS client over a blocking socket through memory BIOs, so that what came
+    on the wire (a close_notify or not) can be told."""
+
+    def __init__(self, sock) -> None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        self.sock, self.into, self.out = sock, ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.into, self.out)
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.out.read())
+                self.into.write(self.sock.recv(65536))
+        self.sock.sendall(self.out.read())
+
+    def read_to_end(self) -> tuple[bytes, str]:
+        """(plaintext, how it ended: "close_notify", "eof" or "reset")."""
+        got = b""
+        for _ in range(10_000):             # bounded: the socket has a timeout too
+            try:
+                data = self.tls.read(65536)
+                if not data:                # Python's answer to a close_notify
+                    return got, "close_notify"
+                got += data
+                continue
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                return got, "close_notify"
+            try:
+                raw = self.sock.recv(65536)
+            except ConnectionResetError:
+                return got, "reset"
+            if not raw:
+                return got, "eof"
+            self.into.write(raw)
+        raise AssertionError("no end")
+
+
+async def direct_tls(tmp_path):
+    """(our BatchingTLS layer, its protocol, a MemoryTlsClient, the port)."""
+    from twisted.internet import reactor
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from s2sproxy.tx.tls import ContextFactory, _base_context, _load_identity
+    from tests.unit.helpers import certificate
+    from tests.unit.test_config import pem
+
+    _ca, _ck, leaf, key = certificate("local.example")
+    (tmp_path / "l.crt").write_bytes(pem(leaf))
+    (tmp_path / "l.key").write_bytes(pem(key))
+    ctx = _base_context()
+    _load_identity(ctx, tmp_path / "l.crt", tmp_path / "l.key")
+    inner = protocol.Factory.forProtocol(TlsServer)
+    inner.accepted = defer.Deferred()
+    port = reactor.listenTCP(0, TLSMemoryBIOFactory(ContextFactory(ctx), False, inner),
+                             interface=LOOPBACK)
+    sock = socket.create_connection((LOOPBACK, port.getHost().port), timeout=5)
+    client = await threads.deferToThread(MemoryTlsClient, sock)
+    proto = await inner.accepted
+    tls = proto.transport
+    await until(lambda: not tls.transport._tempDataLen)    # the handshake's last flight
+    return tls, proto, client, port
+
+
+@pytest_twisted.ensureDeferred
+async def test_aborting_a_direct_tls_stream_sends_no_close_notify(tmp_path):
+    """An abort is no clean close: Twisted's TLS layer writes a close_notify on its
+    way to abortConnection, and it must stay in the buffer that the abort drops."""
+    tls, proto, client, port = await direct_tls(tmp_path)
+    try:
+        from twisted.internet import reactor
+        reading = threads.deferToThread(client.read_to_end)    # waiting in recv
+        await task.deferLater(reactor, 0.2, lambda: None)
+        tls.abortConnection()
+        got, end = await reading
+        assert end != "close_notify", (got, end)
+    finally:
+        client.sock.close()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_long_tls_write_leaves_in_one_send(tmp_path, monkeypatch):
+    """Twisted encrypts 16 KiB per record and flushed after each; the records of one
+    write are sent together."""
+    import s2sproxy.tx.tls as tls_module
+
+    tls, proto, client, port = await direct_tls(tmp_path)
+    sends = []
+    real = tls_module.write_now
+    monkeypatch.setattr(tls_module, "write_now",
+                        lambda t, d: (sends.append(len(d)), real(t, d))[1])
+    try:
+        big = b"<x>" + b"y" * 50_000 + b"</x>"
+        proto.transport.write(big)
+        assert len(sends) == 1 and sends[0] > len(big), sends
+        proto.transport.loseConnection()
+        got, end = await threads.deferToThread(client.read_to_end)
+        assert got == big and end == "close_notify"
+    finally:
+        client.sock.close()
+        await port.stopListening()
