@@ -201,6 +201,16 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) / CLK_TCK
 
 
+def wake_ups(pid: int) -> int:
+    """Voluntary context switches of the process's main thread: how often its reactor
+    found nothing to do and slept in epoll_wait."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    return 0
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * PAGE // 1024
@@ -761,18 +771,21 @@ def one_run(relay: str, mat: Material, a, cores_) -> dict:
         sink.expect("warm", 30)
         time.sleep(0.3)
         cpu0 = cpu_seconds(relay_proc.pid) if relay_proc else 0.0
+        wake0 = wake_ups(relay_proc.pid) if relay_proc else 0
         load0 = cpu_seconds(sender.pid) + cpu_seconds(sink.pid)
         sender.send({"go": 1})
         limit = (a.seconds + 60) if a.latency else n / 5000 + 60
         done = sink.expect("done", limit)
         cpu1 = cpu_seconds(relay_proc.pid) if relay_proc else 0.0
+        wakes = (wake_ups(relay_proc.pid) - wake0) if relay_proc else 0
         load1 = cpu_seconds(sender.pid) + cpu_seconds(sink.pid)
         sent = sender.expect("sent", 30)
         span = done["done"] - sent["sent"]
         out = {"relay": relay, "tls": tls, "rate": n / span,
                "cpu_us": (cpu1 - cpu0) / n * 1e6, "span": span,
                "ends_us": (load1 - load0) / n * 1e6,  # sender + sink
-               "behind": (done["done"] - sent["end"]) * 1e3}  # ms after the last write
+               "behind": (done["done"] - sent["end"]) * 1e3,  # ms after the last write
+               "per_wake": n / wakes if wakes else float("nan")}
         out.update({k: done[k] for k in ("p50", "p90", "p99", "max") if k in done})
         return out
     finally:
@@ -855,7 +868,7 @@ def latency(a, mat: Material, cores_) -> None:
     print(f"latency: {a.rate:g} stanzas/s for {a.seconds:g} s per run, {a.rounds} rounds; "
           "ms from the sender's write to the sink's read")
     print(f"{'round':>5}  {'relay':<13} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}  "
-          f"{'CPU µs/stanza':>13}  {'tail ms':>7}")
+          f"{'CPU µs/stanza':>13}  {'tail ms':>7}  {'stanzas/sleep':>13}")
     rows: dict[str, list[dict]] = {r: [] for r in relays}
     for r in range(a.rounds):
         k = r % len(relays)
@@ -864,7 +877,7 @@ def latency(a, mat: Material, cores_) -> None:
             rows[relay].append(row)
             print(f"{r + 1:>5}  {relay:<13} {row['p50']:>7.3f} {row['p90']:>7.3f} "
                   f"{row['p99']:>7.3f} {row['max']:>7.3f}  {row['cpu_us']:>13.1f}  "
-                  f"{row['behind']:>7.1f}", flush=True)
+                  f"{row['behind']:>7.1f}  {row['per_wake']:>13.2f}", flush=True)
     print(f"\nmedians of {a.rounds} rounds (ms); +direct, +byte: the median of per-round "
           "differences from that relay's figure in the same round")
     print(f"{'relay':<13} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}  {'p50+direct':>10} "
@@ -888,8 +901,10 @@ def latency(a, mat: Material, cores_) -> None:
               f"{added(relay, 'direct', 'p99'):>10.3f} {added(relay, 'byte', 'p50'):>8.3f} "
               f"{added(relay, 'byte', 'p99'):>8.3f}  {m['cpu_us']:>13.1f}  "
               f"{cpu_ratio(relay):>9.2f}")
-    print("CPU xbyte: the median of per-round ratios to the byte relay's CPU per stanza "
-          "(how many stanzas one wake-up finds moves both, so rounds vary together)")
+    print("CPU xbyte: the median of per-round ratios to the byte relay's CPU per stanza. "
+          "stanzas/sleep: stanzas relayed per time the relay's reactor slept (its "
+          "voluntary context switches); a round where a relay fell behind (a "
+          "scheduling hiccup) has more, and less CPU per stanza")
 
 
 def idle(a, mat: Material, cores_) -> None:
