@@ -7,13 +7,17 @@ reactor to watch the socket for writability (an ``epoll_ctl``), and sends in
 writable, so that costs two system calls, one more ``epoll_wait`` and a reactor
 iteration per read: about a tenth of s2sproxy's CPU per stanza at 10k stanzas/s
 (issue 9).  ``write_now`` sends at once when nothing waits in Twisted's buffer, and
-hands Twisted whatever the socket did not take; Twisted's own ``writeSomeData``
-does the sending, so its handling of a full buffer is kept, and a lost connection
-is left to ``doWrite`` to find and report as before.
+hands Twisted whatever the socket did not take, as Twisted's ``writeSomeData``
+would (a full buffer is no error); a lost connection is still found and reported by
+the reactor, with the reason it gave before.
 """
 
 from __future__ import annotations
 
+from errno import ENOBUFS, EPIPE, EWOULDBLOCK
+
+from twisted.internet import main
+from twisted.internet.error import ConnectionDone
 from twisted.internet.tcp import Connection
 from twisted.protocols.policies import ProtocolWrapper
 
@@ -54,12 +58,29 @@ def write_now(transport: object, data: bytes) -> None:
             or (tcp.producer is not None and not tcp.streamingProducer) or not data):
         transport.write(data)
         return
-    sent = tcp.writeSomeData(data)
-    if not isinstance(sent, int) or sent < 0:
-        # Lost.  The send took the socket's pending error (ECONNRESET), so a read
-        # now would find a clean end of file: reading stops, and the write below
-        # lets doWrite meet the error and report the connection lost, as it was.
-        tcp.stopReading()
+    try:    # Twisted's writeSomeData, which would hide the error's number
+        sent = tcp.socket.send(data if len(data) <= tcp.SEND_LIMIT
+                               else memoryview(data)[:tcp.SEND_LIMIT])
+    except OSError as e:
         sent = 0
+        if e.errno not in (EWOULDBLOCK, ENOBUFS, EPIPE):
+            _reset_taken(tcp)
     if sent < len(data):
+        # the rest, or all of it when the connection is lost: doWrite meets the
+        # error (EPIPE from now on) unless a read reports the end first
         transport.write(data[sent:] if sent else data)
+
+
+def _reset_taken(tcp: Connection) -> None:
+    """The send took the socket's pending error (ECONNRESET): what the peer sent
+    before it is still read, but the read after it finds a clean end of file, which
+    Twisted would report as ConnectionDone.  It is reported lost, as a read would
+    have reported the reset.  (EPIPE takes nothing: the peer's FIN and RST came
+    before, the reactor reads what the peer sent, and then doWrite meets EPIPE with
+    what was written here.)"""
+    read = tcp.doRead
+
+    def do_read() -> object:
+        why = read()
+        return main.CONNECTION_LOST if isinstance(why, ConnectionDone) else why
+    tcp.doRead = do_read       # as Twisted's abortConnection replaces it

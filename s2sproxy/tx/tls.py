@@ -266,20 +266,29 @@ class BatchingTLS(BufferingTLSTransport):
             TLSMemoryBIOProtocol.write(self, data)
             return
         # Twisted encrypts a long write 16 KiB at a time and flushes after each
-        # record: the records are sent together instead (one send, as doWrite did).
-        self._holding = True
+        # record: the records are taken out of the BIO one by one as before (a
+        # memory BIO keeps the largest size it held) and sent together (one send,
+        # as doWrite did).
+        self._held = held = []
         try:
             TLSMemoryBIOProtocol.write(self, data)
         finally:
-            self._holding = False
-        self._flushSendBIO()
+            self._held = None
+            if held:
+                self._send(b"".join(held))
 
-    _holding = False
+    _held: list[bytes] | None = None
+
+    def _send(self, data: bytes) -> None:
+        if self._aborting:
+            self.transport.write(data)
+        else:
+            write_now(self.transport, data)
 
     def abortConnection(self) -> None:  # noqa: N802 (Twisted's name)
         # Twisted's abort writes a close_notify, then aborts the TCP connection,
         # which drops what is still in its buffer: that alert must wait there (an
-        # abort tells the peer nothing was closed cleanly).
+        # abort tells the peer nothing was closed cleanly; ``_send``).
         self._aborting = True
         super().abortConnection()
 
@@ -291,17 +300,14 @@ class BatchingTLS(BufferingTLSTransport):
     # exceptions are still handled as Twisted does).
 
     def _flushSendBIO(self) -> None:  # noqa: N802 (Twisted's name)
-        if self._holding:
-            return
         conn = self._tlsConnection
         out = conn._from_ssl
-        write = self.transport.write if self._aborting else None
         n = _lib.BIO_get_mem_data(out, _ffi.NULL)
         while n > 0:
-            if write is None:
-                write_now(self.transport, conn.bio_read(n))
+            if self._held is not None:
+                self._held.append(conn.bio_read(n))
             else:
-                write(conn.bio_read(n))
+                self._send(conn.bio_read(n))
             n = _lib.BIO_get_mem_data(out, _ffi.NULL)
 
     def _flushReceiveBIO(self) -> None:  # noqa: N802 (Twisted's name)

@@ -23,7 +23,11 @@ LOOPBACK = "127.0.0.1"
 class Server(protocol.Protocol):
     def connectionMade(self):  # noqa: N802
         self.lost = None
+        self.received = b""
         self.factory.accepted.callback(self)
+
+    def dataReceived(self, data):  # noqa: N802
+        self.received += data
 
     def connectionLost(self, reason=None):  # noqa: N802
         self.lost = reason
@@ -130,6 +134,59 @@ async def test_a_write_to_a_reset_connection_is_left_to_twisted_to_report():
         # end of file and reported the reset as a clean close
         assert server.lost.check(ConnectionLost) and not server.lost.check(ConnectionDone), \
             server.lost
+    finally:
+        await port.stopListening()
+
+
+LAST_WORDS = b"<message>last words</message></stream:stream>"
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_the_peer_sent_before_a_reset_is_read_and_the_reset_reported():
+    """The peer's last bytes, then an RST, then our write: its bytes reach the
+    protocol and the end is a loss, even when reading was paused and resumed in
+    between (resumeProducing turns reading back on)."""
+    import time
+    for pause in (False, True):
+        server, client, port = await pair()
+        try:
+            if pause:
+                server.transport.pauseProducing()
+            client.sendall(LAST_WORDS)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00"
+                              b"\x00\x00\x00\x00")
+            client.close()                                   # RST after the bytes
+            time.sleep(0.05)                                 # it has arrived
+            write_now(server.transport, b"<presence/>")
+            if pause:
+                server.transport.resumeProducing()
+            await until(lambda: server.lost is not None)
+            assert server.received == LAST_WORDS, (pause, server.received)
+            assert server.lost.check(ConnectionLost) and not server.lost.check(
+                ConnectionDone), (pause, server.lost)
+        finally:
+            await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_that_closed_is_read_to_the_end_before_the_loss_is_reported():
+    """The peer sends its last bytes and closes (FIN); two writes follow before the
+    reactor reads (the first draws an RST, the second EPIPE): its bytes are read
+    first, then the end is reported as lost: the second write never reached it.
+    (Twisted alone merged both writes into one send, which the peer's RST
+    answered after the fact, and called it a clean close.)"""
+    import time
+    server, client, port = await pair()
+    try:
+        client.sendall(LAST_WORDS)
+        client.close()
+        time.sleep(0.05)
+        write_now(server.transport, b"<presence/>")
+        time.sleep(0.05)
+        write_now(server.transport, b"<presence/>")
+        await until(lambda: server.lost is not None)
+        assert server.received == LAST_WORDS
+        assert server.lost.check(ConnectionLost), server.lost
     finally:
         await port.stopListening()
 
@@ -394,3 +451,48 @@ async def test_a_long_tls_write_leaves_in_one_send(tmp_path, monkeypatch):
     finally:
         client.sock.close()
         await port.stopListening()
+
+
+def test_a_long_tls_write_leaves_the_send_buffer_one_record_large(tmp_path):
+    """The records of a long write are taken out of OpenSSL's send BIO one by one
+    (a memory BIO keeps the largest size it held), though sent together: after a
+    256 KiB write the BIO holds no more memory than after a 16 KiB one."""
+    import ctypes
+    import gc
+
+    from s2sproxy.tx.tls import renew_buffers
+    from tests.adapters.helpers import direct_tls_pair
+
+    class MallInfo(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena ordblks smblks hblks hblkhd "
+                                                   "usmblks fsmblks uordblks fordblks "
+                                                   "keepcost").split()]
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo
+
+    def used() -> int:
+        gc.collect()
+        m = libc.mallinfo2()
+        return m.uordblks + m.hblkhd
+
+    def kept_by_the_bios(size: int) -> int:
+        """What renewing the BIOs frees after one write of ``size`` bytes."""
+        freed = []
+        for i in range(7):
+            _p, _r, server, _client, app, pump = direct_tls_pair(tmp_path / f"{size}-{i}")
+            server.write(b"x" * size)
+            pump.flush()
+            assert len(app.received) >= size
+            app.received = b""
+            before = used()
+            assert renew_buffers(server, server.wrappedProtocol)
+            freed.append(before - used())
+        return sorted(freed)[3]
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    for size in (16_000, 256 * 1024):
+        for i in range(7):
+            (tmp_path / f"{size}-{i}").mkdir()
+    small, large = kept_by_the_bios(16_000), kept_by_the_bios(256 * 1024)
+    assert large < small + 8192, (small, large)
