@@ -48,7 +48,7 @@ from s2sproxy.tx.connector import Connector, OutboundFactory as _OutboundFactory
 from s2sproxy.tx.filtering import Filtering
 from s2sproxy.tx.flags import FlagRecorder
 from s2sproxy.tx.protocol import StreamProtocol
-from s2sproxy.tx.tls import ContextFactory, tls_connection_of
+from s2sproxy.tx.tls import ContextFactory, peer_hello_read, tls_connection_of
 from s2sproxy.tx.verify import Verifier
 
 log = get_logger(__name__)
@@ -312,18 +312,12 @@ class Proxy(service.MultiService):
     def tls_failed(self, proto: StreamProtocol) -> None:
         """The connection went before its TLS handshake completed."""
         self.metrics.tls_failures.labels(proto.label).inc()
-        # debug: a scan of the Direct TLS port would log a line per connection.  How
-        # far it got: the peer's random is known once its hello was read.
-        conn = tls_connection_of(proto.transport)
-        heard = None
-        if conn is not None:
-            # a connection we accepted: we are the TLS server, the peer the client
-            heard = (conn.client_random() if proto.factory_label() is None
-                     else conn.server_random())
+        # debug: a scan of the Direct TLS port would log a line per connection
+        heard = peer_hello_read(tls_connection_of(proto.transport),
+                                accepted=proto.factory_label() is None)
         log.debug("{label} stream {peer}: TLS handshake not completed ({how})",
                   label=proto.label, peer=proto.peer,
-                  how="the peer's hello came" if heard and heard.strip(b"\0")
-                  else "no hello from the peer")
+                  how="the peer's hello came" if heard else "no hello from the peer")
 
     def check_peer(self, proto: StreamProtocol) -> E.TlsEstablished:
         ok, cert = self.trust.check(proto.tls_connection())

@@ -54,7 +54,7 @@ def write_now(transport: object, data: bytes) -> None:
     tcp = tcp_connection(transport)
     if (tcp is None or not tcp.connected or tcp.disconnecting or tcp._tempDataLen
             or tcp.offset != len(tcp.dataBuffer) or tcp._writeDisconnecting
-            or tcp._writeDisconnected or getattr(tcp, "_aborting", False)
+            or tcp._writeDisconnected or tcp._aborting
             or (tcp.producer is not None and not tcp.streamingProducer) or not data):
         transport.write(data)
         return

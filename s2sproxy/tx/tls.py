@@ -217,6 +217,16 @@ def tls_connection_of(transport: object) -> SSL.Connection | None:
     return None
 
 
+def peer_hello_read(conn: SSL.Connection | None, accepted: bool) -> bool:
+    """Whether the peer's hello was read on an unfinished handshake: its random is
+    known from then on (the client's on a connection we ``accepted``, where we are the
+    TLS server; the server's on one we opened)."""
+    if conn is None:
+        return False
+    heard = conn.client_random() if accepted else conn.server_random()
+    return bool(heard and heard.strip(b"\0"))
+
+
 def tls_layer(transport: object, proto: object) -> TLSMemoryBIOProtocol | None:
     """The TLSMemoryBIOProtocol that decrypts for ``proto`` directly: ``transport``
     itself (Direct TLS) or, after STARTTLS, the TCP transport's ``protocol``.  None
