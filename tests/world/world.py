@@ -6,9 +6,10 @@ Everything resolves through real DNS (Knot, ``dns_server.KnotServer``) on
 ``dns.nameservers`` names it, Prosody's libunbound forwards to it (resolv.conf).  The
 remote ejabberd asks a second Knot on 127.0.0.54:53, with the same zone less one record
 (``zone(ejabberd_view=True)`` says why): its ``inetrc`` names it and its libc resolver
-asks it too (it runs in a private mount namespace whose /etc/resolv.conf says so).  No static address override
-anywhere: the only path is SRV / A / AAAA / CNAME, as on the internet.  Domains are
-under ``.example``: Prosody's libunbound answers every ``*.test`` name with NXDOMAIN.
+asks it too (it runs in a private mount namespace whose /etc/resolv.conf says so).  No
+static address override anywhere: the only path is SRV / A / AAAA / CNAME, as on the
+internet.  Domains are under ``.example``: Prosody's libunbound answers every ``*.test``
+name with NXDOMAIN.
 
 Addresses (loopback only; 127.0.1.0/24, apart from tests/integration's 127.0.0.x, so the
 two suites never hold the same port)::
@@ -78,9 +79,9 @@ P13_IP = "127.0.1.21"
 EJR_IP = "127.0.1.40"
 EJR_S2S_PORT = 5279
 DEAD_IP = "127.0.1.99"
-FIXED_LISTENERS = [(DNS_IP, 53), (EJR_DNS_IP, 53), (PROXY_IP, 5269), (PROXY_IP, 5270), (BACKEND_C2S_IP, 5222),
-                   BACKEND_S2S, (P12_IP, 5222), (P12_IP, 5269), (P13_IP, 5269),
-                   (EJR_IP, 5222), (EJR_IP, EJR_S2S_PORT)]
+FIXED_LISTENERS = [(DNS_IP, 53), (EJR_DNS_IP, 53), (PROXY_IP, 5269), (PROXY_IP, 5270),
+                   (BACKEND_C2S_IP, 5222), BACKEND_S2S, (P12_IP, 5222), (P12_IP, 5269),
+                   (P13_IP, 5269), (EJR_IP, 5222), (EJR_IP, EJR_S2S_PORT)]
 
 
 def check_ports_free() -> None:
@@ -150,8 +151,9 @@ def zone(ejabberd_view: bool = False) -> str:
     ``xmpp_stream_out:connect`` then dials the next SRV target (our STARTTLS port)
     without closing the first socket, and the TLS bytes still in the mailbox are parsed
     as the new stream: ejabberd closes it with not-well-formed, and s2sproxy flags the
-    stream header it sends after its error (restricted-xml).  README "Interoperability" tells operators; here ejabberd reaches
-    alpha.example by STARTTLS only, as it reaches beta.example."""
+    stream header it sends after its error (restricted-xml).  README "Tested server
+    versions" tells operators; here ejabberd reaches alpha.example by STARTTLS only, as
+    it reaches beta.example."""
     xmpps_alpha = ("" if ejabberd_view else
                    "_xmpps-server._tcp.alpha    SRV   0 5 5270 xmpp.alpha.example.\n")
     return f"""\
